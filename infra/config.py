@@ -1,0 +1,221 @@
+"""The run configuration: one YAML file describes a whole OPD lifecycle.
+
+Why a schema: a distillation run burns hours of accelerator time, so every mistake
+that can be found by reading the config (an unknown key, a negative learning rate, a
+model dir that does not exist, tokenizers that disagree, an empty dataset, a response
+budget beyond the model's context) must stop the run *before* anything is written.
+Two layers do that:
+
+* `load_config` / `Config.model_validate`: pydantic, pure, no I/O beyond reading the
+  YAML. Unknown keys are rejected (`extra="forbid"`), numbers are range-checked.
+* `preflight(config)`: the checks that need to look at files: model dirs, tokenizers,
+  the prompt dataset, context lengths. It reads, never writes.
+
+Both raise `ConfigError`, whose message starts with the dotted path of the field at
+fault (`rollout.max_new_tokens: ...`), so the CLI can print it as is.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opdflow.infra.demo import DemoSpec
+
+DEMO = "demo"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; `field` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(DEMO, description="a Hugging Face model dir, or 'demo' for the embedded demo model")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @property
+    def is_demo(self) -> bool:
+        return self.path == DEMO
+
+
+class DataConfig(_Section):
+    source: str = Field(DEMO, description="'demo', a local .jsonl/.json/.parquet file, or 'hf:NAME[:SPLIT]'")
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    n_train: int = Field(512, gt=0, description="prompts available to OPD rounds")
+    n_probe: int = Field(64, gt=0, description="held-out prompts for rock-token analysis")
+    n_eval: int = Field(200, gt=0, description="held-out prompts for evaluation (demo task)")
+
+
+class RolloutConfig(_Section):
+    backend: Literal["transformers"] = "transformers"
+    samples_per_prompt: int = Field(4, ge=1)
+    prompts_per_round: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class ScoringConfig(_Section):
+    top_k: int = Field(64, ge=1, description="teacher top-k kept per position; k >= vocab size is exact")
+    batch_size: int = Field(64, ge=1)
+
+
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "akl"]
+
+
+class LossConfig(_Section):
+    kind: LossKind = "reverse_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD beta / skew alpha")
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class TrainConfig(_Section):
+    rounds: int = Field(3, ge=1, description="OPD rounds: rollout -> score -> train")
+    steps_per_round: int = Field(8, ge=1, description="optimizer steps per round")
+    batch_size: int = Field(32, ge=1, description="sequences per optimizer step")
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    kernel: Literal["auto", "reference", "triton"] = "auto"
+
+
+class RockConfig(_Section):
+    n_rock: int = Field(100, ge=1, description="ranks 1..n_rock are rock tokens")
+    n_control: int = Field(100, ge=0, description="the next n_control ranks are control tokens")
+    drop_top: int = Field(5, ge=0, description="most frequent token ids dropped before ranking")
+    samples_per_prompt: int = Field(1, ge=1)
+    checkpoints: list[str] = Field(["initial", "middle", "final"], min_length=1)
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _known_checkpoints(cls, v: list[str]) -> list[str]:
+        for c in v:
+            if c not in ("initial", "middle", "final") and not (c.startswith("r") and c[1:].isdigit()):
+                raise ValueError(f"unknown checkpoint {c!r}: use initial, middle, final or rN")
+        return v
+
+
+class AblationConfig(_Section):
+    enabled: bool = True
+    rounds: int = Field(2, ge=1, description="OPD rounds per ablation arm, from the initial student")
+    arms: list[Literal["rock", "random"]] = ["rock", "random"]
+
+
+class EvalConfig(_Section):
+    tasks: list[str] = Field(["opdflow_arith"], min_length=1)
+    include_path: str | None = None
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_gen_toks: int = Field(64, ge=1)
+
+
+class Config(_Section):
+    seed: int = Field(0, ge=0)
+    store: str = "./opdflow-store"
+    teacher: ModelConfig = ModelConfig()
+    student: ModelConfig = ModelConfig()
+    demo: DemoSpec = DemoSpec()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    train: TrainConfig = TrainConfig()
+    rock: RockConfig = RockConfig()
+    ablation: AblationConfig = AblationConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        for role in ("teacher", "student"):
+            m: ModelConfig = getattr(self, role)
+            if not m.is_demo:
+                p = Path(m.path).expanduser()
+                if not p.is_dir():
+                    raise ValueError(f"{role}.path: model dir {m.path!r} does not exist")
+                if not (p / "config.json").is_file():
+                    raise ValueError(f"{role}.path: {m.path!r} has no config.json (not a Hugging Face model dir)")
+        if self.teacher.is_demo != self.student.is_demo:
+            raise ValueError("teacher.path: the demo teacher and student go together (both 'demo' or neither)")
+        if self.ablation.enabled and self.ablation.rounds > self.train.rounds:
+            raise ValueError(f"ablation.rounds: {self.ablation.rounds} exceeds train.rounds "
+                             f"({self.train.rounds}); the uniform arm is the main run's first rounds")
+        if "opdflow_arith" in self.eval.tasks and self.data.source != DEMO:
+            raise ValueError("eval.tasks: opdflow_arith is the demo benchmark; it needs data.source: demo")
+        return self
+
+    def section(self, name: str) -> dict[str, Any]:
+        return json.loads(getattr(self, name).model_dump_json())
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def _field_path(err: dict) -> str:
+    return ".".join(str(p) for p in err["loc"])
+
+
+def parse_config(raw: Any) -> Config:
+    """Validate a mapping (already parsed YAML/JSON) into a Config, or raise ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"the config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"]
+        path = _field_path(err)
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            # cross-checks name their own field as "field: message"
+            head, sep, tail = msg.partition(": ")
+            if sep and " " not in head:
+                path, msg = head if not path else f"{path}.{head}", tail
+        raise ConfigError(path, msg) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"config file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{p}: not valid YAML: {e}") from None
+    if overrides:
+        raw = merge(raw, overrides)
+    return parse_config(raw)
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,218 @@
+"""Running causal LMs: loading, seeded sampling, and teacher-forced response logits.
+
+Every stage that touches a model goes through here, so a Hugging Face model dir and the
+embedded demo model are loaded the same way (`AutoModelForCausalLM`/`AutoTokenizer`,
+offline: nothing is fetched from a hub).
+
+Sampling is *per-sequence seeded*: the randomness for token t of a sequence is a pure
+function of (the sequence's seed, t, token id), computed by an integer hash and turned
+into Gumbel noise (Gumbel-max is an exact categorical sample). Results therefore do not
+depend on batch composition, shard boundaries, worker count or device, which is what
+lets stages shard without changing results. The logprob we report for each sampled
+token is under the distribution actually sampled from (temperature applied, top-p
+renormalized); with temperature 1 and top-p 1 that is the model's own distribution.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def offline() -> None:
+    """No hub at run time: make transformers, datasets and lm-eval fail instead of fetching."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(model_dir: str | Path):
+    offline()
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32", dev: torch.device | None = None):
+    offline()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[dtype])
+    return model.to(dev or device())
+
+
+def save_model(model, tokenizer, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def context_length(model_dir: str | Path) -> int:
+    offline()
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    return int(getattr(cfg, "max_position_embeddings", 0) or 0)
+
+
+# -- seeds --------------------------------------------------------------------------------
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any tuple (run seed, stage, prompt id, sample index...)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply), on int64 tensors holding uint32 values."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, step: int, vocab: int, dev: torch.device) -> torch.Tensor:
+    """U(0,1) noise of shape [B, V], a pure function of (seed, step, token id), float64."""
+    s = _mix32(seeds.to(dev, torch.int64) * 0x9E3779B1 + step)
+    v = torch.arange(vocab, device=dev, dtype=torch.int64)
+    x = _mix32(_mix32(s[:, None] ^ (v[None, :] * 0x85EBCA6B)) + s[:, None])
+    return (x.double() + 0.5) / 4294967296.0
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs of the distribution sampled from: logits/temperature, then top-p."""
+    logp = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+    if top_p < 1.0:
+        sorted_lp, idx = logp.sort(dim=-1, descending=True)
+        cum = sorted_lp.exp().cumsum(-1)
+        drop_sorted = (cum - sorted_lp.exp()) >= top_p  # keep the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+    return logp
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    batch_size: int = 64
+
+
+@dataclass
+class Sample:
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (eos sampled) or "length"
+
+
+@torch.no_grad()
+def sample(model, prompts: Sequence[Sequence[int]], seeds: Sequence[int], settings: SampleSettings,
+           eos_id: int, pad_id: int, on_batch: Callable[[int], None] | None = None) -> list[Sample]:
+    """The transformers backend: batched, left-padded, KV-cached decoding with seeded noise."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out: list[Sample] = []
+    for lo in range(0, len(prompts), settings.batch_size):
+        out.extend(_sample_batch(model, prompts[lo:lo + settings.batch_size], seeds[lo:lo + settings.batch_size],
+                                 settings, eos_id, pad_id, dev))
+        if on_batch:
+            on_batch(min(lo + settings.batch_size, len(prompts)))
+    return out
+
+
+def _sample_batch(model, prompts, seeds, st: SampleSettings, eos_id, pad_id, dev) -> list[Sample]:
+    b = len(prompts)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    seeds_t = torch.tensor(list(seeds), dtype=torch.int64, device=dev)
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    past, logits = res.past_key_values, res.logits[:, -1]
+    next_pos = pos[:, -1:] + 1
+    tokens = torch.zeros((b, st.max_new_tokens), dtype=torch.long, device=dev)
+    lps = torch.zeros((b, st.max_new_tokens), dtype=torch.float32, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    lengths = torch.full((b,), st.max_new_tokens, dtype=torch.long, device=dev)
+    for t in range(st.max_new_tokens):
+        if st.temperature == 0.0:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            tok = logp.argmax(-1)
+        else:
+            logp = sampling_logprobs(logits, st.temperature, st.top_p)
+            u = uniform_noise(seeds_t, t, logp.shape[-1], dev)
+            tok = (logp.double() - torch.log(-torch.log(u))).argmax(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens[:, t] = tok
+        lps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1)
+        newly = (~done) & (tok == eos_id)
+        lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+        done |= newly
+        # one host sync per step: stop early once every sequence has finished
+        if bool(done.all()) or t == st.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
+        res = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=past, use_cache=True)
+        past, logits = res.past_key_values, res.logits[:, -1]
+        next_pos = next_pos + 1
+    tokens, lps, lengths, done = tokens.cpu(), lps.cpu(), lengths.cpu(), done.cpu()
+    return [Sample(tokens[i, :lengths[i]].tolist(), lps[i, :lengths[i]].tolist(),
+                   "stop" if done[i] else "length") for i in range(b)]
+
+
+# -- teacher-forced forward -----------------------------------------------------------------
+
+def response_logits(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                    pad_id: int, batch_size: int, grad: bool = False) -> Iterator[tuple[int, torch.Tensor, list[int]]]:
+    """Yield (first index, logits [tokens, V], lengths) per batch: for every response token,
+    the logits of the position that predicts it. Rows are right-padded; the logits of all
+    responses in the batch are concatenated in order."""
+    dev = next(model.parameters()).device
+    for lo in range(0, len(prompts), batch_size):
+        ps, rs = prompts[lo:lo + batch_size], responses[lo:lo + batch_size]
+        yield lo, batch_response_logits(model, ps, rs, pad_id, dev, grad), [len(r) for r in rs]
+
+
+def batch_response_logits(model, prompts, responses, pad_id, dev, grad: bool = False) -> torch.Tensor:
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    rows, cols = [], []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        rows += [i] * len(r)
+        cols += range(len(p) - 1, len(p) - 1 + len(r))
+    with torch.set_grad_enabled(grad):
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        return logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt token ids with the tokenizer's own special tokens (a BOS where the model
+    family uses one). The evaluation harness encodes contexts the same way
+    (`add_bos_token`), so what we train on is what the benchmark measures."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"]

@@ -1,0 +1,50 @@
+"""Preflight: every check that needs to look at files, run before anything is written.
+
+`preflight(config)` reads the prompt dataset, both tokenizers and both model configs,
+and the store's reachability; it raises `ConfigError` naming the field at fault. It is
+cheap (no weights are loaded) so `opdflow run` always calls it first.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from opdflow.infra.config import Config, ConfigError
+from opdflow.infra.data import load_prompts
+from opdflow.infra.lm import context_length, load_tokenizer
+
+
+def _tokenizer_and_context(config: Config, role: str):
+    m = getattr(config, role)
+    if m.is_demo:
+        from opdflow.infra.demo import build_tokenizer
+        return build_tokenizer(), config.demo.max_position_embeddings
+    try:
+        tok = load_tokenizer(m.path)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, the dir is at fault
+        raise ConfigError(f"{role}.path", f"cannot load a tokenizer from {m.path!r}: {e}") from None
+    return tok, context_length(m.path)
+
+
+def preflight(config: Config) -> list[dict]:
+    """Validate everything the run will read; returns the prompt rows (already loaded)."""
+    rows = load_prompts(config)
+    if not any(r["split"] == "train" for r in rows):
+        raise ConfigError("data.source", "no prompts left for training after the probe and eval splits")
+    t_tok, t_ctx = _tokenizer_and_context(config, "teacher")
+    s_tok, s_ctx = _tokenizer_and_context(config, "student")
+    if t_tok.get_vocab() != s_tok.get_vocab():
+        tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
+        diff = sum(1 for k in set(tv) | set(sv) if tv.get(k) != sv.get(k))
+        raise ConfigError("student.path", f"the student's tokenizer disagrees with the teacher's "
+                                          f"({len(sv)} vs {len(tv)} tokens, {diff} differ); "
+                                          "OPD needs one shared vocabulary")
+    longest = max(len(s_tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows) + 1
+    ctx = min(c for c in (t_ctx, s_ctx) if c) if (t_ctx or s_ctx) else 0
+    need = longest + config.rollout.max_new_tokens
+    if ctx and need > ctx:
+        raise ConfigError("rollout.max_new_tokens", f"{config.rollout.max_new_tokens} new tokens after the longest "
+                                                    f"prompt ({longest} tokens) need {need} positions; the models' "
+                                                    f"context is {ctx}")
+    if config.eval.include_path and not Path(config.eval.include_path).is_dir():
+        raise ConfigError("eval.include_path", f"{config.eval.include_path!r} is not a directory")
+    return rows

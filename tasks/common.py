@@ -1,0 +1,130 @@
+"""The one thin layer between a stage's plain function and Prefect.
+
+Every stage module defines `run(run: Run, stage: str, force: bool) -> entry` (plain,
+testable without Prefect) and `report(run, entry) -> markdown`. `stage_task` turns that
+pair into a Prefect task that:
+
+* takes only strings (store URI, run id, stage name): tasks pass store keys, not data;
+* retries transient failures (store/network hiccups) with backoff, and fails at once on
+  permanent ones (bad config, missing inputs, checksum mismatch), with the reason in the
+  task's state message;
+* publishes the stage's markdown report as an artifact under a stable key, so the
+  Artifacts page shows one history per key across runs;
+* reports progress through a Prefect progress artifact while the stage runs.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from opdflow.infra.config import ConfigError
+from opdflow.infra.manifest import Run, RunError
+from opdflow.infra.store import ChecksumError, InvalidKey
+
+PERMANENT = (ConfigError, RunError, ChecksumError, InvalidKey, ValueError, TypeError, KeyError,
+             NotImplementedError, ImportError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return not isinstance(exc, PERMANENT)
+
+
+def _retry_condition(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as e:  # noqa: BLE001 - we only classify it
+        return is_transient(e)
+    return False
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def in_prefect_run() -> bool:
+    from prefect.context import TaskRunContext
+    return TaskRunContext.get() is not None
+
+
+def prefect_progress(stage: str) -> Callable[[float, str], None]:
+    """A progress callback updating a Prefect progress artifact (no-op outside a task run)."""
+    if not in_prefect_run():
+        return lambda frac, msg="": None
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    art_id = create_progress_artifact(progress=0.0, description=f"{stage} progress")
+    last = [0.0]
+
+    def update(frac: float, msg: str = "") -> None:
+        pct = round(100.0 * max(0.0, min(1.0, frac)), 1)
+        if pct - last[0] >= 5 or pct >= 100:  # throttle API calls
+            update_progress_artifact(art_id, progress=pct, description=f"{stage}: {msg}" if msg else None)
+            last[0] = pct
+    return update
+
+
+def console_progress(stage: str) -> Callable[[float, str], None]:
+    """A console progress bar for a stage (stderr), closed when it reaches 100%."""
+    from tqdm.auto import tqdm
+    bar = tqdm(total=100, desc=stage, unit="%", leave=False, dynamic_ncols=True)
+
+    def update(frac: float, msg: str = "") -> None:
+        bar.n = round(100.0 * max(0.0, min(1.0, frac)), 1)
+        if msg:
+            bar.set_postfix_str(msg, refresh=False)
+        bar.refresh()
+        if bar.n >= 100:
+            bar.close()
+    return update
+
+
+def progress_for(stage: str) -> Callable[[float, str], None]:
+    """Prefect progress artifact + console bar, created on the first report (so a
+    skipped stage leaves neither behind)."""
+    reporters: list[Callable[[float, str], None]] = []
+
+    def update(frac: float, msg: str = "") -> None:
+        if not reporters:
+            reporters.extend([prefect_progress(stage), console_progress(stage)])
+        for r in reporters:
+            r(frac, msg)
+    return update
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    if in_prefect_run():
+        from prefect.artifacts import create_markdown_artifact
+        create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+
+
+def publish_table(key: str, rows: list[dict], description: str) -> None:
+    if in_prefect_run() and rows:
+        from prefect.artifacts import create_table_artifact
+        create_table_artifact(key=artifact_key(key), table=rows, description=description)
+
+
+def entry_summary(entry: dict) -> dict:
+    """What a task returns to the flow: small, serializable, keys not data."""
+    return {"stage": entry["stage"], "key": entry["key"], "seconds": entry["seconds"],
+            "metrics": entry.get("metrics", {})}
+
+
+def stage_task(kind: str, run_fn: Callable[..., tuple[dict, bool]],
+               report_fn: Callable[[Run, dict], str] | None = None, retries: int = 2):
+    """Wrap a stage's plain `run_fn(run, stage, force, progress)` as a Prefect task."""
+
+    @task(name=kind, task_run_name="{stage}", retries=retries, retry_delay_seconds=[2, 10, 30],
+          retry_condition_fn=_retry_condition, cache_policy=NONE, persist_result=False)
+    def _task(store_uri: str, run_id: str, stage: str, force: bool = False) -> dict:
+        run = Run.open(store_uri, run_id)
+        entry, ran = run_fn(run, stage, force=force, progress=progress_for(stage))
+        if report_fn is not None:
+            publish_markdown(stage, report_fn(run, entry),
+                             f"{stage} of run {run_id}" + ("" if ran else " (committed earlier, skipped)"))
+        return {**entry_summary(entry), "ran": ran}
+
+    _task.__doc__ = f"Prefect task for the {kind} stage (see opdflow.tasks.{kind})."
+    return _task

@@ -1,0 +1,51 @@
+"""Stage `prompts`: the prompt dataset, split and tokenized once, as one Parquet table.
+
+Columns: prompt_id (stable), split (train/probe/eval), prompt, answer, prompt_ids.
+Every later stage reads prompts from here, so a rerun on another machine sees exactly
+the same prompts and token ids.
+"""
+from __future__ import annotations
+
+import collections
+
+import pyarrow as pa
+
+from opdflow.infra.data import load_prompts
+from opdflow.infra.lm import encode_prompt, load_tokenizer
+from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.tables import parquet_to_table
+from opdflow.tasks.common import stage_task
+
+
+def run(run: Run, stage: str = "prompts", force: bool = False, progress=None) -> tuple[dict, bool]:
+    c = run.config
+    models = run.require("models")
+    tok_inputs = {n: r for n, r in models["outputs"].items() if n.startswith("student/") and "token" in n}
+    tok_inputs.update({f"external/{k}": {"key": v["path"], "sha256": v["fingerprint"]}
+                       for k, v in models.get("external", {}).items() if k == "student"})
+    params = {"data": c.section("data"), "seed": c.seed}
+
+    def body(ctx: StageContext) -> None:
+        rows = load_prompts(c)
+        tok = load_tokenizer(run.materialize("models", "student"))
+        for r in rows:
+            r["prompt_ids"] = encode_prompt(tok, r["prompt"])
+        ctx.put_table("prompts.parquet", pa.Table.from_pylist(rows))
+        counts = collections.Counter(r["split"] for r in rows)
+        ctx.metrics.update({f"n_{s}": counts.get(s, 0) for s in ("train", "probe", "eval")},
+                           max_prompt_tokens=max(len(r["prompt_ids"]) for r in rows))
+    return run_stage(run, stage, params=params, inputs=tok_inputs, body=body, force=force, progress=progress)
+
+
+def load(run: Run) -> list[dict]:
+    return parquet_to_table(run.read_output("prompts", "prompts.parquet")).to_pylist()
+
+
+def report(run: Run, entry: dict) -> str:
+    m = entry["metrics"]
+    return (f"# prompts — run `{run.run_id}`\n\nsource `{run.config.data.source}`: "
+            f"{m['n_train']} train, {m['n_probe']} probe, {m['n_eval']} eval prompts; "
+            f"longest prompt {m['max_prompt_tokens']} tokens.")
+
+
+prompts_task = stage_task("prompts", run, report)

@@ -1,0 +1,447 @@
+"""Stage `rock`: rock-token analysis (Rock Tokens in On-Policy Distillation, 2026).
+
+Method, as published:
+1. The final student samples responses on the held-out probe prompts; the teacher and
+   each compared student checkpoint run on those same sequences.
+2. At every generated position, the full-vocabulary reverse KL
+   KL(p_s || p_t) = sum_v p_s (log p_s - log p_t), and its gradient in logit space
+   p_s * (log p_s - log p_t - KL) with its L2 norm (from `opdflow.kernels`).
+3. Aggregate by token id (on the final checkpoint): frequency, cumulative KL, mean KL.
+4. Drop the `drop_top` most frequent ids, rank the rest by frequency x mean KL
+   (= cumulative KL); ranks 1..n_rock are rock tokens, the next n_control controls.
+
+Reported beyond the paper's figures: the rocks' share of tokens, of total KL and of
+total gradient norm; stagnation (each set's mean KL across checkpoints); selection
+stability when the probe set is subsampled (Jaccard, Spearman vs the full set); a
+category breakdown of the rock strings; and a frequency-matched random token set,
+which the causal ablation uses as its control arm.
+
+Departures: on tiny vocabularies (the demo has tens of tokens) use small n_rock /
+n_control / drop_top; the config says so rather than the code.
+
+Outputs: records.parquet (per position and checkpoint), tokens.parquet (per token id),
+rock_sets.json (rock, control, dropped, random_matched), report.md with embedded plots.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import random
+import re
+from collections import defaultdict
+
+import pyarrow as pa
+import torch
+
+from opdflow.infra.config import Config
+from opdflow.infra.lm import derive_seed, load_model, load_tokenizer, response_logits
+from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.tables import parquet_to_table
+from opdflow.kernels import per_token_divergence_and_grad
+from opdflow.tasks import prompts as prompts_stage
+from opdflow.tasks.common import publish_table, stage_task
+from opdflow.tasks.plan import checkpoint_of, round_stage
+from opdflow.tasks.rollout import generate
+from opdflow.tasks.score import teacher_inputs
+
+# -- the method as plain functions (tested with known answers) ---------------------------
+
+
+def aggregate(token_ids: list[int], kls: list[float], grad_norms: list[float]) -> dict[int, dict]:
+    """Per token id: freq, kl_sum, kl_mean, grad_norm_sum."""
+    agg: dict[int, dict] = defaultdict(lambda: {"freq": 0, "kl_sum": 0.0, "grad_norm_sum": 0.0})
+    for t, k, g in zip(token_ids, kls, grad_norms):
+        a = agg[t]
+        a["freq"] += 1
+        a["kl_sum"] += k
+        a["grad_norm_sum"] += g
+    for a in agg.values():
+        a["kl_mean"] = a["kl_sum"] / a["freq"]
+    return dict(agg)
+
+
+def select(agg: dict[int, dict], n_rock: int, n_control: int, drop_top: int) -> dict[str, list[int]]:
+    """Rock and control sets: drop the most frequent ids, rank by freq x mean KL."""
+    by_freq = sorted(agg, key=lambda t: (-agg[t]["freq"], t))
+    dropped = by_freq[:drop_top]
+    rest = sorted(by_freq[drop_top:], key=lambda t: (-agg[t]["freq"] * agg[t]["kl_mean"], t))
+    return {"rock": rest[:n_rock], "control": rest[n_rock:n_rock + n_control], "dropped": dropped,
+            "ranked": rest}
+
+
+def shares(agg: dict[int, dict], ids: list[int]) -> dict[str, float]:
+    """The set's share of generated tokens, of total KL and of total gradient norm."""
+    tot = {k: sum(a[k] for a in agg.values()) for k in ("freq", "kl_sum", "grad_norm_sum")}
+    s = {k: sum(agg[t][k] for t in ids if t in agg) for k in tot}
+    return {"token_share": s["freq"] / tot["freq"] if tot["freq"] else 0.0,
+            "kl_share": s["kl_sum"] / tot["kl_sum"] if tot["kl_sum"] else 0.0,
+            "grad_norm_share": s["grad_norm_sum"] / tot["grad_norm_sum"] if tot["grad_norm_sum"] else 0.0}
+
+
+def set_mean_kl(agg: dict[int, dict], ids: list[int] | None) -> float:
+    """Token-weighted mean KL of a set (all tokens when ids is None)."""
+    keys = agg.keys() if ids is None else [t for t in ids if t in agg]
+    n = sum(agg[t]["freq"] for t in keys)
+    return sum(agg[t]["kl_sum"] for t in keys) / n if n else float("nan")
+
+
+def stagnation(aggs: dict[str, dict[int, dict]], sets: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Mean KL of each set at each checkpoint, and the change first -> last checkpoint."""
+    labels = list(aggs)
+    out = {}
+    for name, ids in {**sets, "all": None}.items():
+        row = {lab: set_mean_kl(aggs[lab], ids) for lab in labels}
+        first, last = row[labels[0]], row[labels[-1]]
+        row["change"] = last - first
+        row["relative_change"] = (last - first) / first if first else float("nan")
+        out[name] = row
+    return out
+
+
+def jaccard(a: list[int], b: list[int]) -> float:
+    sa, sb = set(a), set(b)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return r
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx and vy else float("nan")
+
+
+def stability(records: dict[str, list], fractions: list[float], rc, seed: int) -> list[dict]:
+    """Re-select on random subsets of the probe prompts; compare with the full selection."""
+    full = aggregate(records["token_id"], records["kl"], records["grad_norm"])
+    full_sel = select(full, rc.n_rock, rc.n_control, rc.drop_top)
+    prompts = sorted(set(records["prompt_id"]))
+    out = []
+    for frac in fractions:
+        keep = set(random.Random(derive_seed(seed, "stability", frac)).sample(prompts, max(1, int(len(prompts) * frac))))
+        idx = [i for i, p in enumerate(records["prompt_id"]) if p in keep]
+        sub = aggregate([records["token_id"][i] for i in idx], [records["kl"][i] for i in idx],
+                        [records["grad_norm"][i] for i in idx])
+        sel = select(sub, rc.n_rock, rc.n_control, rc.drop_top)
+        common = [t for t in full if t in sub]
+        out.append({"fraction": frac, "prompts": len(keep), "jaccard_rock": jaccard(sel["rock"], full_sel["rock"]),
+                    "spearman_score": spearman([full[t]["kl_sum"] for t in common], [sub[t]["kl_sum"] for t in common])})
+    return out
+
+
+def matched_random(agg: dict[int, dict], rock: list[int], seed: int, pool: int = 3) -> list[int]:
+    """For each rock token, a random non-rock token among the `pool` closest in log frequency."""
+    rng = random.Random(derive_seed(seed, "matched-random"))
+    free = [t for t in agg if t not in set(rock)]
+    out = []
+    for t in sorted(rock, key=lambda t: (-agg[t]["freq"], t)):
+        if not free:
+            break
+        lf = math.log(agg[t]["freq"])
+        near = sorted(free, key=lambda c: (abs(math.log(agg[c]["freq"]) - lf), c))[:pool]
+        pick = rng.choice(near)
+        free.remove(pick)
+        out.append(pick)
+    return out
+
+
+DISCOURSE = {"so", "then", "thus", "therefore", "because", "but", "and", "first", "next", "now", "wait", "hence"}
+
+
+def category(s: str) -> str:
+    w = s.strip().lower()
+    if not s.strip():
+        return "whitespace"
+    if w.isdigit():
+        return "digits"
+    if w in DISCOURSE:
+        return "discourse"
+    if re.fullmatch(r"[+\-*/=<>^%×÷]+", w):
+        return "math"
+    if re.fullmatch(r"[\W_]+", w):
+        return "punctuation"
+    return "other"
+
+
+# -- the stage -------------------------------------------------------------------------
+
+
+def checkpoint_labels(config: Config) -> list[tuple[str, str, str]]:
+    """(label, stage, prefix) of each compared checkpoint, in training order."""
+    r = config.train.rounds
+    named = {"initial": 0, "middle": (r + 1) // 2, "final": r}
+    out = []
+    for c in config.rock.checkpoints:
+        rr = named[c] if c in named else int(c[1:])
+        stage, prefix = ("models", "student") if rr == 0 else (round_stage("train", min(rr, r)), "model")
+        label = "initial" if rr == 0 else f"r{min(rr, r):02d}"
+        if label not in [o[0] for o in out]:
+            out.append((label, stage, prefix))
+    return out
+
+
+@torch.no_grad()
+def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int) -> dict[str, list]:
+    prompts, responses = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
+    out = {k: [] for k in ("kl", "grad_norm", "student_top1", "teacher_top1")}
+    t_iter = response_logits(teacher, prompts, responses, pad_id, batch_size)
+    for (_, s_logits, _), (_, t_logits, _) in zip(response_logits(model, prompts, responses, pad_id, batch_size), t_iter):
+        kl, _, gnorm = per_token_divergence_and_grad(s_logits.float(), teacher_logits=t_logits.float(), kind="reverse_kl")
+        out["kl"] += kl.tolist()
+        out["grad_norm"] += gnorm.tolist()
+        out["student_top1"] += s_logits.argmax(-1).tolist()
+        out["teacher_top1"] += t_logits.argmax(-1).tolist()
+    return out
+
+
+def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tuple[dict, bool]:
+    c = run.config
+    ckpts = checkpoint_labels(c)
+    final_stage, final_prefix = checkpoint_of(c, "final_student")
+    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **teacher_inputs(run)}
+    for label, st, prefix in ckpts + [("final", final_stage, final_prefix)]:
+        e = run.require(st)
+        inputs.update({f"{label}/{n}": r for n, r in e["outputs"].items() if n.startswith(prefix + "/")})
+    params = {"rock": c.section("rock"), "rollout": c.section("rollout"), "seed": c.seed}
+
+    def body(ctx: StageContext) -> None:
+        probe = [r for r in prompts_stage.load(run) if r["split"] == "probe"]
+        n_steps = len(ckpts) + 1
+        seqs = generate(run, run.materialize(final_stage, final_prefix), probe, c.rock.samples_per_prompt,
+                        ("probe",), ctx)
+        ctx.progress(1 / n_steps, "probe responses sampled")
+        tdir = run.materialize("models", "teacher")
+        teacher, tok = load_model(tdir, c.teacher.dtype).eval(), load_tokenizer(tdir)
+        lens = [len(r) for r in seqs["response_ids"].to_pylist()]
+        base = {"prompt_id": [p for p, n in zip(seqs["prompt_id"].to_pylist(), lens) for _ in range(n)],
+                "sample_idx": [s for s, n in zip(seqs["sample_idx"].to_pylist(), lens) for _ in range(n)],
+                "position": [i for n in lens for i in range(n)],
+                "token_id": [t for r in seqs["response_ids"].to_pylist() for t in r]}
+        per_ckpt, aggs, tables = {}, {}, []
+        for i, (label, st, prefix) in enumerate(ckpts):
+            model = load_model(run.materialize(st, prefix), c.student.dtype).eval()
+            m = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size)
+            per_ckpt[label] = {**base, **m}
+            aggs[label] = aggregate(base["token_id"], m["kl"], m["grad_norm"])
+            tables.append(pa.table({"checkpoint": [label] * len(base["token_id"]), **base, **m}))
+            ctx.progress((i + 2) / n_steps, f"checkpoint {label} measured")
+        final_label = ckpts[-1][0]
+        agg = aggs[final_label]
+        sel = select(agg, c.rock.n_rock, c.rock.n_control, c.rock.drop_top)
+        rand = matched_random(agg, sel["rock"], c.seed)
+        sets = {"rock": sel["rock"], "control": sel["control"], "dropped": sel["dropped"], "random_matched": rand,
+                "checkpoint": final_label}
+        summary = {
+            "checkpoints": [lab for lab, _, _ in ckpts],
+            "n_positions": len(base["token_id"]), "n_token_ids": len(agg),
+            "rock": shares(agg, sel["rock"]), "control": shares(agg, sel["control"]),
+            "random_matched": shares(agg, rand),
+            "stagnation": stagnation(aggs, {"rock": sel["rock"], "control": sel["control"]}),
+            "stability": stability(per_ckpt[final_label], [0.25, 0.5, 0.75], c.rock, c.seed),
+            "categories": _categories(tok, sel["rock"]),
+            "prevalence": _prevalence(per_ckpt[final_label], set(sel["rock"])),
+        }
+        ctx.put_table("records.parquet", pa.concat_tables(tables))
+        ctx.put_table("tokens.parquet", _token_table(tok, aggs, sel, rand))
+        ctx.put_json("rock_sets.json", sets)
+        ctx.put_json("summary.json", summary)
+        plots = _plots(aggs, sel, rand, per_ckpt[final_label], summary)
+        for name, png in plots.items():
+            ctx.put_bytes(f"{name}.png", png)
+        ctx.put_bytes("report.md", render_report(run.run_id, tok, agg, sel, summary, plots).encode())
+        ctx.metrics.update(n_positions=summary["n_positions"], n_rock=len(sel["rock"]),
+                           rock_token_share=round(summary["rock"]["token_share"], 4),
+                           rock_kl_share=round(summary["rock"]["kl_share"], 4),
+                           rock_grad_norm_share=round(summary["rock"]["grad_norm_share"], 4))
+    return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+
+
+def _categories(tok, ids: list[int]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for t in ids:
+        out[category(tok.decode([t]))] += 1
+    return dict(out)
+
+
+def _prevalence(rec: dict[str, list], rock: set[int]) -> dict:
+    """Per generated output: share of rock tokens, and high-KL events on non-rock tokens."""
+    kls = sorted(rec["kl"])
+    thresh = kls[int(0.9 * (len(kls) - 1))] if kls else 0.0
+    per: dict[tuple, list] = defaultdict(lambda: [0, 0, 0])
+    for p, s, t, k in zip(rec["prompt_id"], rec["sample_idx"], rec["token_id"], rec["kl"]):
+        v = per[(p, s)]
+        v[0] += 1
+        v[1] += t in rock
+        v[2] += (t not in rock) and k > thresh
+    rows = list(per.values())
+    return {"outputs": len(rows), "high_kl_threshold": thresh,
+            "rock_share_per_output": [r[1] / r[0] for r in rows],
+            "nonrock_high_kl_per_output": [r[2] for r in rows],
+            "outputs_with_rock": sum(r[1] > 0 for r in rows) / max(1, len(rows))}
+
+
+def _token_table(tok, aggs, sel, rand) -> pa.Table:
+    final = aggs[list(aggs)[-1]]
+    rank = {t: i + 1 for i, t in enumerate(sel["ranked"])}
+    sets = {**{t: "rock" for t in sel["rock"]}, **{t: "control" for t in sel["control"]},
+            **{t: "dropped" for t in sel["dropped"]}}
+    ids = sorted(final, key=lambda t: (rank.get(t, 10**9), t))
+    cols = {"token_id": ids, "token": [tok.decode([t]) for t in ids], "category": [category(tok.decode([t])) for t in ids],
+            "rank": [rank.get(t) for t in ids], "set": [sets.get(t, "") for t in ids],
+            "random_matched": [t in set(rand) for t in ids],
+            "freq": [final[t]["freq"] for t in ids], "kl_sum": [final[t]["kl_sum"] for t in ids],
+            "kl_mean": [final[t]["kl_mean"] for t in ids], "grad_norm_sum": [final[t]["grad_norm_sum"] for t in ids]}
+    for label, a in aggs.items():
+        cols[f"kl_mean_{label}"] = [a[t]["kl_mean"] if t in a else None for t in ids]
+    return pa.table(cols)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plots(aggs, sel, rand, rec, summary) -> dict[str, bytes]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    final = aggs[list(aggs)[-1]]
+    rock, control = set(sel["rock"]), set(sel["control"])
+    plots = {}
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, color, lab in ((lambda t: t not in rock and t not in control, "#bbbbbb", "other"),
+                              (lambda t: t in control, "#1f77b4", "control"), (lambda t: t in rock, "#d62728", "rock")):
+        ts = [t for t in final if group(t)]
+        ax.scatter([math.log10(final[t]["freq"]) for t in ts], [final[t]["kl_mean"] for t in ts], s=18, c=color, label=lab)
+    ax.set_xlabel("log10 frequency")
+    ax.set_ylabel("mean reverse KL (nats)")
+    ax.set_title("Funnel: frequency vs mean KL (final checkpoint)")
+    ax.legend()
+    plots["funnel"] = _png(fig)
+
+    labels = list(aggs)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, row in summary["stagnation"].items():
+        ax1.plot(labels, [row[lab] for lab in labels], marker="o", label=name)
+    ax1.set_ylabel("mean reverse KL")
+    ax1.set_title("KL across checkpoints")
+    ax1.legend()
+    first, last = aggs[labels[0]], aggs[labels[-1]]
+    common = [t for t in last if t in first]
+    colors = ["#d62728" if t in rock else "#1f77b4" if t in control else "#bbbbbb" for t in common]
+    ax2.scatter([first[t]["kl_mean"] for t in common], [last[t]["kl_mean"] for t in common], c=colors, s=18)
+    lim = max([first[t]["kl_mean"] for t in common] + [last[t]["kl_mean"] for t in common] + [1e-6])
+    ax2.plot([0, lim], [0, lim], "k--", lw=1)
+    ax2.set_xlabel(f"mean KL at {labels[0]}")
+    ax2.set_ylabel(f"mean KL at {labels[-1]}")
+    ax2.set_title("Per-token KL, early vs late (rocks stay on the diagonal)")
+    plots["trajectories"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups = [("rock", summary["rock"]), ("control", summary["control"]), ("random", summary["random_matched"])]
+    metrics = ["token_share", "kl_share", "grad_norm_share"]
+    for i, (name, s) in enumerate(groups):
+        ax.bar([j + i * 0.27 for j in range(3)], [s[m] for m in metrics], width=0.27, label=name)
+    ax.set_xticks([j + 0.27 for j in range(3)], ["tokens", "KL", "grad norm"])
+    ax.set_ylabel("share of total")
+    ax.set_title("Shares of tokens, KL and gradient norm")
+    ax.legend()
+    plots["shares"] = _png(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    pv = summary["prevalence"]
+    ax1.hist(pv["rock_share_per_output"], bins=20, color="#d62728")
+    ax1.set_xlabel("share of rock tokens in an output")
+    ax1.set_ylabel("outputs")
+    ax1.set_title("Rock prevalence per output")
+    ax2.hist(pv["nonrock_high_kl_per_output"], bins=20, color="#7f7f7f")
+    ax2.set_xlabel("non-rock high-KL events per output")
+    ax2.set_title(f"KL > p90 ({pv['high_kl_threshold']:.3f}) on non-rock tokens")
+    plots["prevalence"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    st = summary["stability"]
+    ax.plot([s["fraction"] for s in st] + [1.0], [s["jaccard_rock"] for s in st] + [1.0], marker="o", label="Jaccard (rock set)")
+    ax.plot([s["fraction"] for s in st] + [1.0], [s["spearman_score"] for s in st] + [1.0], marker="s", label="Spearman (scores)")
+    ax.set_xlabel("fraction of probe prompts")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Selection stability vs probe-set size")
+    ax.legend()
+    plots["stability"] = _png(fig)
+    return plots
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def render_report(run_id, tok, agg, sel, summary, plots) -> str:
+    r, ctl = summary["rock"], summary["control"]
+    lines = [f"# Rock-token report — run `{run_id}`", "",
+             f"{summary['n_positions']} generated positions on the probe prompts, {summary['n_token_ids']} distinct "
+             f"token ids; checkpoints compared: {', '.join(summary['checkpoints'])}.", "",
+             "| set | tokens | share of tokens | share of KL | share of grad norm |", "|---|---|---|---|---|"]
+    for name, s, ids in (("rock", r, sel["rock"]), ("control", ctl, sel["control"]),
+                         ("random (freq-matched)", summary["random_matched"], None)):
+        n = len(ids) if ids is not None else "-"
+        lines.append(f"| {name} | {n} | {s['token_share']:.1%} | {s['kl_share']:.1%} | {s['grad_norm_share']:.1%} |")
+    lines += ["", "## Rock tokens", "", "| rank | id | token | category | freq | mean KL | freq × mean KL |",
+              "|---|---|---|---|---|---|---|"]
+    for i, t in enumerate(sel["rock"], 1):
+        s = tok.decode([t])
+        lines.append(f"| {i} | {t} | `{s!r}` | {category(s)} | {agg[t]['freq']} | {agg[t]['kl_mean']:.4f} | "
+                     f"{agg[t]['kl_sum']:.3f} |")
+    lines += ["", f"Dropped as most frequent: {', '.join(repr(tok.decode([t])) for t in sel['dropped'])}",
+              f"Categories of rock tokens: {summary['categories']}", "",
+              "## Funnel", "", _img(plots["funnel"], "funnel"), "",
+              "## Stagnation across checkpoints", "",
+              "| set | " + " | ".join(summary["checkpoints"]) + " | change |",
+              "|---|" + "---|" * (len(summary["checkpoints"]) + 1)]
+    for name, row in summary["stagnation"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in summary["checkpoints"])
+                     + f" | {row['change']:+.4f} |")
+    lines += ["", _img(plots["trajectories"], "trajectories"), "",
+              "## Gradient share", "", _img(plots["shares"], "shares"), "",
+              "## Prevalence per output", "",
+              f"{summary['prevalence']['outputs_with_rock']:.0%} of outputs contain at least one rock token.", "",
+              _img(plots["prevalence"], "prevalence"), "",
+              "## Stability of the selection", "", "| probe fraction | prompts | Jaccard (rock) | Spearman |",
+              "|---|---|---|---|"]
+    for s in summary["stability"]:
+        lines.append(f"| {s['fraction']:.2f} | {s['prompts']} | {s['jaccard_rock']:.2f} | {s['spearman_score']:.2f} |")
+    lines += ["", _img(plots["stability"], "stability")]
+    return "\n".join(lines)
+
+
+def report(run: Run, entry: dict) -> str:
+    md = run.read_output("rock", "report.md").decode()
+    tokens = parquet_to_table(run.read_output("rock", "tokens.parquet")).to_pylist()
+    publish_table("rock-tokens", [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in t.items()}
+                                  for t in tokens if t["set"] in ("rock", "control")],
+                  f"rock and control tokens of run {run.run_id}")
+    return md
+
+
+rock_task = stage_task("rock", run, report)
+
+__all__ = ["aggregate", "select", "shares", "stagnation", "stability", "matched_random", "category", "jaccard",
+           "spearman", "run", "report", "rock_task"]

@@ -1,0 +1,119 @@
+"""Stage `rollout.rNN`: the current student samples responses on this round's prompts.
+
+On-policy: round r samples from the checkpoint that round r-1 produced (the initial
+student for r = 1). Each round takes the next `prompts_per_round` prompts of a seeded
+permutation of the train split (wrapping around), identical for every ablation arm.
+Each sequence's sampling seed derives from (run seed, round, prompt_id, sample index)
+only, so sharding the stage never changes its output.
+
+Output `rollouts.parquet`: prompt_id, sample_idx, seed, prompt_ids, response_ids,
+logprobs (the sampler's own per-token logprob), finish_reason, response_text.
+The backend and its settings are recorded in the manifest entry.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import pyarrow as pa
+
+from opdflow.infra.config import DEMO, Config
+from opdflow.infra.lm import SampleSettings, derive_seed, load_model, load_tokenizer, sample
+from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.tables import parquet_to_table
+from opdflow.tasks import prompts as prompts_stage
+from opdflow.tasks.common import stage_task
+from opdflow.tasks.plan import parse, student_before
+
+
+def round_prompt_ids(config: Config, train_ids: list[int], r: int) -> list[int]:
+    order = sorted(train_ids)
+    random.Random(derive_seed(config.seed, "prompt-order")).shuffle(order)
+    k = config.rollout.prompts_per_round
+    return [order[(i + (r - 1) * k) % len(order)] for i in range(k)]
+
+
+def settings(config: Config) -> SampleSettings:
+    ro = config.rollout
+    return SampleSettings(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
+                          batch_size=ro.batch_size)
+
+
+def backend_record(config: Config, model) -> dict:
+    return {"name": config.rollout.backend, "dtype": config.student.dtype, "device": str(model.device),
+            **settings(config).__dict__}
+
+
+def generate(run: Run, model_dir, rows: list[dict], samples_per_prompt: int, seed_tag: tuple,
+             ctx: StageContext) -> pa.Table:
+    """Sample `samples_per_prompt` responses per prompt row; shared with the rock stage."""
+    c = run.config
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, c.student.dtype)
+    jobs = [(r, j) for r in rows for j in range(samples_per_prompt)]
+    seeds = [derive_seed(c.seed, *seed_tag, r["prompt_id"], j) for r, j in jobs]
+    t0 = time.time()
+    out = sample(model, [r["prompt_ids"] for r, _ in jobs], seeds, settings(c), tok.eos_token_id,
+                 tok.pad_token_id, on_batch=lambda done: ctx.progress(done / len(jobs), f"{done}/{len(jobs)} sequences"))
+    secs = time.time() - t0
+    table = pa.table({
+        "prompt_id": [r["prompt_id"] for r, _ in jobs],
+        "sample_idx": [j for _, j in jobs],
+        "seed": seeds,
+        "prompt_ids": [r["prompt_ids"] for r, _ in jobs],
+        "response_ids": [s.response_ids for s in out],
+        "logprobs": [s.logprobs for s in out],
+        "finish_reason": [s.finish_reason for s in out],
+        "response_text": [tok.decode(s.response_ids, skip_special_tokens=True) for s in out],
+        "answer": [r["answer"] for r, _ in jobs],
+    })
+    n_tok = sum(len(s.response_ids) for s in out)
+    ctx.backend.update(backend_record(c, model))
+    ctx.metrics.update(n_sequences=len(out), n_tokens=n_tok, mean_response_tokens=round(n_tok / max(1, len(out)), 2),
+                       stop_rate=round(sum(s.finish_reason == "stop" for s in out) / max(1, len(out)), 4),
+                       tokens_per_s=round(n_tok / max(secs, 1e-9), 1))
+    if c.data.source == DEMO:
+        from opdflow.infra.demo import extract_answer
+        correct = [extract_answer(t) == a for t, a in zip(table["response_text"].to_pylist(), table["answer"].to_pylist())]
+        ctx.metrics["sample_accuracy"] = round(sum(correct) / max(1, len(correct)), 4)
+    return table
+
+
+def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+    c = run.config
+    name = parse(stage)
+    src_stage, src_prefix = student_before(c, name.arm, name.round)
+    src = run.require(src_stage)
+    inputs = {"prompts": run.output("prompts", "prompts.parquet"),
+              **{f"student/{n}": r for n, r in src["outputs"].items() if n.startswith(src_prefix + "/")}}
+    inputs.update({f"external/{k}": {"key": v["path"], "sha256": v["fingerprint"]}
+                   for k, v in src.get("external", {}).items() if k == src_prefix})
+    params = {"rollout": c.section("rollout"), "seed": c.seed, "round": name.round, "student": c.section("student")}
+
+    def body(ctx: StageContext) -> None:
+        rows = prompts_stage.load(run)
+        train = {r["prompt_id"]: r for r in rows if r["split"] == "train"}
+        chosen = [train[i] for i in round_prompt_ids(c, list(train), name.round)]
+        table = generate(run, run.materialize(src_stage, src_prefix), chosen, c.rollout.samples_per_prompt,
+                         ("rollout", name.round), ctx)
+        ctx.put_table("rollouts.parquet", table)
+    return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+
+
+def load(run: Run, stage: str) -> pa.Table:
+    return parquet_to_table(run.read_output(stage, "rollouts.parquet"))
+
+
+def report(run: Run, entry: dict) -> str:
+    m, b = entry["metrics"], entry["backend"]
+    t = load(run, entry["stage"]).slice(0, 4).to_pylist()
+    lines = [f"# {entry['stage']} — run `{run.run_id}`", "",
+             "| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in m.items()], "",
+             f"Backend: `{b}`", "", "Sample responses:", ""]
+    for row in t:
+        lines.append(f"- prompt {row['prompt_id']} #{row['sample_idx']} ({row['finish_reason']}): "
+                     f"`{row['response_text'][:200]!r}`")
+    return "\n".join(lines)
+
+
+rollout_task = stage_task("rollout", run, report)

@@ -1,0 +1,95 @@
+"""Stage `score.rNN`: the teacher scores every token the student sampled.
+
+For each response token: the teacher's log-prob of the sampled token and its top-k
+(token ids, log-probs) over the full vocabulary. The train stage distills against the
+top-k with the tail mass as one bucket (see `opdflow.kernels.reference`); with
+k >= vocabulary size (the demo) that is the exact full-vocabulary divergence.
+
+Output `scores.parquet`, row-aligned with the round's `rollouts.parquet`:
+prompt_id, sample_idx, teacher_logprobs, topk_ids, topk_logprobs.
+"""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import torch
+
+from opdflow.infra.lm import load_model, load_tokenizer, response_logits
+from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.tables import parquet_to_table
+from opdflow.tasks import rollout as rollout_stage
+from opdflow.tasks.common import stage_task
+from opdflow.tasks.plan import parse, round_stage
+
+
+def teacher_inputs(run: Run) -> dict:
+    models = run.require("models")
+    refs = {n: r for n, r in models["outputs"].items() if n.startswith("teacher/")}
+    refs.update({f"external/{k}": {"key": v["path"], "sha256": v["fingerprint"]}
+                 for k, v in models.get("external", {}).items() if k == "teacher"})
+    return refs
+
+
+@torch.no_grad()
+def score_table(model, pad_id: int, rollouts: pa.Table, top_k: int, batch_size: int, progress) -> pa.Table:
+    prompts, responses = rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist()
+    k = min(top_k, model.config.vocab_size)
+    lp_rows, ids_rows, tlp_rows = [], [], []
+    for lo, logits, lengths in response_logits(model, prompts, responses, pad_id, batch_size):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        sampled = torch.tensor([t for r in responses[lo:lo + len(lengths)] for t in r], dtype=torch.long,
+                               device=logp.device)
+        tok_lp = logp.gather(-1, sampled[:, None]).squeeze(-1).cpu()
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        top_lp, top_ids = top_lp.cpu(), top_ids.cpu()
+        start = 0
+        for n in lengths:
+            lp_rows.append(tok_lp[start:start + n].tolist())
+            ids_rows.append(top_ids[start:start + n].tolist())
+            tlp_rows.append(top_lp[start:start + n].tolist())
+            start += n
+        progress((lo + len(lengths)) / len(prompts), f"{lo + len(lengths)}/{len(prompts)} sequences")
+    return pa.table({"prompt_id": rollouts["prompt_id"], "sample_idx": rollouts["sample_idx"],
+                     "teacher_logprobs": lp_rows, "topk_ids": ids_rows, "topk_logprobs": tlp_rows})
+
+
+def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+    c = run.config
+    name = parse(stage)
+    ro_stage = round_stage("rollout", name.round, name.arm)
+    inputs = {"rollouts": run.output(ro_stage, "rollouts.parquet"), **teacher_inputs(run)}
+    params = {"scoring": c.section("scoring"), "teacher": c.section("teacher")}
+
+    def body(ctx: StageContext) -> None:
+        tdir = run.materialize("models", "teacher")
+        model, tok = load_model(tdir, c.teacher.dtype), load_tokenizer(tdir)
+        model.eval()
+        rollouts = rollout_stage.load(run, ro_stage)
+        t0 = time.time()
+        scores = score_table(model, tok.pad_token_id, rollouts, c.scoring.top_k, c.scoring.batch_size, ctx.progress)
+        secs = time.time() - t0
+        ctx.put_table("scores.parquet", scores)
+        t_lp = [x for row in scores["teacher_logprobs"].to_pylist() for x in row]
+        s_lp = [x for row in rollouts["logprobs"].to_pylist() for x in row]
+        n = max(1, len(t_lp))
+        ctx.backend.update({"name": "transformers", "dtype": c.teacher.dtype, "device": str(model.device),
+                            "top_k": min(c.scoring.top_k, model.config.vocab_size)})
+        # k1 estimate of reverse KL(student || teacher) on the sampled tokens
+        ctx.metrics.update(n_tokens=len(t_lp), teacher_logprob_mean=round(sum(t_lp) / n, 5),
+                           sampled_reverse_kl_k1=round(sum(s - t for s, t in zip(s_lp, t_lp)) / n, 5),
+                           tokens_per_s=round(len(t_lp) / max(secs, 1e-9), 1))
+    return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+
+
+def load(run: Run, stage: str) -> pa.Table:
+    return parquet_to_table(run.read_output(stage, "scores.parquet"))
+
+
+def report(run: Run, entry: dict) -> str:
+    m = entry["metrics"]
+    return "\n".join([f"# {entry['stage']} — run `{run.run_id}`", "", "| metric | value |", "|---|---|",
+                      *[f"| {k} | {v} |" for k, v in m.items()], "", f"Backend: `{entry['backend']}`"])
+
+
+score_task = stage_task("score", run, report)
