@@ -1,0 +1,198 @@
+"""Session-wide test harness: markers, and a real S3 server (moto) over HTTP.
+
+The S3 tests talk to moto's standalone server in a subprocess, through boto3's normal
+HTTP path, with the endpoint given by the standard `AWS_ENDPOINT_URL` setting: the same
+way a user points opdflow at MinIO.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+
+def pytest_configure(config):
+    # Isolation: no hub, a private model cache and Prefect home per test session.
+    _session_tmp = tempfile.mkdtemp(prefix="opdflow-tests-")
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                      OPDFLOW_CACHE=os.path.join(_session_tmp, "cache"),
+                      PREFECT_HOME=os.path.join(_session_tmp, "prefect"),
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+    os.environ.pop("PREFECT_API_URL", None)
+    config.addinivalue_line("markers", "integration: starts real servers or subprocesses (e.g. the S3 server)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """moto's S3 server as a subprocess on a loopback port; `stop()`/`start()` to simulate an outage.
+
+    A restart keeps the port (so the endpoint stays valid) but loses all buckets and objects.
+    """
+
+    def __init__(self, port: int | None = None, start_timeout: float = 60.0):
+        self.port = port or _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile()
+
+    def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with opener.open(f"{self.endpoint}/", timeout=2):
+                    return
+            except urllib.error.HTTPError:  # any HTTP answer means the server is up
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not answer at {self.endpoint} within "
+                                       f"{self.start_timeout}s:\n{self.log()}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """The running MotoServer (for tests that stop/restart it; restart it before returning)."""
+    server = MotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        server._log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(moto_server) -> str:
+    """URL of a real S3-compatible server (moto) on loopback, for the whole session."""
+    return moto_server.endpoint
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch, tmp_path):
+    """Standard AWS settings pointing boto3 at the test server, isolated from the user's AWS config."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("NO_PROXY", ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1"])))
+    return s3_endpoint
+
+
+@pytest.fixture
+def s3_store_uri(s3_env) -> str:
+    """`s3://<fresh bucket>/some/prefix` on the test server; AWS env vars set for this test."""
+    import boto3
+    bucket = f"opdflow-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/some/prefix"
+
+
+# -- opdflow fixtures -----------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from opdflow.infra.config import load_config
+    return load_config(TINY)
+
+
+class PrefectServer:
+    """`prefect server start` as a subprocess on a loopback port, with its own database."""
+
+    def __init__(self, home: str, start_timeout: float = 180.0):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = {**os.environ, "PREFECT_HOME": home, "PREFECT_API_URL": self.url,
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with opener.open(f"{self.url}/health", timeout=2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"prefect server did not answer within {start_timeout}s:\n{self.log()}")
+                time.sleep(0.5)
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    server = PrefectServer(str(tmp_path_factory.mktemp("prefect-server-home")))
+    yield server
+    server.stop()

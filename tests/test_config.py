@@ -1,0 +1,126 @@
+"""Every config error the lifecycle issue lists fails at once, names its field, writes nothing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opdflow.infra.config import ConfigError, load_config, parse_config
+from opdflow.infra.preflight import preflight
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tiny() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+
+
+def _expect(raw: dict, field: str, words: str):
+    with pytest.raises(ConfigError) as ei:
+        preflight(parse_config(raw))
+    assert ei.value.field == field, str(ei.value)
+    assert words in str(ei.value), str(ei.value)
+    return ei.value
+
+
+def test_every_config_in_the_repo_validates():
+    found = [p for p in ROOT.rglob("*.yaml") if ".venv" not in p.parts and "configs" in p.parts]
+    assert len(found) >= 2
+    for p in found:
+        preflight(load_config(p))
+
+
+def test_unknown_key():
+    raw = _tiny()
+    raw["train"]["learning_rate"] = 0.1
+    _expect(raw, "train.learning_rate", "unknown key")
+
+
+def test_unknown_top_level_section():
+    raw = _tiny()
+    raw["trainer"] = {}
+    _expect(raw, "trainer", "unknown key")
+
+
+def test_negative_learning_rate():
+    raw = _tiny()
+    raw["train"]["optimizer"]["lr"] = -1e-3
+    _expect(raw, "train.optimizer.lr", "greater than 0")
+
+
+def test_missing_model_dir(tmp_path):
+    raw = _tiny()
+    raw["teacher"] = {"path": str(tmp_path / "nope")}
+    raw["student"] = {"path": str(tmp_path / "nope2")}
+    _expect(raw, "teacher.path", "does not exist")
+
+
+def _hf_dir(path: Path, extra_token: str | None = None, max_pos: int = 128) -> Path:
+    from transformers import LlamaConfig
+    from opdflow.infra.demo import build_tokenizer
+    tok = build_tokenizer()
+    if extra_token:
+        tok.add_tokens([extra_token])
+    path.mkdir(parents=True)
+    tok.save_pretrained(str(path))
+    LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=max_pos).save_pretrained(str(path))
+    return path
+
+
+def test_tokenizers_disagree(tmp_path):
+    raw = _tiny()
+    raw.pop("demo")
+    raw["teacher"] = {"path": str(_hf_dir(tmp_path / "t"))}
+    raw["student"] = {"path": str(_hf_dir(tmp_path / "s", extra_token="zebra"))}
+    raw["eval"]["tasks"] = ["some_task"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(40)))
+    raw["data"] = {"source": str(data), "n_probe": 4, "n_eval": 4}
+    _expect(raw, "student.path", "tokenizer disagrees")
+
+
+def test_empty_dataset(tmp_path):
+    raw = _tiny()
+    raw["teacher"] = {"path": str(_hf_dir(tmp_path / "t"))}
+    raw["student"] = {"path": str(_hf_dir(tmp_path / "s"))}
+    raw["eval"]["tasks"] = ["some_task"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    raw["data"] = {"source": str(empty)}
+    _expect(raw, "data.source", "is empty")
+
+
+def test_max_new_tokens_beyond_context():
+    raw = _tiny()
+    raw["rollout"]["max_new_tokens"] = 500
+    _expect(raw, "rollout.max_new_tokens", "context is 128")
+
+
+def test_max_new_tokens_beyond_context_of_a_model_dir(tmp_path):
+    raw = _tiny()
+    raw["teacher"] = {"path": str(_hf_dir(tmp_path / "t", max_pos=40))}
+    raw["student"] = {"path": str(_hf_dir(tmp_path / "s", max_pos=40))}
+    raw["eval"]["tasks"] = ["some_task"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(40)))
+    raw["data"] = {"source": str(data), "n_probe": 4, "n_eval": 4}
+    _expect(raw, "rollout.max_new_tokens", "context is 40")
+
+
+def test_cli_config_error_writes_nothing(tmp_path):
+    raw = _tiny()
+    raw["rollout"]["max_new_tokens"] = 500
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    store = tmp_path / "store"
+    out = subprocess.run([sys.executable, "-m", "opdflow.flows.cli", "run", str(cfg), "--store", str(store)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert out.returncode == 2, out.stderr
+    assert "rollout.max_new_tokens" in out.stderr
+    assert not store.exists()
