@@ -165,6 +165,9 @@ class Config(_Section):
         if self.ablation.enabled and self.ablation.rounds > self.train.rounds:
             raise ValueError(f"ablation.rounds: {self.ablation.rounds} exceeds train.rounds "
                              f"({self.train.rounds}); the uniform arm is the main run's first rounds")
+        if self.train.loss.temperature != 1.0:
+            raise ValueError("train.loss.temperature: training distills against the teacher's stored top-k "
+                             "log-probs, which cannot be re-tempered; use 1.0")
         if "opdflow_arith" in self.eval.tasks and self.data.source != DEMO:
             raise ValueError("eval.tasks: opdflow_arith is the demo benchmark; it needs data.source: demo")
         return self

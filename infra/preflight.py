@@ -45,6 +45,12 @@ def preflight(config: Config) -> list[dict]:
         raise ConfigError("rollout.max_new_tokens", f"{config.rollout.max_new_tokens} new tokens after the longest "
                                                     f"prompt ({longest} tokens) need {need} positions; the models' "
                                                     f"context is {ctx}")
+    if config.train.kernel == "triton":
+        import os
+        import torch
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("train.kernel", "'triton' needs a CUDA device (or TRITON_INTERPRET=1); "
+                                              "use 'auto' to take Triton where CUDA is available")
     if config.eval.include_path and not Path(config.eval.include_path).is_dir():
         raise ConfigError("eval.include_path", f"{config.eval.include_path!r} is not a directory")
     return rows

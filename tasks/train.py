@@ -32,7 +32,7 @@ from safetensors.torch import save as st_save
 from opdflow.infra.config import Config
 from opdflow.infra.lm import batch_response_logits, derive_seed, load_model, load_tokenizer, save_model
 from opdflow.infra.manifest import Run, StageContext, run_stage
-from opdflow.kernels import DistillationLoss
+from opdflow.kernels import DistillationLoss, resolve_backend
 from opdflow.tasks import rollout as rollout_stage
 from opdflow.tasks import score as score_stage
 from opdflow.tasks.common import stage_task
@@ -163,8 +163,8 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
         ctx.put_bytes("optimizer.safetensors", data)
         ctx.put_json("optimizer.json", meta)
         ctx.put_table("token_losses.parquet", pa.table(records))
-        ctx.backend.update({"kernel": loss_fn.resolved_backend if hasattr(loss_fn, "resolved_backend") else c.train.kernel,
-                            "device": str(next(model.parameters()).device), "dtype": c.student.dtype})
+        dev = next(model.parameters()).device
+        ctx.backend.update({"kernel": resolve_backend(c.train.kernel, dev), "device": str(dev), "dtype": c.student.dtype})
         ctx.metrics.update(steps=len(batches), loss_first=round(losses[0], 5), loss_last=round(losses[-1], 5),
                            loss_mean=round(sum(losses) / len(losses), 5), losses=[round(x, 5) for x in losses],
                            tokens_trained=n_tok, bypassed_fraction=round(n_bypassed / max(1, n_tok), 4),

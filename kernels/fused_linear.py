@@ -1,0 +1,211 @@
+"""Fused lm_head + distillation loss: the full N x V student logits never exist at once.
+
+Why this module exists
+----------------------
+At V ~ 150k the student logits of a long batch dominate training memory (N = 16384 tokens is
+~5 GB in bf16, and the loss's backward needs as much again for the gradient). This module takes
+the student's final hidden states ``[N, H]`` and the lm_head weight ``[V, H]`` instead, and walks
+the tokens in chunks: for each chunk it computes the chunk's logits, the per-token divergence and
+its gradient wrt those logits in one call (``loss.divergence_and_grad``, so Triton on CUDA and the
+reference elsewhere), and immediately folds that gradient into ``grad_hidden`` and ``grad_weight``.
+Only one chunk's logits and gradient are alive at a time; the backward pass just scales the
+stored gradients by the incoming grad_output. Normalization and masking are the same as
+``DistillationLoss`` (``loss.reduce_per_token``'s rule).
+
+The teacher is dense logits ``[N, V]``, a sparse top-k (ids, logprobs), or -- to avoid the
+teacher's N x V as well -- the teacher's hidden states and lm_head weight, whose logits are then
+computed chunk by chunk under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .loss import divergence_and_grad, resolve_backend
+
+__all__ = ["FusedLinearDistillationLoss", "fused_linear_distillation_loss"]
+
+
+def _teacher_chunk(sl, teacher_logits, ids, logprobs, t_hidden, t_weight, t_bias):
+    if t_hidden is not None:
+        with torch.no_grad():
+            t = t_hidden[sl] @ t_weight.t()
+            if t_bias is not None:
+                t = t + t_bias
+        return dict(teacher_logits=t)
+    if teacher_logits is not None:
+        return dict(teacher_logits=teacher_logits[sl])
+    return dict(teacher_topk_ids=ids[sl], teacher_topk_logprobs=logprobs[sl])
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, scale, teacher, opts):
+        n = hidden.shape[0]
+        chunk = opts["chunk_size"]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = (
+            torch.zeros(
+                weight.shape,
+                dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32,
+                device=weight.device,
+            )
+            if ctx.needs_input_grad[1]
+            else None
+        )
+        grad_bias = (
+            torch.zeros(weight.shape[0], dtype=scale.dtype, device=weight.device)
+            if bias is not None and ctx.needs_input_grad[2]
+            else None
+        )
+        per_token = torch.empty(n, dtype=scale.dtype, device=hidden.device)
+        mask = teacher["mask"]
+        for start in range(0, n, chunk):
+            sl = slice(start, min(start + chunk, n))
+            logits = hidden[sl] @ weight.t()
+            if bias is not None:
+                logits = logits + bias
+            loss_c, grad_c, _ = divergence_and_grad(
+                logits,
+                **_teacher_chunk(sl, *teacher["args"]),
+                kind=opts["kind"],
+                beta=opts["beta"],
+                temperature=opts["temperature"],
+                mask=None if mask is None else mask[sl],
+                backend=opts["backend"],
+            )
+            del logits
+            per_token[sl] = loss_c.to(scale.dtype)
+            grad_c = grad_c.to(scale.dtype).mul_(scale[sl, None])
+            if grad_bias is not None:
+                grad_bias += grad_c.sum(0)
+            grad_c = grad_c.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[sl] = (grad_c @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                h_c = hidden[sl].to(weight.dtype)
+                if weight.dtype in (torch.float32, torch.float64):
+                    grad_weight.addmm_(grad_c.t(), h_c)
+                else:  # low precision: one [V, H] product per chunk, accumulated in float32
+                    grad_weight += grad_c.t() @ h_c
+            del grad_c
+        loss = (per_token * scale).sum()
+        ctx.save_for_backward(
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+        )
+        ctx.mark_non_differentiable(per_token)
+        return loss, per_token
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_token):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        out = []
+        for g in (grad_hidden, grad_weight, grad_bias):
+            out.append(None if g is None else g * grad_loss.to(g.dtype))
+        return out[0], out[1], out[2], None, None, None
+
+
+def fused_linear_distillation_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    teacher_logits: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    weights: Tensor | None = None,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``(scalar loss, per-token loss detached [N])`` from ``hidden [N, H]`` and ``weight [V, H]``.
+
+    Same value and gradients as ``distillation_loss(hidden @ weight.T + bias, ...)``, with
+    at most ``chunk_size`` rows of logits alive at a time. Leading dims of ``hidden`` are
+    flattened. Give exactly one teacher: ``teacher_logits``, the top-k pair, or
+    ``teacher_hidden`` + ``teacher_weight`` (+ optional ``teacher_bias``).
+    """
+    n_teachers = sum(
+        x is not None for x in (teacher_logits, teacher_topk_ids, teacher_hidden)
+    )
+    if n_teachers != 1:
+        raise ValueError("give exactly one teacher: logits, top-k pair, or hidden + weight")
+    if teacher_hidden is not None and teacher_weight is None:
+        raise ValueError("teacher_hidden needs teacher_weight")
+    sparse = teacher_topk_ids is not None
+    reference.check_args(kind, beta, temperature, sparse=sparse)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    n = h.shape[0]
+    v = weight.shape[0]
+    t = None if teacher_logits is None else teacher_logits.detach().reshape(n, v)
+    ids = None if teacher_topk_ids is None else teacher_topk_ids.reshape(n, -1)
+    lps = None if teacher_topk_logprobs is None else teacher_topk_logprobs.detach().reshape(n, -1)
+    th = None if teacher_hidden is None else teacher_hidden.detach().reshape(n, -1)
+    keep = (
+        torch.ones(n, dtype=torch.bool, device=h.device)
+        if mask is None
+        else mask.reshape(-1).to(device=h.device, dtype=torch.bool)
+    )
+    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    w = torch.ones(n, dtype=cdt, device=h.device)
+    if weights is not None:
+        w = weights.reshape(-1).to(device=h.device, dtype=cdt)
+    # Same rule as loss.reduce_per_token; computed up front because it scales the gradients.
+    scale = torch.where(keep, w, torch.zeros_like(w)) / keep.sum().clamp_min(1).to(cdt)
+    teacher = dict(
+        args=(t, ids, lps, th, teacher_weight, teacher_bias),
+        mask=None if mask is None else keep,
+    )
+    opts = dict(
+        kind=kind,
+        beta=float(beta),
+        temperature=float(temperature),
+        chunk_size=int(chunk_size),
+        backend=resolve_backend(backend, h.device),
+    )
+    return _FusedLinearDivergence.apply(h, weight, bias, scale, teacher, opts)
+
+
+class FusedLinearDistillationLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_distillation_loss` (hidden states + lm_head weight)."""
+
+    def __init__(
+        self,
+        kind: str = "reverse_kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        reference.check_args(kind, beta, temperature, sparse=False)
+        self.kind = kind
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+        self.chunk_size = int(chunk_size)
+        self.backend = backend
+
+    def forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None, **teacher_and_mask):
+        return fused_linear_distillation_loss(
+            hidden,
+            weight,
+            bias,
+            kind=self.kind,
+            beta=self.beta,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            **teacher_and_mask,
+        )

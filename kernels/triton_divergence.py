@@ -1,0 +1,462 @@
+"""Triton kernels: per-token divergence, its gradient wrt the student logits, and the grad norm.
+
+Why this module exists
+----------------------
+A naive PyTorch distillation loss materializes several N x V tensors (two softmaxes, their logs,
+a JSD mixture, the gradient) and reduces to a scalar, so the rock-token analysis would need a
+second pass for per-token losses and gradient norms. Here one Triton program handles one token
+(row): it streams the vocabulary in ``BLOCK`` chunks with an online (running-max) softmax, so
+any V works, and writes, per row, the loss, the gradient wrt the student logits (into a
+preallocated buffer, which may be the logits tensor itself) and that gradient's L2 norm. The
+math is ``reference.py``'s; the tests check this module against it.
+
+Gradient identity used: every divergence here is a sum over categories of ``f(p_j, q_j)``, so
+with ``h_j = p_j * df/dp_j`` (a per-element expression, written NaN-free) and ``H = sum_j h_j``
+the gradient wrt the logits is ``(h_j - p_j * H) / T``.
+
+Passes over the row (reads of the student and, if dense, the teacher logits):
+* A: online max / sum-exp for student and teacher; for reverse KL (and AKL) also the running
+  ``sum_j exp(s_j - m)(s_j - t_j)``, which gives ``H = KL(p||q) + 1`` without another pass;
+  forward KL has ``H = -1`` exactly.
+* B: only for JSD, skew KLs and TVD, whose ``H`` is not an online-computable sum: ``H``.
+* C: loss, gradient store, and the squared-norm accumulation.
+So forward/reverse KL and AKL read each input twice, the others three times; the gradient is
+written once. On the GPU the second read of a row mostly hits L2.
+
+Sparse top-k teacher (see ``reference.py`` for the K + 1 category definition): pass A computes
+the student's log-sum-exp, the K gathered student logits give the category terms and ``H``,
+and in pass C each tail token gets ``p_j * (df/dP_tail - H)``. The ids are sorted per row on
+the host (N x K, cheap) so each vocab chunk finds its top-k members with a short loop over the
+ids falling inside it (no N x V membership mask).
+
+AKL's head/tail weights need a sort of the teacher distribution; they are computed with torch
+(``reference.akl_weights``, detached) and passed to the kernel as per-row weights: correct but
+not fused, so AKL costs an extra full-vocab torch pass.
+
+All arithmetic is float32 whatever the input dtype (fp32, bf16, fp16; fp64 is computed in fp32);
+the gradient is stored in the buffer's dtype (default: the student logits' dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference
+
+__all__ = [
+    "TritonDivergence",
+    "triton_divergence_and_grad",
+    "triton_per_token_divergence",
+    "default_block_size",
+]
+
+# Kind codes shared by host and kernels.
+_FKL, _RKL, _JSD, _SFKL, _SRKL, _TVD, _AKL, _ZERO = range(8)
+
+
+@triton.jit
+def _xlogratio(w, log_a, log_b):
+    return tl.where(w > 0, w * (log_a - log_b), 0.0)
+
+
+@triton.jit
+def _log_mix(log_a, log_b, log_wa, log_wb):
+    a = log_a + log_wa
+    b = log_b + log_wb
+    mx = tl.maximum(a, b)
+    mx_safe = tl.where(mx == -float("inf"), 0.0, mx)
+    out = mx_safe + tl.log(tl.exp(a - mx_safe) + tl.exp(b - mx_safe))
+    return tl.where(mx == -float("inf"), -float("inf"), out)
+
+
+@triton.jit
+def _terms(logp, logq, beta, log_b, log_1mb, w_head, w_tail, KIND: tl.constexpr):
+    """Per-element loss term f and h = p * df/dp (see the module docstring)."""
+    p = tl.exp(logp)
+    q = tl.exp(logq)
+    if KIND == 0:  # forward KL(q || p)
+        f = _xlogratio(q, logq, logp)
+        h = -q
+    elif KIND == 1:  # reverse KL(p || q)
+        f = _xlogratio(p, logp, logq)
+        h = tl.where(p > 0, p * (logp - logq + 1.0), 0.0)
+    elif KIND == 2:  # JSD(beta), m = beta q + (1 - beta) p
+        logm = _log_mix(logq, logp, log_b, log_1mb)
+        kl_pm = _xlogratio(p, logp, logm)
+        f = beta * _xlogratio(q, logq, logm) + (1.0 - beta) * kl_pm
+        h = (1.0 - beta) * kl_pm
+    elif KIND == 3:  # skew forward KL(q || a q + (1 - a) p)
+        logm = _log_mix(logq, logp, log_b, log_1mb)
+        f = _xlogratio(q, logq, logm)
+        h = -(1.0 - beta) * tl.where(q > 0, q * tl.exp(logp - logm), 0.0)
+    elif KIND == 4:  # skew reverse KL(p || a p + (1 - a) q)
+        logm = _log_mix(logp, logq, log_b, log_1mb)
+        f = _xlogratio(p, logp, logm)
+        r = tl.exp(logp - logm)
+        h = tl.where(p > 0, p * (logp - logm + 1.0 - beta * r), 0.0)
+    elif KIND == 5:  # total variation
+        d = p - q
+        f = 0.5 * tl.abs(d)
+        sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        h = 0.5 * p * sgn
+    elif KIND == 6:  # AKL with per-row weights
+        f = w_head * _xlogratio(q, logq, logp) + w_tail * _xlogratio(p, logp, logq)
+        h = -w_head * q + w_tail * tl.where(p > 0, p * (logp - logq + 1.0), 0.0)
+    else:  # identically zero (skew KL with alpha = 1)
+        f = p * 0.0
+        h = p * 0.0
+    return f, h
+
+
+@triton.jit
+def _online_update(m, z, x):
+    m_new = tl.maximum(m, x)
+    alpha = tl.where(m_new == -float("inf"), 0.0, tl.exp(m - m_new))
+    e = tl.where(x == -float("inf"), 0.0, tl.exp(x - m_new))
+    return m_new, alpha, e
+
+
+@triton.jit
+def _finish_lse(m, z):
+    mx = tl.max(m, axis=0)
+    scale = tl.where(m == -float("inf"), 0.0, tl.exp(m - mx))
+    return mx + tl.log(tl.sum(z * scale, axis=0)), scale
+
+
+@triton.jit
+def _dense_kernel(
+    S, T, G, LOSS, NORM, ROW_MASK, W_HEAD, W_TAIL,
+    stride_s, stride_t, stride_g, V,
+    inv_temp, beta, log_b, log_1mb,
+    KIND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * stride_s
+    t_row = T + row * stride_t
+    g_row = G + row * stride_g
+    cols = tl.arange(0, BLOCK)
+    keep = True
+    if HAS_MASK:
+        keep = tl.load(ROW_MASK + row) != 0
+    if keep:
+        w_head = 0.0
+        w_tail = 0.0
+        if KIND == 6:
+            w_head = tl.load(W_HEAD + row)
+            w_tail = tl.load(W_TAIL + row)
+        # Pass A: online log-sum-exp of student and teacher (+ reverse-KL accumulator).
+        m_s = tl.full([BLOCK], -float("inf"), tl.float32)
+        z_s = tl.zeros([BLOCK], tl.float32)
+        m_t = tl.full([BLOCK], -float("inf"), tl.float32)
+        z_t = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            inb = offs < V
+            x = tl.load(s_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+            y = tl.load(t_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+            m_s, alpha_s, e_s = _online_update(m_s, z_s, x)
+            z_s = z_s * alpha_s + e_s
+            m_t, alpha_t, e_t = _online_update(m_t, z_t, y)
+            z_t = z_t * alpha_t + e_t
+            if KIND == 1 or KIND == 6:
+                acc = acc * alpha_s + tl.where(e_s > 0, e_s * (x - y), 0.0)
+        lse_s, scale_s = _finish_lse(m_s, z_s)
+        lse_t, _scale_t = _finish_lse(m_t, z_t)
+        # H = sum_j h_j.
+        if KIND == 0:
+            big_h = -1.0
+        elif KIND == 1 or KIND == 6:
+            z_tot = tl.sum(z_s * scale_s, axis=0)
+            rkl_plus_1 = tl.sum(acc * scale_s, axis=0) / z_tot - lse_s + lse_t + 1.0
+            if KIND == 1:
+                big_h = rkl_plus_1
+            else:
+                big_h = -w_head + w_tail * rkl_plus_1
+        else:
+            # Pass B: H is not an online sum for these kinds.
+            hacc = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                inb = offs < V
+                x = tl.load(s_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+                y = tl.load(t_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+                _f, h = _terms(x - lse_s, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
+                hacc += tl.where(inb, h, 0.0)
+            big_h = tl.sum(hacc, axis=0)
+        # Pass C: loss, gradient, squared norm.
+        facc = tl.zeros([BLOCK], tl.float32)
+        nacc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            inb = offs < V
+            x = tl.load(s_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+            y = tl.load(t_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+            logp = x - lse_s
+            f, h = _terms(logp, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
+            g = tl.where(inb, (h - tl.exp(logp) * big_h) * inv_temp, 0.0)
+            facc += tl.where(inb, f, 0.0)
+            nacc += g * g
+            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb)
+        tl.store(LOSS + row, tl.sum(facc, axis=0))
+        tl.store(NORM + row, tl.sqrt(tl.sum(nacc, axis=0)))
+    else:
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            tl.store(g_row + offs, tl.zeros([BLOCK], tl.float32).to(G.dtype.element_ty), mask=offs < V)
+        tl.store(LOSS + row, 0.0)
+        tl.store(NORM + row, 0.0)
+
+
+@triton.jit
+def _sparse_kernel(
+    S, IDS, LPS, G, LOSS, NORM, ROW_MASK, W_HEAD, W_TAIL,
+    stride_s, stride_ids, stride_lps, stride_g, V, K,
+    beta, log_b, log_1mb, tail_floor,
+    KIND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * stride_s
+    ids_row = IDS + row * stride_ids
+    lps_row = LPS + row * stride_lps
+    g_row = G + row * stride_g
+    cols = tl.arange(0, BLOCK)
+    keep = True
+    if HAS_MASK:
+        keep = tl.load(ROW_MASK + row) != 0
+    if keep:
+        w_head = 0.0
+        w_tail = 0.0
+        if KIND == 6:
+            w_head = tl.load(W_HEAD + row)
+            w_tail = tl.load(W_TAIL + row)
+        # Pass A: student log-sum-exp.
+        m_s = tl.full([BLOCK], -float("inf"), tl.float32)
+        z_s = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            x = tl.load(s_row + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+            m_s, alpha_s, e_s = _online_update(m_s, z_s, x)
+            z_s = z_s * alpha_s + e_s
+        lse_s, _scale = _finish_lse(m_s, z_s)
+        # The K + 1 categories.
+        kk = tl.arange(0, BLOCK_K)
+        kin = kk < K
+        ids = tl.load(ids_row + kk, mask=kin, other=0)
+        logq_k = tl.load(lps_row + kk, mask=kin, other=-float("inf")).to(tl.float32)
+        logp_k = tl.load(s_row + ids, mask=kin, other=-float("inf")).to(tl.float32) - lse_s
+        f_k, h_k = _terms(logp_k, logq_k, beta, log_b, log_1mb, w_head, w_tail, KIND)
+        f_k = tl.where(kin, f_k, 0.0)
+        h_k = tl.where(kin, h_k, 0.0)
+        p_tail = tl.maximum(1.0 - tl.sum(tl.exp(logp_k), axis=0), 0.0)
+        q_tail = tl.maximum(1.0 - tl.sum(tl.exp(logq_k), axis=0), 0.0)
+        p_floor = tl.maximum(p_tail, tail_floor)
+        q_floor = tl.maximum(q_tail, tail_floor)
+        f_tail, h_tail = _terms(
+            tl.log(p_floor), tl.log(q_floor), beta, log_b, log_1mb, w_head, w_tail, KIND
+        )
+        h_tail = tl.where(p_tail > tail_floor, h_tail, 0.0)
+        g_tail = h_tail / p_floor  # d f / d P_tail
+        big_h = tl.sum(h_k, axis=0) + h_tail
+        tl.store(LOSS + row, tl.sum(f_k, axis=0) + f_tail)
+        # Pass C: gradient; ids are sorted, so the members of a chunk are ids[lo:hi].
+        nacc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            inb = offs < V
+            x = tl.load(s_row + offs, mask=inb, other=-float("inf")).to(tl.float32)
+            logp = x - lse_s
+            p = tl.exp(logp)
+            lo = tl.sum((kin & (ids < start)).to(tl.int32), axis=0)
+            hi = tl.sum((kin & (ids < start + BLOCK)).to(tl.int32), axis=0)
+            member = cols < 0
+            logq = tl.full([BLOCK], -float("inf"), tl.float32)
+            for j in range(lo, hi):
+                idj = tl.load(ids_row + j)
+                hit = offs == idj
+                member = member | hit
+                logq = tl.where(hit, tl.load(lps_row + j).to(tl.float32), logq)
+            _f, h = _terms(logp, logq, beta, log_b, log_1mb, w_head, w_tail, KIND)
+            h = tl.where(member, h, p * g_tail)
+            g = tl.where(inb, h - p * big_h, 0.0)
+            nacc += g * g
+            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb)
+        tl.store(NORM + row, tl.sqrt(tl.sum(nacc, axis=0)))
+    else:
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            tl.store(g_row + offs, tl.zeros([BLOCK], tl.float32).to(G.dtype.element_ty), mask=offs < V)
+        tl.store(LOSS + row, 0.0)
+        tl.store(NORM + row, 0.0)
+
+
+def default_block_size(v: int) -> int:
+    """Vocabulary chunk per loop iteration: the whole row when small, else 4096."""
+    return max(16, min(4096, triton.next_power_of_2(v)))
+
+
+def _kind_code(kind: str, beta: float) -> int:
+    if kind == "forward_kl":
+        return _FKL
+    if kind == "reverse_kl":
+        return _RKL
+    if kind == "jsd":
+        return _FKL if beta <= 0.0 else _RKL if beta >= 1.0 else _JSD
+    if kind == "skew_forward_kl":
+        return _FKL if beta <= 0.0 else _ZERO if beta >= 1.0 else _SFKL
+    if kind == "skew_reverse_kl":
+        return _RKL if beta <= 0.0 else _ZERO if beta >= 1.0 else _SRKL
+    if kind == "tvd":
+        return _TVD
+    if kind == "akl":
+        return _AKL
+    raise ValueError(f"unknown divergence kind {kind!r}")
+
+
+def _log_weights(beta: float) -> tuple[float, float]:
+    log_b = math.log(beta) if beta > 0 else -math.inf
+    log_1mb = math.log1p(-beta) if beta < 1 else -math.inf
+    return log_b, log_1mb
+
+
+def _rows_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def triton_divergence_and_grad(
+    student_logits: Tensor,
+    *,
+    teacher_logits: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    row_mask: Tensor | None = None,
+    grad_out: Tensor | None = None,
+    loss_out: Tensor | None = None,
+    norm_out: Tensor | None = None,
+    block_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss fp32 [N], grad_logits [N, V], grad_norm fp32 [N])`` from the Triton kernels.
+
+    ``grad_out``: optional preallocated ``[N, V]`` buffer for the gradient (its dtype is kept;
+    pass ``student_logits`` itself to compute the gradient in place). ``loss_out`` /
+    ``norm_out``: optional preallocated float32 ``[N]`` buffers. Rows where ``row_mask`` is
+    False get loss 0, gradient 0 and norm 0 and read no logits. ``block_size`` (a power of 2)
+    overrides the vocabulary chunk.
+    """
+    sparse = teacher_logits is None
+    reference.check_args(kind, beta, temperature, sparse=sparse)
+    beta = float(beta)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
+    s = _rows_contiguous(student_logits.detach())
+    n, v = s.shape
+    dev = s.device
+    grad = torch.empty_like(s) if grad_out is None else grad_out
+    if grad.shape != s.shape or grad.stride(-1) != 1:
+        raise ValueError("grad_out must be [N, V] with unit stride in the last dim")
+    loss = torch.empty(n, dtype=torch.float32, device=dev) if loss_out is None else loss_out
+    norm = torch.empty(n, dtype=torch.float32, device=dev) if norm_out is None else norm_out
+    for buf in (loss, norm):
+        if buf.shape != (n,) or buf.dtype != torch.float32 or not buf.is_contiguous():
+            raise ValueError("loss_out / norm_out must be contiguous float32 [N]")
+    if n == 0:
+        return loss, grad, norm
+    code = _kind_code(kind, beta)
+    has_mask = row_mask is not None
+    mask_t = row_mask.reshape(-1).to(device=dev, dtype=torch.int8) if has_mask else loss
+    w_head = w_tail = loss
+    if code == _AKL:  # detached weights need a sort: torch, see the module docstring
+        log_p, log_q = reference.category_log_probs(
+            s,
+            teacher_logits=teacher_logits,
+            teacher_topk_ids=teacher_topk_ids,
+            teacher_topk_logprobs=teacher_topk_logprobs,
+            temperature=temperature,
+        )
+        w_head, w_tail = (w.float().contiguous() for w in reference.akl_weights(log_p, log_q))
+        del log_p, log_q
+    log_b, log_1mb = _log_weights(beta)
+    block = block_size or default_block_size(v)
+    num_warps = 8 if block >= 2048 else 4
+    if not sparse:
+        t = _rows_contiguous(teacher_logits.detach())
+        if t.shape != s.shape:
+            raise ValueError(f"teacher_logits {tuple(t.shape)} != student {tuple(s.shape)}")
+        _dense_kernel[(n,)](
+            s, t, grad, loss, norm, mask_t, w_head, w_tail,
+            s.stride(0), t.stride(0), grad.stride(0), v,
+            1.0 / float(temperature), beta, log_b, log_1mb,
+            KIND=code, HAS_MASK=has_mask, BLOCK=block, num_warps=num_warps,
+        )
+        return loss, grad, norm
+    if teacher_topk_ids is None or teacher_topk_logprobs is None:
+        raise ValueError("a sparse teacher needs both teacher_topk_ids and teacher_topk_logprobs")
+    ids, order = torch.sort(teacher_topk_ids.detach().reshape(n, -1).long(), dim=-1)
+    lps = torch.gather(teacher_topk_logprobs.detach().reshape(n, -1), -1, order).contiguous()
+    ids = ids.to(torch.int32).contiguous() if v < 2**31 else ids.contiguous()
+    k = ids.shape[1]
+    _sparse_kernel[(n,)](
+        s, ids, lps, grad, loss, norm, mask_t, w_head, w_tail,
+        s.stride(0), ids.stride(0), lps.stride(0), grad.stride(0), v, k,
+        beta, log_b, log_1mb, reference.TAIL_FLOOR,
+        KIND=code, HAS_MASK=has_mask, BLOCK=block, BLOCK_K=max(16, triton.next_power_of_2(k)),
+        num_warps=num_warps,
+    )
+    return loss, grad, norm
+
+
+class TritonDivergence(torch.autograd.Function):
+    """Autograd glue: the forward computes loss and gradient together; the backward scales.
+
+    Outputs ``(per-token loss fp32 [N], grad norm fp32 [N], non-differentiable)``. The saved
+    gradient is scaled in place in ``backward``, so the graph can be backpropagated once.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, ids, logprobs, row_mask, opts):
+        loss, grad, norm = triton_divergence_and_grad(
+            student_logits,
+            teacher_logits=teacher_logits,
+            teacher_topk_ids=ids,
+            teacher_topk_logprobs=logprobs,
+            row_mask=row_mask,
+            **opts,
+        )
+        ctx.save_for_backward(grad)
+        ctx.input_dtype = student_logits.dtype
+        ctx.mark_non_differentiable(norm)
+        return loss, norm
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_norm):
+        (grad,) = ctx.saved_tensors
+        grad.mul_(grad_loss.unsqueeze(1).to(grad.dtype))
+        return grad.to(ctx.input_dtype), None, None, None, None, None
+
+
+def triton_per_token_divergence(
+    student_logits: Tensor,
+    *,
+    teacher_logits: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    row_mask: Tensor | None = None,
+    block_size: int | None = None,
+) -> Tensor:
+    """Differentiable per-token divergence ``[N]`` (fp32) computed by the Triton kernels."""
+    opts = dict(kind=kind, beta=beta, temperature=temperature, block_size=block_size)
+    loss, _norm = TritonDivergence.apply(
+        student_logits, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, row_mask, opts
+    )
+    return loss
