@@ -10,8 +10,9 @@ Method, as published:
 4. Drop the `drop_top` most frequent ids, rank the rest by frequency x mean KL
    (= cumulative KL); ranks 1..n_rock are rock tokens, the next n_control controls.
 
-Reported beyond the paper's figures: the rocks' share of tokens, of total KL and of
-total gradient norm; stagnation (each set's mean KL across checkpoints); selection
+Also reported, as in the paper: each position's gradient cosine to the corpus-level
+direction (frequency-weighted and frequency-balanced references). Beyond the paper:
+the rocks' share of tokens, of total KL and of total gradient norm; stagnation (each set's mean KL across checkpoints); selection
 stability when the probe set is subsampled (Jaccard, Spearman vs the full set); a
 category breakdown of the rock strings; and a frequency-matched random token set,
 which the causal ablation uses as its control arm.
@@ -196,16 +197,43 @@ def checkpoint_labels(config: Config) -> list[tuple[str, str, str]]:
 
 
 @torch.no_grad()
-def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int) -> dict[str, list]:
+def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int,
+            refs: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
+    """Per position: reverse KL, its logit-space gradient norm, both top-1s; plus the two
+    corpus-level gradient directions (sums over positions: frequency-weighted, and
+    weighted 1/frequency of the token id, i.e. each token id counts once). With `refs`,
+    also each position's gradient cosine to each reference direction."""
     prompts, responses = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
+    tokens = torch.tensor([t for r in responses for t in r])
+    inv_freq = 1.0 / torch.bincount(tokens).double()[tokens]
     out = {k: [] for k in ("kl", "grad_norm", "student_top1", "teacher_top1")}
+    out.update({f"cos_{name}": [] for name in (refs or {})})
+    sums: dict[str, torch.Tensor] = {}
     t_iter = response_logits(teacher, prompts, responses, pad_id, batch_size)
+    pos = 0
     for (_, s_logits, _), (_, t_logits, _) in zip(response_logits(model, prompts, responses, pad_id, batch_size), t_iter):
-        kl, _, gnorm = per_token_divergence_and_grad(s_logits.float(), teacher_logits=t_logits.float(), kind="reverse_kl")
+        kl, grad, gnorm = per_token_divergence_and_grad(s_logits.float(), teacher_logits=t_logits.float(), kind="reverse_kl")
+        w = inv_freq[pos:pos + len(kl)].to(grad.device)
+        pos += len(kl)
+        g64 = grad.double()
+        for name, part in (("freq_weighted", g64.sum(0)), ("freq_balanced", (g64 * w[:, None]).sum(0))):
+            sums[name] = sums[name] + part if name in sums else part
+        for name, ref in (refs or {}).items():
+            cos = (g64 @ ref.to(g64.device)) / (gnorm.double() * ref.norm()).clamp_min(1e-30)
+            out[f"cos_{name}"] += cos.tolist()
         out["kl"] += kl.tolist()
         out["grad_norm"] += gnorm.tolist()
         out["student_top1"] += s_logits.argmax(-1).tolist()
         out["teacher_top1"] += t_logits.argmax(-1).tolist()
+    return out, sums
+
+
+def mean_cosines(token_ids: list[int], cosines: dict[str, list[float]], sets: dict[str, list[int]]) -> dict:
+    """Mean gradient cosine to each corpus-level direction, per token set and overall."""
+    out = {}
+    for name, ids in {**sets, "all": None}.items():
+        keep = [i for i, t in enumerate(token_ids) if ids is None or t in set(ids)]
+        out[name] = {ref: (sum(c[i] for i in keep) / len(keep) if keep else float("nan")) for ref, c in cosines.items()}
     return out
 
 
@@ -235,7 +263,11 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
         per_ckpt, aggs, tables = {}, {}, []
         for i, (label, st, prefix) in enumerate(ckpts):
             model = load_model(run.materialize(st, prefix), c.student.dtype).eval()
-            m = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size)
+            m, sums = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size)
+            if i == len(ckpts) - 1:  # the final checkpoint: a second pass for cosines to the corpus directions
+                m, _ = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size, refs=sums)
+            else:
+                m.update({f"cos_{name}": [None] * len(m["kl"]) for name in sums})
             per_ckpt[label] = {**base, **m}
             aggs[label] = aggregate(base["token_id"], m["kl"], m["grad_norm"])
             tables.append(pa.table({"checkpoint": [label] * len(base["token_id"]), **base, **m}))
@@ -255,8 +287,11 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
             "stability": stability(per_ckpt[final_label], [0.25, 0.5, 0.75], c.rock, c.seed),
             "categories": _categories(tok, sel["rock"]),
             "prevalence": _prevalence(per_ckpt[final_label], set(sel["rock"])),
+            "gradient_cosine": mean_cosines(base["token_id"], {k[4:]: v for k, v in per_ckpt[final_label].items()
+                                                               if k.startswith("cos_")},
+                                            {"rock": sel["rock"], "control": sel["control"]}),
         }
-        ctx.put_table("records.parquet", pa.concat_tables(tables))
+        ctx.put_table("records.parquet", pa.concat_tables(tables, promote_options="permissive"))
         ctx.put_table("tokens.parquet", _token_table(tok, aggs, sel, rand))
         ctx.put_json("rock_sets.json", sets)
         ctx.put_json("summary.json", summary)
@@ -420,7 +455,13 @@ def render_report(run_id, tok, agg, sel, summary, plots) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in summary["checkpoints"])
                      + f" | {row['change']:+.4f} |")
     lines += ["", _img(plots["trajectories"], "trajectories"), "",
-              "## Gradient share", "", _img(plots["shares"], "shares"), "",
+              "## Gradient share and direction", "", _img(plots["shares"], "shares"), "",
+              "Mean cosine of each position's reverse-KL gradient (logit space) to the corpus-level direction: "
+              "the sum of all positions' gradients (frequency-weighted) or of each token id's mean gradient "
+              "(frequency-balanced).", "", "| set | freq-weighted | freq-balanced |", "|---|---|---|"]
+    for name, row in summary["gradient_cosine"].items():
+        lines.append(f"| {name} | {row['freq_weighted']:.3f} | {row['freq_balanced']:.3f} |")
+    lines += ["",
               "## Prevalence per output", "",
               f"{summary['prevalence']['outputs_with_rock']:.0%} of outputs contain at least one rock token.", "",
               _img(plots["prevalence"], "prevalence"), "",

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from opdflow.tasks.rock import (aggregate, category, jaccard, matched_random, select, shares, spearman, stability,
-                                stagnation)
+from opdflow.tasks.rock import (aggregate, category, jaccard, matched_random, mean_cosines, select, shares, spearman,
+                                stability, stagnation)
 
 # token id -> (frequency, KL per occurrence, grad norm per occurrence)
 SPEC = {1: (10, 0.01, 0.1), 2: (8, 0.02, 0.1), 3: (4, 1.0, 2.0), 4: (6, 0.5, 1.0), 5: (2, 0.9, 1.5),
@@ -86,3 +86,12 @@ def test_matched_random_is_frequency_matched_and_disjoint():
 def test_categories():
     assert [category(s) for s in (" ", "\n", "7", "so", "+", "=", ",", "carry")] == \
         ["whitespace", "whitespace", "digits", "discourse", "math", "math", "punctuation", "other"]
+
+
+def test_mean_cosines_per_set():
+    ids = [1, 1, 2, 3]
+    cos = {"freq_weighted": [1.0, 0.5, -1.0, 0.0], "freq_balanced": [0.0, 0.0, 1.0, 1.0]}
+    out = mean_cosines(ids, cos, {"rock": [1], "control": [2, 3]})
+    assert out["rock"] == {"freq_weighted": 0.75, "freq_balanced": 0.0}
+    assert out["control"] == {"freq_weighted": -0.5, "freq_balanced": 1.0}
+    assert out["all"]["freq_weighted"] == pytest.approx(0.125)

@@ -119,6 +119,8 @@ def test_rock_outputs(tiny_run):
     rec = _table(tiny_run, "rock", "records.parquet")
     assert set(rec["checkpoint"].to_pylist()) == {"initial", "r01", "r02"}
     assert all(k >= -1e-6 for k in rec["kl"].to_pylist())
+    final = [r for r in rec.to_pylist() if r["checkpoint"] == "r02"]
+    assert all(-1 - 1e-6 <= r["cos_freq_weighted"] <= 1 + 1e-6 for r in final)
     md = tiny_run.read_output("rock", "report.md").decode()
     assert md.count("data:image/png;base64,") == 5
 
