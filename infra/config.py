@@ -104,6 +104,9 @@ class TrainConfig(_Section):
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     kernel: Literal["auto", "reference", "triton"] = "auto"
+    checkpoint_every: int = Field(0, ge=0, description="in-round checkpoints to the store every N steps "
+                                                        "(0 = only the round's final checkpoint); a retry resumes "
+                                                        "from the latest one")
 
 
 class RockConfig(_Section):

@@ -15,6 +15,13 @@ still over all response tokens, so the other tokens' gradients are unchanged.
 Outputs: `model/*` (safetensors + config + tokenizer), `optimizer.safetensors` and
 `optimizer.json` (the state the next round resumes), `token_losses.parquet` (every
 token's loss at every step it was trained on).
+
+Crash safety: with `train.checkpoint_every: N` the round also writes an in-round
+checkpoint every N steps under its output prefix (`partial/step-NNNNNN/`: weights,
+optimizer, RNG state, the log so far; `state.json` written last commits it). A retry
+of the same stage (same key) resumes from the latest committed one and reaches the
+same weights as an uninterrupted run: batches are a fixed seeded sequence, so the data
+position is just the step number.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +40,7 @@ from safetensors.torch import save as st_save
 from opdflow.infra.config import Config
 from opdflow.infra.lm import batch_response_logits, derive_seed, load_model, load_tokenizer, save_model
 from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.tables import parquet_to_table, table_to_parquet
 from opdflow.kernels import DistillationLoss, resolve_backend
 from opdflow.tasks import rollout as rollout_stage
 from opdflow.tasks import score as score_stage
@@ -119,7 +128,8 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
         inputs.update({n: src["outputs"][n] for n in ("optimizer.safetensors", "optimizer.json")})
     if name.arm != "main":
         inputs["rock_sets"] = run.output("rock", "rock_sets.json")
-    params = {"train": c.section("train"), "seed": c.seed, "round": name.round, "arm": name.arm,
+    train_params = {k: v for k, v in c.section("train").items() if k != "checkpoint_every"}  # no effect on results
+    params = {"train": train_params, "seed": c.seed, "round": name.round, "arm": name.arm,
               "student": c.section("student")}
 
     def body(ctx: StageContext) -> None:
@@ -137,39 +147,99 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
         rows = rollout_stage.load(run, ro_stage).to_pylist()
         for row, s in zip(rows, score_stage.load(run, sc_stage).to_pylist()):
             row.update(topk_ids=s["topk_ids"], topk_logprobs=s["topk_logprobs"])
-        torch.manual_seed(derive_seed(c.seed, "train", name.arm, name.round))
-        records: dict[str, list] = {k: [] for k in ("step", "prompt_id", "sample_idx", "position", "token_id",
-                                                    "loss", "weight")}
-        losses, n_tok, n_bypassed, t0 = [], 0, 0, time.time()
         batches = step_batches(len(rows), c.train.steps_per_round, c.train.batch_size,
                                derive_seed(c.seed, "train-order", name.round))
-        for step, idx in enumerate(batches):
-            batch = [rows[i] for i in idx]
+        torch.manual_seed(derive_seed(c.seed, "train", name.arm, name.round))
+        state = TrainState()
+        partial = f"{ctx.out_prefix}/partial"
+        if resume_partial(run.store, partial, model, opt, state):
+            ctx.metrics["resumed_from_step"] = state.step
+        t0 = time.time()
+        while state.step < len(batches):
+            batch = [rows[i] for i in batches[state.step]]
             loss, per_token, tokens, weights = loss_step(model, loss_fn, batch, bypass, tok.pad_token_id)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if c.train.optimizer.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.train.optimizer.grad_clip)
             opt.step()
-            losses.append(float(loss.detach()))  # host sync once per step, for the log
-            _record(records, step, batch, tokens, per_token, weights)
-            n_tok += len(tokens)
-            n_bypassed += int((weights == 0).sum())
-            ctx.progress((step + 1) / len(batches), f"step {step + 1}/{len(batches)} loss {losses[-1]:.4f}")
+            state.record(float(loss.detach()), batch, tokens, per_token, weights)  # one host sync per step
+            ctx.progress(state.step / len(batches), f"step {state.step}/{len(batches)} loss {state.losses[-1]:.4f}")
+            every = c.train.checkpoint_every
+            if every and state.step % every == 0 and state.step < len(batches):
+                save_partial(run.store, partial, model, opt, state)
         secs = time.time() - t0
         with tempfile.TemporaryDirectory(prefix="opdflow-ckpt-") as tmp:
             ctx.put_dir("model", save_model(model, tok, Path(tmp) / "model"))
         data, meta = optimizer_to_bytes(opt)
         ctx.put_bytes("optimizer.safetensors", data)
         ctx.put_json("optimizer.json", meta)
-        ctx.put_table("token_losses.parquet", pa.table(records))
+        ctx.put_table("token_losses.parquet", pa.table(state.records))
         dev = next(model.parameters()).device
         ctx.backend.update({"kernel": resolve_backend(c.train.kernel, dev), "device": str(dev), "dtype": c.student.dtype})
+        losses = state.losses
         ctx.metrics.update(steps=len(batches), loss_first=round(losses[0], 5), loss_last=round(losses[-1], 5),
                            loss_mean=round(sum(losses) / len(losses), 5), losses=[round(x, 5) for x in losses],
-                           tokens_trained=n_tok, bypassed_fraction=round(n_bypassed / max(1, n_tok), 4),
-                           tokens_per_s=round(n_tok / max(secs, 1e-9), 1))
-    return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+                           tokens_trained=state.n_tok, bypassed_fraction=round(state.n_bypassed / max(1, state.n_tok), 4),
+                           tokens_per_s=round(state.n_tok / max(secs, 1e-9), 1))
+
+    entry, ran = run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+    if ran:  # in-round checkpoints are only for resuming this attempt; the commit supersedes them
+        run.store.delete_prefix(f"{run.prefix}/stages/{stage}/{entry['key'][:16]}/partial/")
+    return entry, ran
+
+
+RECORD_COLUMNS = ("step", "prompt_id", "sample_idx", "position", "token_id", "loss", "weight")
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed round needs besides weights and optimizer: the data position
+    (steps are a fixed, seeded sequence of batches), the log, and the RNG."""
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    n_tok: int = 0
+    n_bypassed: int = 0
+    records: dict[str, list] = field(default_factory=lambda: {k: [] for k in RECORD_COLUMNS})
+
+    def record(self, loss: float, batch: list[dict], tokens: list[int], per_token, weights) -> None:
+        _record(self.records, self.step, batch, tokens, per_token, weights)
+        self.losses.append(loss)
+        self.n_tok += len(tokens)
+        self.n_bypassed += int((weights == 0).sum())
+        self.step += 1
+
+
+def save_partial(store, prefix: str, model, opt, state: TrainState) -> None:
+    """An in-round checkpoint: weights, optimizer, RNG, records; `state.json` last commits it."""
+    base = f"{prefix}/step-{state.step:06d}"
+    weights = st_save({k: v.detach().clone().contiguous().cpu() for k, v in model.state_dict().items()})
+    opt_data, opt_meta = optimizer_to_bytes(opt)
+    objects = {"model.safetensors": weights, "optimizer.safetensors": opt_data,
+               "optimizer.json": json.dumps(opt_meta).encode(),
+               "rng.safetensors": st_save({"cpu": torch.get_rng_state()}),
+               "records.parquet": table_to_parquet(pa.table(state.records))}
+    shas = {name: store.put_bytes(f"{base}/{name}", data) for name, data in objects.items()}
+    meta = {"step": state.step, "losses": state.losses, "n_tok": state.n_tok, "n_bypassed": state.n_bypassed,
+            "sha256": shas}
+    store.put_bytes(f"{base}/state.json", json.dumps(meta).encode())
+
+
+def resume_partial(store, prefix: str, model, opt, state: TrainState) -> bool:
+    """Load the latest committed in-round checkpoint under `prefix`, if any (verified)."""
+    marks = sorted(k for k in store.list(prefix + "/") if k.endswith("/state.json"))
+    if not marks:
+        return False
+    meta = json.loads(store.get_bytes(marks[-1]))
+    base = marks[-1][: -len("/state.json")]
+    read = lambda name: store.get_bytes(f"{base}/{name}", sha256=meta["sha256"][name])  # noqa: E731
+    model.load_state_dict(st_load(read("model.safetensors")))
+    optimizer_from_bytes(opt, read("optimizer.safetensors"), json.loads(read("optimizer.json")))
+    torch.set_rng_state(st_load(read("rng.safetensors"))["cpu"])
+    state.step, state.losses = meta["step"], meta["losses"]
+    state.n_tok, state.n_bypassed = meta["n_tok"], meta["n_bypassed"]
+    state.records = parquet_to_table(read("records.parquet")).to_pydict()
+    return True
 
 
 def _record(records: dict, step: int, batch: list[dict], tokens: list[int], per_token, weights) -> None:

@@ -22,6 +22,7 @@ import pytest
 def pytest_configure(config):
     # Isolation: no hub, a private model cache and Prefect home per test session.
     _session_tmp = tempfile.mkdtemp(prefix="opdflow-tests-")
+    config._opdflow_tmp = _session_tmp
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                       OPDFLOW_CACHE=os.path.join(_session_tmp, "cache"),
                       PREFECT_HOME=os.path.join(_session_tmp, "prefect"),
@@ -30,6 +31,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "integration: starts real servers or subprocesses (e.g. the S3 server)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+def pytest_unconfigure(config):
+    import shutil
+    tmp = getattr(config, "_opdflow_tmp", None)
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _free_port() -> int:
