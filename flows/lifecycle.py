@@ -57,6 +57,16 @@ def start_run(config_path: str | None, store: str | None, run_id: str | None,
     return Run.create_or_open(st, run_id or default_run_id(config, config_path), config)
 
 
+def deployment_run_id(config_path: str | None) -> str | None:
+    """In a deployment's flow run with no run id given: one run id per flow run, so each
+    scheduled run is a new run while a retry of the same flow run resumes it."""
+    from prefect.runtime import flow_run
+    if flow_run.get_deployment_id() is None:
+        return None
+    stem = Path(config_path).stem if config_path else "run"
+    return f"{stem}-{str(flow_run.get_id())[:8]}"
+
+
 def opd_round(uri: str, run_id: str, arm: str, r: int) -> None:
     rollout_task(uri, run_id, round_stage("rollout", r, arm))
     score_task(uri, run_id, round_stage("score", r, arm))
@@ -68,7 +78,7 @@ def lifecycle(config_path: str | None = None, store: str | None = None, run_id: 
               overrides: dict[str, Any] | None = None) -> dict:
     """The whole OPD lifecycle on one run id; committed stages are skipped."""
     t0 = time.time()
-    run = start_run(config_path, store, run_id, overrides)
+    run = start_run(config_path, store, run_id or deployment_run_id(config_path), overrides)
     uri, rid, c = run.store.uri, run.run_id, run.config
     models_task(uri, rid, "models")
     prompts_task(uri, rid, "prompts")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 from opdflow.infra.config import Config
-from opdflow.infra.manifest import Ref, Run, StageContext, run_stage
+from opdflow.infra.manifest import Ref, Run, StageContext, cache_root, run_stage
 from opdflow.infra.provenance import ROOT, dir_fingerprint
 from opdflow.infra.store import Store
 from opdflow.tasks.common import stage_task
@@ -37,18 +38,36 @@ def demo_models(store: Store, config: Config, progress=lambda f, m="": None) -> 
         refs = json.loads(store.get_bytes(marker))
         if all(store.exists(r["key"]) for r in refs.values()):
             return refs
-    from opdflow.infra.demo import build_demo
-    with tempfile.TemporaryDirectory(prefix="opdflow-demo-") as tmp:
-        dirs = build_demo(config.demo, Path(tmp), progress=lambda msg, frac: progress(frac, msg))
-        refs = {}
-        for role, d in dirs.items():
-            for f in sorted(Path(d).rglob("*")):
-                if f.is_file():
-                    key = f"{prefix}/{role}/{f.relative_to(d).as_posix()}"
-                    refs[f"{role}/{f.relative_to(d).as_posix()}"] = {
-                        "key": key, "sha256": store.put_file(key, f), "size": f.stat().st_size}
+    built = local_demo_build(config, progress)
+    refs = {}
+    for role in ("teacher", "student"):
+        d = built / role
+        for f in sorted(d.rglob("*")):
+            if f.is_file():
+                key = f"{prefix}/{role}/{f.relative_to(d).as_posix()}"
+                refs[f"{role}/{f.relative_to(d).as_posix()}"] = {
+                    "key": key, "sha256": store.put_file(key, f), "size": f.stat().st_size}
     store.put_bytes(marker, json.dumps(refs, indent=2).encode())  # the demo's commit, last
     return refs
+
+
+def local_demo_build(config: Config, progress=lambda f, m="": None) -> Path:
+    """The demo models built on this machine, cached by spec and code (a second store, or
+    a second test session, uploads them instead of training them again)."""
+    from opdflow.infra.demo import build_demo
+    dest = cache_root() / demo_prefix(config)
+    if (dest / ".complete").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
+    try:
+        build_demo(config.demo, tmp, progress=lambda msg, frac: progress(frac, msg))
+        (tmp / ".complete").write_text("ok")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def run(run: Run, stage: str = "models", force: bool = False, progress=None) -> tuple[dict, bool]:
