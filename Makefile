@@ -9,8 +9,9 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export OPDFLOW_CACHE ?= $(CURDIR)/.cache/opdflow
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not integration and not slow"
+
+chromium:
+	.ci/install-chromium
 
 clean:
 	rm -rf $(VENV) .prefect .cache opdflow-store

@@ -77,7 +77,7 @@ def stage_table(run: Run) -> list[dict]:
         e = run.entry(name)
         if e is not None:
             rows.append({"stage": name, "status": "committed", "seconds": e["seconds"], "attempt": e["attempt"],
-                         "outputs": len(e["outputs"]), "location": run.store.describe(f"{run.prefix}/stages/{name}/")})
+                         "outputs": len(e["outputs"]), "location": run.store.describe(f"{run.prefix}/stages/{name}")})
         else:
             att = run.attempts(name)
             rows.append({"stage": name, "status": att[-1]["status"] if att else "pending", "seconds": None,

@@ -1,0 +1,209 @@
+"""lm-eval (lm-evaluation-harness) as opdflow's evaluation backend.
+
+Why: benchmark numbers should come from the tool the field uses, not from a homemade loop, and
+they move with the backend and its settings, so every result carries both. This module runs
+``lm_eval.simple_evaluate`` with its ``hf`` model on a model dir (the demo's or any Hugging Face
+one), offline, and returns plain dicts the evaluation stage stores and tabulates.
+
+What:
+- ``write_arith_task`` writes the synthetic benchmark (``opdflow_arith``) for lm-eval: the
+  examples as JSONL and the task YAML (from the template ``evals/tasks/opdflow_arith.yaml``)
+  pointing at it; the returned directory is lm-eval's ``include_path``.
+- ``evaluate`` runs lm-eval and flattens its output. Metric names drop lm-eval's filter suffix:
+  ``"exact_match,get_answer"`` becomes ``"exact_match"``. If one task reports the same metric
+  through several filters (e.g. gsm8k's ``strict-match`` and ``flexible-extract``), the filter
+  stays, joined with a slash: ``"exact_match/strict-match"``. Standard errors go to a separate
+  ``"stderr"`` field under the same names (None where lm-eval gives "N/A").
+
+Greedy decoding, 0-shot, no chat template. The demo tokenizer adds ``<bos>`` itself (lm-eval's
+default ``add_bos_token=None`` leaves that to the tokenizer), exactly as the demo trains and as
+``opdflow.infra.demo.greedy_generate`` prompts, so lm-eval's scores equal that greedy check.
+
+How to run::
+
+    python -c "from pathlib import Path; from opdflow.evals.harness import *; \\
+      from opdflow.infra.demo import make_examples; \\
+      inc = write_arith_task(Path('/tmp/arith'), make_examples('eval', 200, 0)); \\
+      print(evaluate(Path('/tmp/opdflow-demo/teacher'), ['opdflow_arith'], include_path=inc)['results'])"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["TASK_TEMPLATE", "write_arith_task", "evaluate", "flatten_metrics"]
+
+TASK_TEMPLATE = Path(__file__).parent / "tasks" / "opdflow_arith.yaml"
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def write_arith_task(dest_dir: Path, examples: list[dict], task_name: str = "opdflow_arith") -> Path:
+    """Write ``<task_name>.jsonl`` and ``<task_name>.yaml`` into ``dest_dir``; return ``dest_dir``.
+
+    Each example is a demo example dict (``prompt``, ``answer``, ``solution``). The YAML points at
+    the JSONL by absolute path, so the include dir works from any working directory.
+    """
+    if not examples:
+        raise ValueError("write_arith_task: no examples")
+    dest_dir = Path(dest_dir).resolve()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    data = dest_dir / f"{task_name}.jsonl"
+    data.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in examples))
+    config = yaml.safe_load(TASK_TEMPLATE.read_text())
+    config["task"] = task_name
+    config["dataset_kwargs"] = {
+        "data_files": {"test": str(data)},
+        # Keep the datasets cache beside the data: no shared cache to go stale or to race on.
+        "cache_dir": str(dest_dir / ".hf_datasets_cache"),
+    }
+    (dest_dir / f"{task_name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dest_dir
+
+
+def _force_offline() -> None:
+    """No hub access from this process: env for libraries not yet imported, flags for those that are."""
+    os.environ.update(_OFFLINE_ENV)
+    import sys
+
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        import datasets.config as ds_config
+
+        ds_config.HF_HUB_OFFLINE = True
+        ds_config.HF_DATASETS_OFFLINE = True
+
+
+def _local_task_names(include_path: Path) -> set[str]:
+    """Task names defined by the YAML files directly under ``include_path``."""
+    names: set[str] = set()
+    for path in Path(include_path).glob("*.yaml"):
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:  # e.g. lm-eval's "!function" tags: not ours
+            continue
+        if isinstance(config, dict) and isinstance(config.get("task"), str):
+            names.add(config["task"])
+    return names
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def flatten_metrics(task_results: dict[str, Any]) -> tuple[dict[str, float], dict[str, float | None]]:
+    """lm-eval's ``{"metric,filter": v, "metric_stderr,filter": s, "alias": ...}`` → (metrics, stderr).
+
+    The filter suffix is dropped when the metric comes through one filter only; otherwise it is
+    kept as ``metric/filter`` (see the module docstring).
+    """
+    values: dict[tuple[str, str], Any] = {}
+    for key, value in task_results.items():
+        if "," not in key:  # "alias", "samples" and other bookkeeping
+            continue
+        metric, filt = key.split(",", 1)
+        values[(metric, filt)] = value
+    names = [m for m, _ in values if not m.endswith("_stderr")]
+    metrics: dict[str, float] = {}
+    stderr: dict[str, float | None] = {}
+    for (metric, filt), value in values.items():
+        if metric.endswith("_stderr"):
+            continue
+        name = metric if names.count(metric) == 1 else f"{metric}/{filt}"
+        metrics[name] = _as_float(value)
+        stderr[name] = _as_float(values.get((f"{metric}_stderr", filt)))
+    return metrics, stderr
+
+
+def _flatten_samples(samples: list[dict], metric_names: list[str]) -> list[dict]:
+    """lm-eval's per-sample log → ``{doc, response, filtered, target, <metric>: value}``, in doc order."""
+    out = []
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        resps = s.get("resps") or [[None]]
+        filtered = s.get("filtered_resps") or [None]
+        row = {
+            "doc_id": s["doc_id"],
+            "doc": s["doc"],
+            "response": resps[0][0] if isinstance(resps[0], list) else resps[0],
+            "filtered": filtered[0],
+            "target": s.get("target"),
+            "filter": s.get("filter"),
+        }
+        for name in metric_names:
+            base = name.split("/", 1)[0]
+            if base in s:
+                row[name] = _as_float(s[base])
+        out.append(row)
+    return out
+
+
+def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Path] | None = None,
+             limit: int | None = None, batch_size: int = 32, max_gen_toks: int = 64,
+             device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
+    """Run lm-eval's ``hf`` model on ``model_dir`` for ``tasks``; return flattened results.
+
+    Returns ``{"results": {task: {metric: float}}, "stderr": {task: {metric: float | None}},
+    "n_samples": {task: int}, "backend": {...settings...}, "samples": {task: [...]}}``.
+    Greedy (``do_sample=False``, temperature 0), 0-shot; ``limit`` caps documents per task.
+    """
+    _force_offline()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model_args = {"pretrained": str(Path(model_dir).resolve()), "dtype": dtype}
+    gen_kwargs = {"max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0}
+    if isinstance(include_path, (list, tuple)):
+        include = [str(p) for p in include_path] or None
+    else:
+        include = str(include_path) if include_path else None
+    # Indexing lm-eval's thousands of built-in tasks costs ~8 s; skip it when ours suffice.
+    local = set().union(*(_local_task_names(Path(p)) for p in
+                          ([include] if isinstance(include, str) else include or [])))
+    task_manager = TaskManager(include_path=include, include_defaults=not set(tasks) <= local)
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=list(tasks),
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        gen_kwargs=gen_kwargs,
+        task_manager=task_manager,
+        log_samples=True,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    results, stderr, n_samples, samples = {}, {}, {}, {}
+    for task, task_results in out["results"].items():
+        results[task], stderr[task] = flatten_metrics(task_results)
+        n = out.get("n-samples", {}).get(task, {})
+        if task in out.get("samples", {}):
+            samples[task] = _flatten_samples(out["samples"][task], list(results[task]))
+        n_samples[task] = int(n.get("effective", len(samples.get(task, []))))
+    backend = {
+        "name": "lm-eval hf",
+        "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+        "model_args": model_args,
+        "gen_kwargs": gen_kwargs,
+        "batch_size": batch_size,
+        "device": device,
+        "dtype": dtype,
+        "limit": limit,
+        "seed": seed,
+        "num_fewshot": 0,
+        "apply_chat_template": False,
+    }
+    return {"results": results, "stderr": stderr, "n_samples": n_samples, "backend": backend,
+            "samples": samples}
