@@ -40,6 +40,10 @@ def _print_status(st: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     offline()
+    # Prefect's ephemeral server (no PREFECT_API_URL) migrates a fresh database at first
+    # start, which takes longer than its 20 s default on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     p = argparse.ArgumentParser(prog="opdflow", description="On-policy distillation lifecycle as Prefect flows")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the whole lifecycle")

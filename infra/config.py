@@ -88,6 +88,8 @@ class OptimizerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup over the run's first N steps "
+                                                   "(counted across rounds)")
 
     @field_validator("betas")
     @classmethod

@@ -55,6 +55,14 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
+def set_lr(opt: torch.optim.Optimizer, config: Config, global_step: int) -> None:
+    """Linear warmup over the run's first `warmup_steps` optimizer steps, then constant."""
+    o = config.train.optimizer
+    lr = o.lr * min(1.0, (global_step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
 def optimizer_to_bytes(opt: torch.optim.Optimizer) -> tuple[bytes, dict]:
     """Optimizer state as safetensors (tensors) + JSON (the rest): never pickle in the store."""
     sd = opt.state_dict()
@@ -158,6 +166,7 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
         while state.step < len(batches):
             batch = [rows[i] for i in batches[state.step]]
             loss, per_token, tokens, weights = loss_step(model, loss_fn, batch, bypass, tok.pad_token_id)
+            set_lr(opt, c, (name.round - 1) * c.train.steps_per_round + state.step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if c.train.optimizer.grad_clip > 0:

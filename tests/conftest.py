@@ -26,7 +26,8 @@ def pytest_configure(config):
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                       OPDFLOW_CACHE=os.path.join(_session_tmp, "cache"),
                       PREFECT_HOME=os.path.join(_session_tmp, "prefect"),
-                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
+                      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     os.environ.pop("PREFECT_API_URL", None)
     config.addinivalue_line("markers", "integration: starts real servers or subprocesses (e.g. the S3 server)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

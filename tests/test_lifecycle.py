@@ -46,6 +46,36 @@ def _artifacts(api_url: str) -> dict[str, list]:
             return out
 
 
+def _load_ui():
+    import importlib.util
+    name = "opdflow_tests_ui"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("ui.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _look_at_the_ui(server, arts) -> None:
+    """What a person sees: the rock report and the evaluation table, rendered by the
+    Prefect UI in headless Chromium; screenshots go to test-output/."""
+    ui = _load_ui()
+    if ui.chromium_path() is None:
+        print("chromium not installed (.ci/install-chromium): UI screenshots skipped")
+        return
+    out = ROOT / "test-output"
+    out.mkdir(exist_ok=True)
+    base = server.url[: -len("/api")]
+    rock = arts["rock"][0]
+    dom = ui.capture(ui.artifact_page_url(base, rock.id), out / "lifecycle-rock-report.png")
+    ui.assert_rendered(dom, headings=["Funnel", "Stagnation across checkpoints"], image_prefix="data:image/png;base64,")
+    dom = ui.capture(ui.artifact_page_url(base, arts["evaluation"][0].id), out / "lifecycle-evaluation.png")
+    ui.assert_rendered(dom, text=["final_student", "exact_match"])
+    dom = ui.capture(ui.flow_run_artifacts_url(base, rock.flow_run_id), out / "lifecycle-flow-run-artifacts.png")
+    ui.assert_rendered(dom, text=["run-summary", "evaluation"])
+
+
 def test_lifecycle_end_to_end(prefect_server, tmp_path):
     store = tmp_path / "store"
     env = {"PREFECT_API_URL": prefect_server.url}
@@ -68,6 +98,7 @@ def test_lifecycle_end_to_end(prefect_server, tmp_path):
     rock_md = arts["rock"][0].data
     assert "data:image/png;base64," in rock_md and "Rock-token report" in rock_md
     assert any(a.type == "progress" for a in arts.get("<progress>", []))
+    _look_at_the_ui(prefect_server, arts)
 
     # The same command again: no stage runs.
     n = _attempts(store, "e2e")
