@@ -60,11 +60,11 @@ def start_run(config_path: str | None, store: str | None, run_id: str | None,
 def deployment_run_id(config_path: str | None) -> str | None:
     """In a deployment's flow run with no run id given: one run id per flow run, so each
     scheduled run is a new run while a retry of the same flow run resumes it."""
-    from prefect.runtime import flow_run
-    if flow_run.get_deployment_id() is None:
+    from prefect.runtime import deployment, flow_run
+    if deployment.id is None:
         return None
     stem = Path(config_path).stem if config_path else "run"
-    return f"{stem}-{str(flow_run.get_id())[:8]}"
+    return f"{stem}-{str(flow_run.id)[:8]}"
 
 
 def opd_round(uri: str, run_id: str, arm: str, r: int) -> None:

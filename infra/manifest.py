@@ -135,6 +135,18 @@ class Run:
     def read_json(self, stage: str, name: str) -> Any:
         return json.loads(self.read_output(stage, name))
 
+    def model_inputs(self, stage: str, prefix: str, as_name: str | None = None) -> dict[str, Ref]:
+        """A model dir that a stage consumes, as that stage's inputs (its identity in the
+        stage key): the refs of its objects under `as_name/`, or for a user's own dir its
+        path and fingerprint."""
+        e = self.require(stage)
+        name = as_name or prefix
+        refs = {f"{name}/{n[len(prefix) + 1:]}": r for n, r in e["outputs"].items() if n.startswith(prefix + "/")}
+        ext = e.get("external", {}).get(prefix)
+        if ext is not None:
+            refs[f"{name}/external"] = {"key": ext["path"], "sha256": ext["fingerprint"]}
+        return refs
+
     def materialize(self, stage: str, prefix: str) -> Path:
         """A local directory holding the outputs `prefix/*` of a stage (a model dir, say):
         downloaded into the local cache and verified, cached by content. A model the user

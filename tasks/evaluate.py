@@ -25,21 +25,13 @@ from opdflow.tasks.plan import checkpoint_of, parse
 ARITH = "opdflow_arith"
 
 
-def model_inputs(run: Run, stage: str, prefix: str) -> dict:
-    e = run.require(stage)
-    refs = {f"model/{n}": r for n, r in e["outputs"].items() if n.startswith(prefix + "/")}
-    refs.update({f"external/{k}": {"key": v["path"], "sha256": v["fingerprint"]}
-                 for k, v in e.get("external", {}).items() if k == prefix})
-    return refs
-
-
 def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
     from opdflow.evals.harness import evaluate, write_arith_task
     c = run.config
     label = parse(stage).label
     src_stage, prefix = checkpoint_of(c, label)
     dtype = c.teacher.dtype if label == "teacher" else c.student.dtype
-    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **model_inputs(run, src_stage, prefix)}
+    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, prefix, "model")}
     params = {"eval": c.section("eval"), "label": label, "dtype": dtype}
 
     def body(ctx: StageContext) -> None:

@@ -19,10 +19,8 @@ from opdflow.tasks.common import stage_task
 
 def run(run: Run, stage: str = "prompts", force: bool = False, progress=None) -> tuple[dict, bool]:
     c = run.config
-    models = run.require("models")
-    tok_inputs = {n: r for n, r in models["outputs"].items() if n.startswith("student/") and "token" in n}
-    tok_inputs.update({f"external/{k}": {"key": v["path"], "sha256": v["fingerprint"]}
-                       for k, v in models.get("external", {}).items() if k == "student"})
+    tok_inputs = {n: r for n, r in run.model_inputs("models", "student").items()
+                  if "token" in n or n.endswith("/external")}
     params = {"data": c.section("data"), "seed": c.seed}
 
     def body(ctx: StageContext) -> None:

@@ -44,7 +44,6 @@ from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import publish_table, stage_task
 from opdflow.tasks.plan import checkpoint_of, round_stage
 from opdflow.tasks.rollout import generate
-from opdflow.tasks.score import teacher_inputs
 
 # -- the method as plain functions (tested with known answers) ---------------------------
 
@@ -241,10 +240,9 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
     c = run.config
     ckpts = checkpoint_labels(c)
     final_stage, final_prefix = checkpoint_of(c, "final_student")
-    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **teacher_inputs(run)}
+    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs("models", "teacher")}
     for label, st, prefix in ckpts + [("final", final_stage, final_prefix)]:
-        e = run.require(st)
-        inputs.update({f"{label}/{n}": r for n, r in e["outputs"].items() if n.startswith(prefix + "/")})
+        inputs.update(run.model_inputs(st, prefix, label))
     params = {"rock": c.section("rock"), "rollout": c.section("rollout"), "seed": c.seed}
 
     def body(ctx: StageContext) -> None:

@@ -83,11 +83,7 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
     c = run.config
     name = parse(stage)
     src_stage, src_prefix = student_before(c, name.arm, name.round)
-    src = run.require(src_stage)
-    inputs = {"prompts": run.output("prompts", "prompts.parquet"),
-              **{f"student/{n}": r for n, r in src["outputs"].items() if n.startswith(src_prefix + "/")}}
-    inputs.update({f"external/{k}": {"key": v["path"], "sha256": v["fingerprint"]}
-                   for k, v in src.get("external", {}).items() if k == src_prefix})
+    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, src_prefix, "student")}
     params = {"rollout": c.section("rollout"), "seed": c.seed, "round": name.round, "student": c.section("student")}
 
     def body(ctx: StageContext) -> None:

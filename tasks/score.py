@@ -23,14 +23,6 @@ from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, round_stage
 
 
-def teacher_inputs(run: Run) -> dict:
-    models = run.require("models")
-    refs = {n: r for n, r in models["outputs"].items() if n.startswith("teacher/")}
-    refs.update({f"external/{k}": {"key": v["path"], "sha256": v["fingerprint"]}
-                 for k, v in models.get("external", {}).items() if k == "teacher"})
-    return refs
-
-
 @torch.no_grad()
 def score_table(model, pad_id: int, rollouts: pa.Table, top_k: int, batch_size: int, progress) -> pa.Table:
     prompts, responses = rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist()
@@ -58,7 +50,7 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
     c = run.config
     name = parse(stage)
     ro_stage = round_stage("rollout", name.round, name.arm)
-    inputs = {"rollouts": run.output(ro_stage, "rollouts.parquet"), **teacher_inputs(run)}
+    inputs = {"rollouts": run.output(ro_stage, "rollouts.parquet"), **run.model_inputs("models", "teacher")}
     params = {"scoring": c.section("scoring"), "teacher": c.section("teacher")}
 
     def body(ctx: StageContext) -> None:

@@ -129,9 +129,7 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
     src = run.require(src_stage)
     ro_stage, sc_stage = round_stage("rollout", name.round, name.arm), round_stage("score", name.round, name.arm)
     inputs = {"rollouts": run.output(ro_stage, "rollouts.parquet"), "scores": run.output(sc_stage, "scores.parquet"),
-              **{f"student/{n}": r for n, r in src["outputs"].items() if n.startswith(src_prefix + "/")}}
-    inputs.update({f"external/{k}": {"key": v["path"], "sha256": v["fingerprint"]}
-                   for k, v in src.get("external", {}).items() if k == src_prefix})
+              **run.model_inputs(src_stage, src_prefix, "student")}
     if name.round > 1:
         inputs.update({n: src["outputs"][n] for n in ("optimizer.safetensors", "optimizer.json")})
     if name.arm != "main":

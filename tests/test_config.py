@@ -124,3 +124,14 @@ def test_cli_config_error_writes_nothing(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "rollout.max_new_tokens" in out.stderr
     assert not store.exists()
+
+
+def test_readme_config_example_uses_real_keys():
+    """The README's YAML example, with its model/data paths swapped for the demo's, validates."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```yaml", 1)[1].split("```", 1)[0]
+    raw = yaml.safe_load(block)
+    assert {"teacher", "student", "data", "rollout", "train", "rock", "eval"} <= set(raw)
+    raw.update(teacher={"path": "demo"}, student={"path": "demo"}, store="/tmp/x")
+    raw["data"]["source"] = "demo"
+    parse_config(raw)

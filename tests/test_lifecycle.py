@@ -37,11 +37,8 @@ def _artifacts(api_url: str) -> dict[str, list]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         with get_client(sync_client=True) as client:
-            from prefect.client.schemas.objects import Artifact
-            # read_artifacts() sends every unset filter as null, which this server answers with 422
-            r = client.request("POST", "/artifacts/filter", json={"sort": "CREATED_DESC", "limit": 200, "offset": 0})
             out: dict[str, list] = {}
-            for a in Artifact.model_validate_list(r.json()):
+            for a in client.read_artifacts(limit=200):
                 out.setdefault(a.key or f"<{a.type}>", []).append(a)
             return out
 

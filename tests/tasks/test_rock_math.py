@@ -1,7 +1,6 @@
 """Rock-token selection and figures on per-token data with a known answer."""
 from __future__ import annotations
 
-import math
 
 import pytest
 
