@@ -443,7 +443,7 @@ def render_report(run_id, tok, agg, sel, summary, plots) -> str:
         s = tok.decode([t])
         lines.append(f"| {i} | {t} | `{s!r}` | {category(s)} | {agg[t]['freq']} | {agg[t]['kl_mean']:.4f} | "
                      f"{agg[t]['kl_sum']:.3f} |")
-    lines += ["", f"Dropped as most frequent: {', '.join(repr(tok.decode([t])) for t in sel['dropped'])}",
+    lines += ["", f"Dropped as most frequent: {', '.join(repr(tok.decode([t])) for t in sel['dropped'])}", "",
               f"Categories of rock tokens: {summary['categories']}", "",
               "## Funnel", "", _img(plots["funnel"], "funnel"), "",
               "## Stagnation across checkpoints", "",

@@ -120,9 +120,14 @@ def test_lifecycle_end_to_end(prefect_server, tmp_path):
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 0xFF]))
+    before = len(list((store / "runs/e2e/attempts/score.r02").glob("*.json")))
     bad = cli("stage", "score.r02", "--run-id", "e2e", "--store", store, env=env)
     assert bad.returncode != 0
     assert "checksum mismatch" in bad.stderr and ro["key"] in bad.stderr, bad.stderr[-3000:]
+    # a permanent error: failed at once, not retried
+    attempts = sorted((store / "runs/e2e/attempts/score.r02").glob("*.json"))
+    assert len(attempts) == before + 1
+    assert json.loads(attempts[-1].read_text())["status"] == "failed"
 
 
 def test_first_stages_on_s3(s3_store_uri, tiny_config):

@@ -62,9 +62,21 @@ class Worker:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        """SIGKILL the worker and every process under it (the flow-run process runs in a
+        session of its own, so a process-group kill would leave it running): a lost machine."""
+        import psutil
+        try:
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+        self.proc.wait(30)
 
 
 def test_deploy_run_kill_worker_and_retry(prefect_server, tmp_path):
@@ -119,6 +131,19 @@ def test_deploy_run_kill_worker_and_retry(prefect_server, tmp_path):
                                         "--store", str(store), "--json"], capture_output=True, text=True,
                                        cwd=ROOT).stdout)
     assert all(s["status"] == "committed" for s in status["stages"])
+
+    # what a person sees: the deployment's flow run with its artifacts, in the Prefect UI
+    import importlib.util
+    ui = sys.modules.get("opdflow_tests_ui")
+    if ui is None:
+        spec = importlib.util.spec_from_file_location("opdflow_tests_ui", Path(__file__).with_name("ui.py"))
+        ui = sys.modules["opdflow_tests_ui"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ui)
+    if ui.chromium_path() is not None:
+        (ROOT / "test-output").mkdir(exist_ok=True)
+        dom = ui.capture(ui.flow_run_artifacts_url(prefect_server.url[: -len("/api")], flow_run_id),
+                         ROOT / "test-output" / "deployment-flow-run-artifacts.png")
+        ui.assert_rendered(dom, text=["run-summary", "evaluation", "rock"])
 
 
 class TcpProxy:
