@@ -29,9 +29,20 @@ def pytest_configure(config):
                       PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
                       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     os.environ.pop("PREFECT_API_URL", None)
+    _register_ui_helper()
     config.addinivalue_line("markers", "integration: starts real servers or subprocesses (e.g. the S3 server)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+def _register_ui_helper() -> None:
+    """tests/ is not a package (importlib import mode): make tests/ui.py importable as
+    `opdflow_tests_ui`, once, for every test that looks at the Prefect UI."""
+    import importlib.util
+    if "opdflow_tests_ui" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("opdflow_tests_ui", os.path.join(os.path.dirname(__file__), "ui.py"))
+        module = sys.modules["opdflow_tests_ui"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
 
 
 def pytest_unconfigure(config):

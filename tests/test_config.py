@@ -73,23 +73,25 @@ def _hf_dir(path: Path, extra_token: str | None = None, max_pos: int = 128) -> P
     return path
 
 
-def test_tokenizers_disagree(tmp_path):
+def _user_models_and_data(tmp_path: Path, student_extra_token: str | None = None, max_pos: int = 128) -> dict:
+    """The tiny config pointed at two Hugging Face model dirs and a 40-row JSONL dataset."""
     raw = _tiny()
     raw.pop("demo")
-    raw["teacher"] = {"path": str(_hf_dir(tmp_path / "t"))}
-    raw["student"] = {"path": str(_hf_dir(tmp_path / "s", extra_token="zebra"))}
+    raw["teacher"] = {"path": str(_hf_dir(tmp_path / "t", max_pos=max_pos))}
+    raw["student"] = {"path": str(_hf_dir(tmp_path / "s", extra_token=student_extra_token, max_pos=max_pos))}
     raw["eval"]["tasks"] = ["some_task"]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(40)))
     raw["data"] = {"source": str(data), "n_probe": 4, "n_eval": 4}
-    _expect(raw, "student.path", "tokenizer disagrees")
+    return raw
+
+
+def test_tokenizers_disagree(tmp_path):
+    _expect(_user_models_and_data(tmp_path, student_extra_token="zebra"), "student.path", "tokenizer disagrees")
 
 
 def test_empty_dataset(tmp_path):
-    raw = _tiny()
-    raw["teacher"] = {"path": str(_hf_dir(tmp_path / "t"))}
-    raw["student"] = {"path": str(_hf_dir(tmp_path / "s"))}
-    raw["eval"]["tasks"] = ["some_task"]
+    raw = _user_models_and_data(tmp_path)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     raw["data"] = {"source": str(empty)}
@@ -103,14 +105,7 @@ def test_max_new_tokens_beyond_context():
 
 
 def test_max_new_tokens_beyond_context_of_a_model_dir(tmp_path):
-    raw = _tiny()
-    raw["teacher"] = {"path": str(_hf_dir(tmp_path / "t", max_pos=40))}
-    raw["student"] = {"path": str(_hf_dir(tmp_path / "s", max_pos=40))}
-    raw["eval"]["tasks"] = ["some_task"]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(40)))
-    raw["data"] = {"source": str(data), "n_probe": 4, "n_eval": 4}
-    _expect(raw, "rollout.max_new_tokens", "context is 40")
+    _expect(_user_models_and_data(tmp_path, max_pos=40), "rollout.max_new_tokens", "context is 40")
 
 
 def test_cli_config_error_writes_nothing(tmp_path):

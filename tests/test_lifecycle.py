@@ -43,21 +43,10 @@ def _artifacts(api_url: str) -> dict[str, list]:
             return out
 
 
-def _load_ui():
-    import importlib.util
-    name = "opdflow_tests_ui"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("ui.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _look_at_the_ui(server, arts) -> None:
     """What a person sees: the rock report and the evaluation table, rendered by the
     Prefect UI in headless Chromium; screenshots go to test-output/."""
-    ui = _load_ui()
+    import opdflow_tests_ui as ui  # registered by conftest.py
     if ui.chromium_path() is None:
         print("chromium not installed (.ci/install-chromium): UI screenshots skipped")
         return

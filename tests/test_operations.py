@@ -133,12 +133,7 @@ def test_deploy_run_kill_worker_and_retry(prefect_server, tmp_path):
     assert all(s["status"] == "committed" for s in status["stages"])
 
     # what a person sees: the deployment's flow run with its artifacts, in the Prefect UI
-    import importlib.util
-    ui = sys.modules.get("opdflow_tests_ui")
-    if ui is None:
-        spec = importlib.util.spec_from_file_location("opdflow_tests_ui", Path(__file__).with_name("ui.py"))
-        ui = sys.modules["opdflow_tests_ui"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(ui)
+    import opdflow_tests_ui as ui  # registered by conftest.py
     if ui.chromium_path() is not None:
         (ROOT / "test-output").mkdir(exist_ok=True)
         dom = ui.capture(ui.flow_run_artifacts_url(prefect_server.url[: -len("/api")], flow_run_id),

@@ -9,7 +9,6 @@ SPA shell, an error page or a login page.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -25,18 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "test-output"
 
 
-def _load_ui():
-    # tests/ is not a package and pytest uses --import-mode=importlib: load the helper by path.
-    name = "opdflow_tests_ui"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("ui.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ui = _load_ui()
+import opdflow_tests_ui as ui  # noqa: E402  (registered by conftest.py)
 
 pytestmark = [
     pytest.mark.integration,
