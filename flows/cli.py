@@ -4,6 +4,8 @@
     opdflow stage NAME --run-id ID [--store URI]       rerun one stage from its stored inputs
     opdflow status --run-id ID [--store URI] [--json]  stages, evaluation, verdict
     opdflow validate CONFIG                            config + preflight checks only
+    opdflow serve MODEL_DIR [--host H] [--port P]      an OpenAI-compatible completions server
+                  [--dtype D] [--name NAME]            (vLLM's API subset; see infra/serve.py)
 
 Config and input errors exit with status 2 and a message naming the field, before
 anything is written. `--store` defaults to the config's `store` (run) or to
@@ -60,7 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--json", action="store_true")
     v = sub.add_parser("validate", help="check a config and its inputs without running")
     v.add_argument("config")
+    sv = sub.add_parser("serve", help="serve a Hugging Face model dir over an OpenAI-compatible API")
+    sv.add_argument("model_dir")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sv.add_argument("--name", default=None, help="model name clients use (default: the dir's name)")
     a = p.parse_args(argv)
+    if a.cmd == "serve":
+        return _serve(a)
     try:
         if a.cmd == "validate":
             from opdflow.infra.config import load_config
@@ -92,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, StoreError, ValueError) as e:
         print(f"opdflow: error: {e}", file=sys.stderr)
         return 2
+
+
+def _serve(a: argparse.Namespace) -> int:
+    if not os.path.isfile(os.path.join(a.model_dir, "config.json")):
+        print(f"opdflow: error: {a.model_dir} is not a Hugging Face model dir (no config.json)", file=sys.stderr)
+        return 2
+    from opdflow.infra.serve import serve
+    serve(a.model_dir, host=a.host, port=a.port, dtype=a.dtype, model_name=a.name)
+    return 0
 
 
 def _print_demo_summary(st: dict) -> None:

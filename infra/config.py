@@ -109,6 +109,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="in-round checkpoints to the store every N steps "
                                                         "(0 = only the round's final checkpoint); a retry resumes "
                                                         "from the latest one")
+    nproc_per_node: int = Field(1, ge=1, description="training processes on the stage's machine: 1 trains in the "
+                                                     "task's process, N > 1 under torchrun with FSDP2 (one per GPU)")
+    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward/backward on each process "
+                                                                 "(gradient accumulation); default: the process's "
+                                                                 "whole share of the batch")
 
 
 class RockConfig(_Section):
@@ -170,6 +175,9 @@ class Config(_Section):
         if self.ablation.enabled and self.ablation.rounds > self.train.rounds:
             raise ValueError(f"ablation.rounds: {self.ablation.rounds} exceeds train.rounds "
                              f"({self.train.rounds}); the uniform arm is the main run's first rounds")
+        if self.train.nproc_per_node > self.train.batch_size:
+            raise ValueError(f"train.nproc_per_node: {self.train.nproc_per_node} processes for a global batch of "
+                             f"{self.train.batch_size} sequences would leave processes idle; lower it")
         if self.train.loss.temperature != 1.0:
             raise ValueError("train.loss.temperature: training distills against the teacher's stored top-k "
                              "log-probs, which cannot be re-tempered; use 1.0")

@@ -86,17 +86,26 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: torch.Tensor, step: int, vocab: int, dev: torch.device) -> torch.Tensor:
-    """U(0,1) noise of shape [B, V], a pure function of (seed, step, token id), float64."""
+def uniform_noise(seeds: torch.Tensor, step: int | torch.Tensor, vocab: int, dev: torch.device) -> torch.Tensor:
+    """U(0,1) noise of shape [B, V], a pure function of (seed, step, token id), float64.
+
+    `step` is one int for every row, or a [B] tensor of per-row steps (the native sampler's
+    slots are at different steps); integer arithmetic, so both give bit-identical noise."""
+    if isinstance(step, torch.Tensor):
+        step = step.to(dev, torch.int64)
     s = _mix32(seeds.to(dev, torch.int64) * 0x9E3779B1 + step)
     v = torch.arange(vocab, device=dev, dtype=torch.int64)
     x = _mix32(_mix32(s[:, None] ^ (v[None, :] * 0x85EBCA6B)) + s[:, None])
     return (x.double() + 0.5) / 4294967296.0
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Log-probs of the distribution sampled from: logits/temperature, then top-p."""
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """Log-probs of the distribution sampled from: logits/temperature, then top-k (0 = off; ties
+    with the k-th value are kept), then top-p on what is left, renormalized at each cut."""
     logp = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+    if 0 < top_k < logp.shape[-1]:
+        kth = logp.topk(top_k, dim=-1).values[..., -1:]
+        logp = torch.log_softmax(logp.masked_fill(logp < kth, float("-inf")), dim=-1)
     if top_p < 1.0:
         sorted_lp, idx = logp.sort(dim=-1, descending=True)
         cum = sorted_lp.exp().cumsum(-1)
@@ -112,6 +121,7 @@ class SampleSettings:
     top_p: float = 1.0
     max_new_tokens: int = 48
     batch_size: int = 64
+    top_k: int = 0  # keep only the k most likely tokens before top-p; 0 = off
 
 
 @dataclass
@@ -119,6 +129,19 @@ class Sample:
     response_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (eos sampled) or "length"
+
+
+def pick_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
+                st: SampleSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token each row picks at `step` (argmax at temperature 0, else Gumbel-max with the
+    seeded noise) and the log-probs [B, V] of the distribution it was picked from. Shared by
+    every backend, so they pick the same tokens from the same logits."""
+    if st.temperature == 0.0:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return logp.argmax(-1), logp
+    logp = sampling_logprobs(logits, st.temperature, st.top_p, st.top_k)
+    u = uniform_noise(seeds, step, logp.shape[-1], logits.device)
+    return (logp.double() - torch.log(-torch.log(u))).argmax(-1), logp
 
 
 @torch.no_grad()
@@ -155,13 +178,7 @@ def _sample_batch(model, prompts, seeds, st: SampleSettings, eos_id, pad_id, dev
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     lengths = torch.full((b,), st.max_new_tokens, dtype=torch.long, device=dev)
     for t in range(st.max_new_tokens):
-        if st.temperature == 0.0:
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            tok = logp.argmax(-1)
-        else:
-            logp = sampling_logprobs(logits, st.temperature, st.top_p)
-            u = uniform_noise(seeds_t, t, logp.shape[-1], dev)
-            tok = (logp.double() - torch.log(-torch.log(u))).argmax(-1)
+        tok, logp = pick_tokens(logits, seeds_t, t, st)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens[:, t] = tok
         lps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1)

@@ -96,11 +96,11 @@ def test_train_contract_and_determinism(tiny_run):
     assert e2["outputs"]["model/model.safetensors"]["sha256"] == e["outputs"]["model/model.safetensors"]["sha256"]
     # round 2 resumed the optimizer: its state has twice the steps
     meta = json.loads(tiny_run.read_output("train.r02", "optimizer.json"))
-    steps = [v for k, v in meta["scalars"].items() if k.endswith(".step")]
+    steps = [v for k, v in meta["scalars"].items() if k.endswith("::step")]
     if not steps:  # AdamW keeps `step` as a tensor
         from safetensors.torch import load
         t = load(tiny_run.read_output("train.r02", "optimizer.safetensors"))
-        steps = [float(v[0]) for k, v in t.items() if k.endswith(".step")]
+        steps = [float(v[0]) for k, v in t.items() if k.endswith("::step")]
     assert steps and all(s == 2 * tiny_run.config.train.steps_per_round for s in steps)
 
 

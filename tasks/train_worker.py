@@ -1,0 +1,314 @@
+"""The training loop of one `train.rNN` round, for one process or N under torchrun.
+
+The train stage (`opdflow.tasks.train`) prepares a work directory (the spec, the round's
+rows, the starting model and optimizer state, an in-round checkpoint to resume from) and
+then either calls `main(spec_path)` in its own process (`train.nproc_per_node: 1`) or
+launches `torchrun --nproc-per-node N -m opdflow.tasks.train_worker SPEC`. The loop is
+the same code either way:
+
+* The global batch is fixed by the config (`train.batch_size` sequences per optimizer
+  step), not by the world size: rank k takes rows k, k+N, ... of each step's batch and
+  splits them into micro-batches (`train.micro_batch_size`, default all of them);
+  gradients accumulate over micro-batches and FSDP averages them over ranks. Each
+  micro-batch's loss is scaled so that the step's gradient is that of the mean loss over
+  all response tokens of the global batch, whatever N and the micro-batch size.
+* Per-token losses are gathered to rank 0, which alone writes outputs (to the work
+  directory; the stage commits them) and in-round checkpoints (to the store).
+* In-round checkpoints are `torch.distributed.checkpoint` shards (safetensors), so a round
+  interrupted under N processes resumes under M.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
+
+from opdflow.infra import distributed
+from opdflow.infra.config import Config, parse_config
+from opdflow.infra.lm import batch_response_logits, derive_seed, load_model, load_tokenizer, save_model
+from opdflow.kernels import DistillationLoss, resolve_backend
+
+PROGRESS = "opdflow-progress"
+RECORD_COLUMNS = ("step", "prompt_id", "sample_idx", "position", "token_id", "loss", "weight")
+
+
+# -- plain pieces ---------------------------------------------------------------------------
+
+def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
+    o = config.train.optimizer
+    if o.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def set_lr(opt: torch.optim.Optimizer, config: Config, global_step: int) -> None:
+    """Linear warmup over the run's first `warmup_steps` optimizer steps, then constant."""
+    o = config.train.optimizer
+    lr = o.lr * min(1.0, (global_step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def step_batches(n_rows: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Row indices of each step: successive seeded permutations (one per epoch)."""
+    import random
+    order: list[int] = []
+    epoch = 0
+    while len(order) < steps * batch_size:
+        perm = list(range(n_rows))
+        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(perm)
+        order += perm
+        epoch += 1
+    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
+def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int | None) -> list[list[int]]:
+    """Positions (in the global batch) this rank trains on, as micro-batches. Every rank
+    gets the same number of micro-batches (FSDP's collectives must line up); a rank with
+    fewer rows gets empty ones, which it runs as a zero-weight forward."""
+    per_rank = math.ceil(len(batch) / world)
+    size = micro or per_rank
+    n_micro = max(1, math.ceil(per_rank / size))
+    mine = list(range(rank, len(batch), world))
+    return [mine[i * size:(i + 1) * size] for i in range(n_micro)]
+
+
+def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: int):
+    """One micro-batch: student logits at response positions vs the teacher's stored top-k.
+    Returns (mean loss over the micro-batch's tokens, per-token loss, weights)."""
+    dev = next(model.parameters()).device
+    logits = batch_response_logits(model, [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows],
+                                   pad_id, dev, grad=True)
+    tokens = [t for r in rows for t in r["response_ids"]]
+    ids = torch.tensor([k for r in rows for k in r["topk_ids"]], dtype=torch.long, device=dev)
+    lps = torch.tensor([k for r in rows for k in r["topk_logprobs"]], dtype=torch.float32, device=dev)
+    weights = torch.tensor([0.0 if t in bypass else 1.0 for t in tokens], device=dev)
+    mask = torch.ones(len(tokens), dtype=torch.bool, device=dev)
+    loss, per_token = loss_fn(logits, teacher_topk_ids=ids, teacher_topk_logprobs=lps, mask=mask, weights=weights)
+    return loss, per_token, weights
+
+
+# -- optimizer state as safetensors + JSON (never pickle in the store) ------------------------
+
+def optimizer_to_files(state: dict, out: Path) -> None:
+    """A full, name-keyed optimizer state dict -> optimizer.safetensors + optimizer.json."""
+    tensors, shapes, scalars = {}, {}, {}
+    for name, st in state["state"].items():
+        for k, v in st.items():
+            key = f"{name}::{k}"
+            if torch.is_tensor(v):
+                tensors[key] = v.detach().reshape(-1).contiguous().cpu()
+                shapes[key] = list(v.shape)
+            else:
+                scalars[key] = v
+    st_save_file(tensors, str(out / "optimizer.safetensors"))
+    (out / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "shapes": shapes,
+                                                    "scalars": scalars}, indent=1))
+
+
+def optimizer_from_files(data: bytes, meta: dict) -> dict:
+    state: dict[str, dict] = {}
+    for key, flat in st_load(data).items():
+        name, k = key.rsplit("::", 1)
+        state.setdefault(name, {})[k] = flat.reshape(meta["shapes"][key])
+    for key, v in meta["scalars"].items():
+        name, k = key.rsplit("::", 1)
+        state.setdefault(name, {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# -- the log a round keeps --------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Everything a resumed round needs besides weights and optimizer: the data position
+    (steps are a fixed, seeded sequence of batches) and the log."""
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    n_tok: int = 0
+    n_bypassed: int = 0
+    records: dict[str, list] = field(default_factory=lambda: {k: [] for k in RECORD_COLUMNS})
+
+    def record(self, loss: float, batch: list[dict], per_token: list[float], weights: list[float]) -> None:
+        i = 0
+        for r in batch:
+            for pos, tok in enumerate(r["response_ids"]):
+                for col, val in zip(RECORD_COLUMNS, (self.step, r["prompt_id"], r["sample_idx"], pos, tok,
+                                                     per_token[i], weights[i])):
+                    self.records[col].append(val)
+                i += 1
+        self.losses.append(loss)
+        self.n_tok += i
+        self.n_bypassed += sum(1 for w in weights if w == 0)
+        self.step += 1
+
+    def meta(self) -> dict:
+        return {"step": self.step, "losses": self.losses, "n_tok": self.n_tok, "n_bypassed": self.n_bypassed}
+
+
+# -- in-round checkpoints ----------------------------------------------------------------------
+
+def save_partial(d: distributed.Dist, spec: dict, model, opt, state: TrainState) -> None:
+    """All ranks write their DCP shards to the work dir; rank 0 uploads them, the log and
+    the RNG state to the store, `state.json` (with every file's sha256) last."""
+    local = Path(spec["work"]) / "partial" / f"step-{state.step:06d}"
+    distributed.save_sharded(local / "dcp", model, opt)
+    distributed.barrier(d)
+    if d.is_main:
+        from opdflow.infra.store import open_store
+        st_save_file({"cpu": torch.get_rng_state()}, str(local / "rng.safetensors"))
+        pq.write_table(pa.table(state.records), local / "records.parquet", compression="zstd")
+        store, base = open_store(spec["store"]), f"{spec['partial_prefix']}/step-{state.step:06d}"
+        shas = {f.relative_to(local).as_posix(): store.put_file(f"{base}/{f.relative_to(local).as_posix()}", f)
+                for f in sorted(local.rglob("*")) if f.is_file()}
+        store.put_bytes(f"{base}/state.json", json.dumps({**state.meta(), "sha256": shas}).encode())
+    distributed.barrier(d)
+
+
+def load_partial(resume: Path, model, opt, state: TrainState) -> None:
+    meta = json.loads((resume / "state.json").read_text())
+    distributed.load_sharded(resume / "dcp", model, opt)
+    torch.set_rng_state(st_load_file(str(resume / "rng.safetensors"))["cpu"])
+    state.step, state.losses, state.n_tok, state.n_bypassed = meta["step"], meta["losses"], meta["n_tok"], meta["n_bypassed"]
+    state.records = pq.read_table(resume / "records.parquet").to_pydict()
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+def train_step(d: distributed.Dist, model, opt, loss_fn, c: Config, batch: list[dict], bypass: frozenset[int],
+               pad_id: int, global_step: int) -> tuple[float, list[float], list[float]]:
+    """One optimizer step over the global batch; returns (loss, per-token losses and weights
+    in batch order) on rank 0."""
+    n_global = sum(len(r["response_ids"]) for r in batch)
+    micros = rank_micro_batches(batch, d.rank, d.world, c.train.micro_batch_size)
+    loss_sum, mine = 0.0, []
+    for i, pos in enumerate(micros):
+        distributed.set_gradient_sync(model, i == len(micros) - 1)
+        rows = [batch[p] for p in pos] or batch[:1]  # an empty micro-batch runs with zero weight
+        loss, per_token, weights = loss_step(model, loss_fn, rows, bypass, pad_id)
+        n_micro = sum(len(r["response_ids"]) for r in rows)
+        scale = (n_micro / n_global) * d.world if pos else 0.0  # FSDP averages over ranks
+        (loss * scale).backward()
+        if pos:
+            loss_sum += float(loss.detach()) * n_micro  # host sync: the log needs the value
+            vals, ws, start = per_token.detach().float().cpu().tolist(), weights.cpu().tolist(), 0
+            for p, r in zip(pos, rows):
+                n = len(r["response_ids"])
+                mine.append((p, vals[start:start + n], ws[start:start + n]))
+                start += n
+    set_lr(opt, c, global_step)
+    if c.train.optimizer.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c.train.optimizer.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss_value = distributed.all_sum(d, loss_sum) / max(1, n_global)
+    gathered = distributed.gather_to_main(d, mine)
+    if gathered is None:
+        return loss_value, [], []
+    by_pos = sorted((item for part in gathered for item in part), key=lambda x: x[0])
+    return loss_value, [v for _, vals, _ in by_pos for v in vals], [w for _, _, ws in by_pos for w in ws]
+
+
+def train_round(spec: dict, progress=lambda frac, msg="": None) -> dict:
+    """Run one round as described by `spec`; rank 0 writes the outputs to spec['out']."""
+    d = distributed.init()
+    try:
+        return _train_round(d, spec, progress)
+    finally:
+        distributed.shutdown(d)
+
+
+def _train_round(d: distributed.Dist, spec: dict, progress) -> dict:
+    c = parse_config(spec["config"])
+    torch.manual_seed(derive_seed(c.seed, "train", spec["arm"], spec["round"]))
+    tok = load_tokenizer(spec["src_model"])
+    model = load_model(spec["src_model"], c.student.dtype, dev=d.device)
+    model.train()
+    distributed.shard_model(model, d)
+    opt = make_optimizer(model, c)
+    if spec.get("optimizer"):
+        full = optimizer_from_files(Path(spec["optimizer"]["data"]).read_bytes(),
+                                    json.loads(Path(spec["optimizer"]["meta"]).read_text())) if d.is_main else {}
+        distributed.load_full_optimizer_state(d, model, opt, full)
+    loss_fn = DistillationLoss(kind=c.train.loss.kind, beta=c.train.loss.beta,
+                               temperature=c.train.loss.temperature, backend=c.train.kernel)
+    rows = pq.read_table(spec["rows"]).to_pylist()
+    batches = step_batches(len(rows), c.train.steps_per_round, c.train.batch_size,
+                           derive_seed(c.seed, "train-order", spec["round"]))
+    bypass = frozenset(spec["bypass"])
+    state = TrainState()
+    resumed = None
+    if spec.get("resume"):
+        load_partial(Path(spec["resume"]), model, opt, state)
+        resumed = state.step
+    t0 = time.time()
+    while state.step < len(batches):
+        batch = [rows[i] for i in batches[state.step]]
+        global_step = (spec["round"] - 1) * c.train.steps_per_round + state.step
+        loss, per_token, weights = train_step(d, model, opt, loss_fn, c, batch, bypass, tok.pad_token_id, global_step)
+        if d.is_main:
+            state.record(loss, batch, per_token, weights)
+        else:
+            state.step += 1
+        progress(state.step / len(batches), f"step {state.step}/{len(batches)} loss {loss:.4f}")
+        every = c.train.checkpoint_every
+        if every and state.step % every == 0 and state.step < len(batches):
+            save_partial(d, spec, model, opt, state)
+    secs = time.time() - t0
+    return _write_outputs(d, spec, c, model, opt, tok, state, secs, resumed)
+
+
+def _write_outputs(d, spec, c: Config, model, opt, tok, state: TrainState, secs: float, resumed) -> dict:
+    weights = distributed.full_model_state(model)
+    optim = distributed.full_optimizer_state(model, opt)
+    if not d.is_main:
+        return {}
+    out = Path(spec["out"])
+    fresh = load_model(spec["src_model"], c.student.dtype, dev=torch.device("cpu"))
+    fresh.load_state_dict(weights)
+    save_model(fresh, tok, out / "model")
+    optimizer_to_files(optim, out)
+    pq.write_table(pa.table(state.records), out / "token_losses.parquet", compression="zstd")
+    losses = state.losses
+    metrics = {"steps": state.step, "loss_first": round(losses[0], 5), "loss_last": round(losses[-1], 5),
+               "loss_mean": round(sum(losses) / len(losses), 5), "losses": [round(x, 5) for x in losses],
+               "tokens_trained": state.n_tok, "bypassed_fraction": round(state.n_bypassed / max(1, state.n_tok), 4),
+               "tokens_per_s": round(state.n_tok / max(secs, 1e-9), 1), "world_size": d.world}
+    if resumed is not None:
+        metrics["resumed_from_step"] = resumed
+    backend = {"kernel": resolve_backend(c.train.kernel, d.device), "device": str(d.device), "dtype": c.student.dtype,
+               "world_size": d.world, "process_group": distributed.backend_name(d), "fsdp": d.sharded,
+               "micro_batch_size": c.train.micro_batch_size}
+    result = {"metrics": metrics, "backend": backend, "losses_exact": losses}
+    (out / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def print_progress(frac: float, msg: str = "") -> None:
+    """Under torchrun, rank 0 reports progress on stdout; the stage forwards it to Prefect."""
+    print(f"{PROGRESS} {frac:.6f} {msg}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    train_round(spec, print_progress if rank0 else (lambda frac, msg="": None))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["train_round", "TrainState", "step_batches", "make_optimizer", "set_lr", "rank_micro_batches",
+           "optimizer_to_files", "optimizer_from_files", "loss_step"]
