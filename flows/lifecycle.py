@@ -8,6 +8,15 @@
 Every task takes (store URI, run id, stage name) and finds its inputs in the run's
 manifest, so any stage can be rerun alone, on another machine, or by retrying the flow
 run in the Prefect UI: committed stages are skipped, the failed one runs again.
+
+Rollout and scoring run as `scale.shards` mapped tasks on the flow's task runner:
+threads in this process (`scale.task_runner: local`) or prefect-dask's DaskTaskRunner
+(`dask`: a local cluster per flow run, or an existing one at `scale.dask_address`), in
+which case the lifecycle runs as a subflow on that runner. With
+`scale.gpus_per_worker: N` each shard task takes one "GPU" resource of its Dask worker
+(workers of the local cluster get N; start your own with `--resources GPU=N`), so a
+worker never runs more shard tasks than it has GPUs; the local runner then runs at most
+N shard tasks at once.
 """
 from __future__ import annotations
 
@@ -16,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, unmapped
 
-from opdflow.infra.config import Config, load_config, parse_config
+from opdflow.infra.config import Config, ConfigError, load_config, parse_config
 from opdflow.infra.manifest import Run
 from opdflow.infra.preflight import preflight
 from opdflow.infra.store import open_store
@@ -29,17 +38,21 @@ from opdflow.tasks.plan import ablation_arms, arm_rounds, eval_labels, parse, ro
 from opdflow.tasks.prompts import prompts_task
 from opdflow.tasks.report import report_task, run_status, summary_markdown
 from opdflow.tasks.rock import rock_task
-from opdflow.tasks.rollout import rollout_task
-from opdflow.tasks.score import score_task
+from opdflow.tasks import rollout as rollout_stage
+from opdflow.tasks import score as score_stage
+from opdflow.tasks.rollout import rollout_shard_task, rollout_task
+from opdflow.tasks.score import score_shard_task, score_task
+from opdflow.tasks.shards import shard_name, split_shard_name
 from opdflow.tasks.train import train_task
 
 TASKS = {"models": models_task, "prompts": prompts_task, "rollout": rollout_task, "score": score_task,
-         "train": train_task, "rock": rock_task, "eval": eval_task, "report": report_task}
+         "train": train_task, "rock": rock_task, "eval": eval_task, "report": report_task,
+         "rollout-shard": rollout_shard_task, "score-shard": score_shard_task}
 
 
 def default_run_id(config: Config, config_path: str | None) -> str:
     stem = Path(config_path).stem if config_path else "run"
-    digest = hashlib.sha256(config.model_copy(update={"store": ""}).to_json().encode()).hexdigest()[:8]
+    digest = hashlib.sha256(config.identity().to_json().encode()).hexdigest()[:8]
     return f"{stem}-{digest}"
 
 
@@ -67,10 +80,88 @@ def deployment_run_id(config_path: str | None) -> str | None:
     return f"{stem}-{str(flow_run.id)[:8]}"
 
 
-def opd_round(uri: str, run_id: str, arm: str, r: int) -> None:
-    rollout_task(uri, run_id, round_stage("rollout", r, arm))
-    score_task(uri, run_id, round_stage("score", r, arm))
-    train_task(uri, run_id, round_stage("train", r, arm))
+def task_runner(config: Config):
+    """The task runner `scale` asks for (None: the flow's default, threads in-process)."""
+    sc = config.scale
+    if sc.task_runner == "local":
+        if sc.gpus_per_worker:
+            from prefect.task_runners import ThreadPoolTaskRunner
+            return ThreadPoolTaskRunner(max_workers=sc.gpus_per_worker)
+        return None
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigError("scale.task_runner", "dask needs prefect-dask: pip install 'opdflow[dask]'") from None
+    if sc.dask_address:
+        return DaskTaskRunner(address=sc.dask_address)
+    kwargs = {"n_workers": sc.dask_workers, "threads_per_worker": max(1, sc.gpus_per_worker),
+              "processes": True}
+    if sc.gpus_per_worker:
+        kwargs["resources"] = {"GPU": sc.gpus_per_worker}
+    return DaskTaskRunner(cluster_kwargs=kwargs)
+
+
+def sharded(shard_task, stage_task_, uri: str, rid: str, stage: str, n: int, gpu: bool, force: bool = False) -> dict:
+    """Map a stage's shards over the task runner, then commit the stage from them."""
+    if n > 1 or force:
+        names = [shard_name(stage, i, n) for i in range(n)]
+        with _gpu_slot(gpu):
+            futures = shard_task.map(uri, rid, names, force=unmapped(force))
+        futures.result()  # raises if a shard failed after its retries
+    return stage_task_(uri, rid, stage)  # recommits when shards were rerun
+
+
+def uses_gpu_slots(config: Config) -> bool:
+    return config.scale.task_runner == "dask" and config.scale.gpus_per_worker > 0
+
+
+def _gpu_slot(gpu: bool):
+    """Each shard task takes one GPU resource of its Dask worker."""
+    import contextlib
+    if not gpu:
+        return contextlib.nullcontext()
+    import dask
+    return dask.annotate(resources={"GPU": 1})
+
+
+def opd_round(run: Run, arm: str, r: int) -> None:
+    uri, rid, c = run.store.uri, run.run_id, run.config
+    gpu = uses_gpu_slots(c)
+    ro = round_stage("rollout", r, arm)
+    sharded(rollout_shard_task, rollout_task, uri, rid, ro, rollout_stage.n_shards(c), gpu)
+    sc = round_stage("score", r, arm)
+    sharded(score_shard_task, score_task, uri, rid, sc, score_stage.n_shards(run, sc), gpu)
+    train_task(uri, rid, round_stage("train", r, arm))
+
+
+def run_lifecycle(run: Run) -> None:
+    """The lifecycle's stages in order, on the current flow's task runner."""
+    uri, rid, c = run.store.uri, run.run_id, run.config
+    models_task(uri, rid, "models")
+    prompts_task(uri, rid, "prompts")
+    for r in range(1, c.train.rounds + 1):
+        opd_round(run, "main", r)
+    rock_task(uri, rid, "rock")
+    for arm in ablation_arms(c):
+        for r in range(1, arm_rounds(c, arm) + 1):
+            opd_round(run, arm, r)
+    for label in eval_labels(c):
+        eval_task(uri, rid, f"eval.{label}")
+    report_task(uri, rid, "report")
+
+
+@flow(name="opdflow-on-runner")
+def on_runner(store: str, run_id: str, stage: str | None = None) -> dict | None:
+    """The lifecycle (or one stage) as a subflow, when `scale` asks for a task runner of its own."""
+    run = Run.open(store, run_id)
+    return run_lifecycle(run) if stage is None else rerun_stage(run, stage)
+
+
+def with_runner(run: Run, stage: str | None = None) -> dict | None:
+    runner = task_runner(run.config)
+    if runner is None:
+        return run_lifecycle(run) if stage is None else rerun_stage(run, stage)
+    return on_runner.with_options(task_runner=runner)(run.store.uri, run.run_id, stage)
 
 
 @flow(name="opdflow-lifecycle")
@@ -79,27 +170,31 @@ def lifecycle(config_path: str | None = None, store: str | None = None, run_id: 
     """The whole OPD lifecycle on one run id; committed stages are skipped."""
     t0 = time.time()
     run = start_run(config_path, store, run_id or deployment_run_id(config_path), overrides)
-    uri, rid, c = run.store.uri, run.run_id, run.config
-    models_task(uri, rid, "models")
-    prompts_task(uri, rid, "prompts")
-    for r in range(1, c.train.rounds + 1):
-        opd_round(uri, rid, "main", r)
-    rock_task(uri, rid, "rock")
-    for arm in ablation_arms(c):
-        for r in range(1, arm_rounds(c, arm) + 1):
-            opd_round(uri, rid, arm, r)
-    for label in eval_labels(c):
-        eval_task(uri, rid, f"eval.{label}")
-    report_task(uri, rid, "report")
-    publish_markdown("run-summary", summary_markdown(run), f"stages of run {rid}")
+    with_runner(run)
+    publish_markdown("run-summary", summary_markdown(run), f"stages of run {run.run_id}")
     return {**run_status(run), "flow_seconds": round(time.time() - t0, 1)}
+
+
+def rerun_stage(run: Run, stage: str) -> dict:
+    """Run one stage now (forced); a sharded stage reruns all its shards, a shard's name
+    (`rollout.r01.shard-000-of-004`) that shard alone."""
+    uri, rid, c = run.store.uri, run.run_id, run.config
+    gpu = uses_gpu_slots(c)
+    shard = split_shard_name(stage)
+    kind = parse(shard[0] if shard else stage).kind
+    if shard:
+        return TASKS[f"{kind}-shard"](uri, rid, stage, force=True)
+    if kind == "rollout":
+        return sharded(rollout_shard_task, rollout_task, uri, rid, stage, rollout_stage.n_shards(c), gpu, force=True)
+    if kind == "score":
+        return sharded(score_shard_task, score_task, uri, rid, stage, score_stage.n_shards(run, stage), gpu, force=True)
+    return TASKS[kind](uri, rid, stage, force=True)
 
 
 @flow(name="opdflow-stage")
 def stage_flow(stage: str, run_id: str, store: str) -> dict:
     """Rerun one stage of an existing run from its stored inputs (always runs it)."""
     run = Run.open(store, run_id)
-    kind = parse(stage).kind
-    result = TASKS[kind](run.store.uri, run_id, stage, force=True)
+    result = with_runner(run, stage)
     publish_markdown("run-summary", summary_markdown(run), f"stages of run {run_id}")
     return result

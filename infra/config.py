@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -146,6 +146,20 @@ class EvalConfig(_Section):
     max_gen_toks: int = Field(64, ge=1)
 
 
+class ScaleConfig(_Section):
+    """Where the work runs. Execution settings: none of them changes a result."""
+    shards: int = Field(1, ge=1, description="shards per rollout / teacher-scoring stage, one Prefect task each "
+                                            "(cut at rollout batch boundaries, so fewer when batches run out)")
+    task_runner: Literal["local", "dask"] = Field("local", description="local: threads in the flow's process; "
+                                                  "dask: prefect-dask's DaskTaskRunner")
+    dask_address: str | None = Field(None, description="scheduler address of an existing Dask cluster "
+                                                       "(tcp://host:8786); unset: a local cluster per flow run")
+    dask_workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster")
+    gpus_per_worker: int = Field(0, ge=0, description="GPU slots per worker: each shard task takes one (Dask worker "
+                                                      "resources; the local runner runs at most this many at once). "
+                                                      "0: no limit")
+
+
 class Config(_Section):
     seed: int = Field(0, ge=0)
     store: str = "./opdflow-store"
@@ -159,6 +173,7 @@ class Config(_Section):
     rock: RockConfig = RockConfig()
     ablation: AblationConfig = AblationConfig()
     eval: EvalConfig = EvalConfig()
+    scale: ScaleConfig = ScaleConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -178,12 +193,30 @@ class Config(_Section):
         if self.train.nproc_per_node > self.train.batch_size:
             raise ValueError(f"train.nproc_per_node: {self.train.nproc_per_node} processes for a global batch of "
                              f"{self.train.batch_size} sequences would leave processes idle; lower it")
+        if self.scale.dask_address and self.scale.task_runner != "dask":
+            raise ValueError("scale.dask_address: set scale.task_runner: dask to use a Dask cluster")
         if self.train.loss.temperature != 1.0:
             raise ValueError("train.loss.temperature: training distills against the teacher's stored top-k "
                              "log-probs, which cannot be re-tempered; use 1.0")
         if "opdflow_arith" in self.eval.tasks and self.data.source != DEMO:
             raise ValueError("eval.tasks: opdflow_arith is the demo benchmark; it needs data.source: demo")
         return self
+
+    # Execution settings say where and how a run computes, never what: a run can be resumed
+    # with more GPUs, another cluster or other shard counts without changing its identity.
+    EXECUTION_TRAIN: ClassVar[tuple[str, ...]] = ("checkpoint_every", "nproc_per_node", "micro_batch_size")
+
+    def execution(self) -> dict[str, Any]:
+        train = self.section("train")
+        return {"scale": self.section("scale"), "train": {k: train[k] for k in self.EXECUTION_TRAIN}}
+
+    def with_execution(self, ex: dict[str, Any]) -> "Config":
+        return parse_config(merge(json.loads(self.to_json()), ex))
+
+    def identity(self) -> "Config":
+        """The config without the store and the execution settings: what a run's results depend on."""
+        defaults = Config().execution()
+        return self.with_execution(defaults).model_copy(update={"store": ""})
 
     def section(self, name: str) -> dict[str, Any]:
         return json.loads(getattr(self, name).model_dump_json())

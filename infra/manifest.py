@@ -3,6 +3,8 @@
 A run lives under `runs/<run_id>/` in the artifact store:
 
     runs/<run_id>/run.json                      resolved config + creation time (written once)
+    runs/<run_id>/execution.json                execution settings of the latest start, when they changed
+                                                (shards, task runner, training processes: never results)
     runs/<run_id>/stages/<stage>/<key16>/...    a stage's output objects
     runs/<run_id>/attempts/<stage>/<NNN>.json   one record per attempt (running/failed/committed)
     runs/<run_id>/manifest/<stage>.json         the commit: written last, lists every output's sha256
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 import tempfile
 import time
 import traceback
@@ -75,9 +79,12 @@ class Run:
         key = f"runs/{run_id}/run.json"
         if store.exists(key):
             run = cls.open(store, run_id)
-            if run.config.model_copy(update={"store": ""}) != config.model_copy(update={"store": ""}):
+            if run.config.identity() != config.identity():
                 raise RunError(f"run {run_id!r} already exists in {store.uri} with a different config; "
                                "use a new --run-id (or rerun with the stored config: opdflow run --run-id ID)")
+            if run.config.execution() != config.execution():  # more GPUs, another cluster: same run
+                store.put_bytes(f"runs/{run_id}/execution.json", json.dumps(config.execution(), indent=2).encode())
+                run = cls(store, run_id, config.model_copy(update={"store": run.config.store}))
             return run
         store.put_bytes(key, json.dumps({"run_id": run_id, "created_at": _now(),
                                          "config": json.loads(config.to_json())}, indent=2).encode())
@@ -91,7 +98,12 @@ class Run:
             meta = json.loads(store.get_bytes(f"runs/{run_id}/run.json"))
         except ObjectMissing:
             raise RunError(f"no run {run_id!r} in store {store.uri}") from None
-        return cls(store, run_id, parse_config(meta["config"]))
+        config = parse_config(meta["config"])
+        try:  # the execution settings of the run's latest start, if they changed since its creation
+            config = config.with_execution(json.loads(store.get_bytes(f"runs/{run_id}/execution.json")))
+        except ObjectMissing:
+            pass
+        return cls(store, run_id, config)
 
     def meta(self) -> dict:
         return json.loads(self.store.get_bytes(f"{self.prefix}/run.json"))
@@ -135,13 +147,22 @@ class Run:
     def read_json(self, stage: str, name: str) -> Any:
         return json.loads(self.read_output(stage, name))
 
+    def outputs_under(self, stage: str, prefix: str, as_name: str | None = None) -> dict[str, Ref]:
+        """A stage's outputs `prefix/*` (a model dir, a table's parts), renamed `as_name/*`."""
+        name = as_name or prefix
+        refs = {f"{name}/{n[len(prefix) + 1:]}": r for n, r in self.require(stage)["outputs"].items()
+                if n.startswith(prefix + "/")}
+        if not refs and not self.require(stage).get("external", {}).get(prefix):
+            raise RunError(f"stage {stage!r} has no outputs under {prefix!r}")
+        return refs
+
     def model_inputs(self, stage: str, prefix: str, as_name: str | None = None) -> dict[str, Ref]:
         """A model dir that a stage consumes, as that stage's inputs (its identity in the
         stage key): the refs of its objects under `as_name/`, or for a user's own dir its
         path and fingerprint."""
         e = self.require(stage)
         name = as_name or prefix
-        refs = {f"{name}/{n[len(prefix) + 1:]}": r for n, r in e["outputs"].items() if n.startswith(prefix + "/")}
+        refs = self.outputs_under(stage, prefix, name)
         ext = e.get("external", {}).get(prefix)
         if ext is not None:
             refs[f"{name}/external"] = {"key": ext["path"], "sha256": ext["fingerprint"]}
@@ -265,7 +286,8 @@ def run_stage(run: Run, name: str, *, params: dict, inputs: dict[str, Ref],
     n = len(run.store.list(f"{run.prefix}/attempts/{name}/")) + 1
     attempt_key = f"{run.prefix}/attempts/{name}/{n:03d}.json"
     started = time.time()
-    record = {"stage": name, "attempt": n, "key": key, "status": "running", "started_at": _now()}
+    record = {"stage": name, "attempt": n, "key": key, "status": "running", "started_at": _now(),
+              "host": socket.gethostname(), "pid": os.getpid(), "started_unix": round(started, 3)}
     run.store.put_bytes(attempt_key, json.dumps(record).encode())
 
     ctx = StageContext(run=run, name=name, key=key, inputs=inputs)
@@ -287,7 +309,8 @@ def run_stage(run: Run, name: str, *, params: dict, inputs: dict[str, Ref],
              "params": params, "inputs": inputs, "outputs": ctx.outputs, "external": ctx.external, "metrics": ctx.metrics,
              "backend": ctx.backend, "stack": stack()}
     run.store.put_bytes(f"{run.prefix}/manifest/{name}.json", json.dumps(entry, indent=2, default=str).encode())
-    record.update(status="committed", finished_at=entry["finished_at"], seconds=seconds)
+    record.update(status="committed", finished_at=entry["finished_at"], seconds=seconds,
+                  finished_unix=round(time.time(), 3))
     run.store.put_bytes(attempt_key, json.dumps(record).encode())
     return entry, True
 

@@ -248,8 +248,8 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
     def body(ctx: StageContext) -> None:
         probe = [r for r in prompts_stage.load(run) if r["split"] == "probe"]
         n_steps = len(ckpts) + 1
-        seqs = generate(run, run.materialize(final_stage, final_prefix), probe, c.rock.samples_per_prompt,
-                        ("probe",), ctx)
+        jobs = [(r, j) for r in probe for j in range(c.rock.samples_per_prompt)]
+        seqs = generate(run, run.materialize(final_stage, final_prefix), jobs, ("probe",), ctx)
         ctx.progress(1 / n_steps, "probe responses sampled")
         tdir = run.materialize("models", "teacher")
         teacher, tok = load_model(tdir, c.teacher.dtype).eval(), load_tokenizer(tdir)

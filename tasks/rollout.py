@@ -6,9 +6,10 @@ permutation of the train split (wrapping around), identical for every ablation a
 Each sequence's sampling seed derives from (run seed, round, prompt_id, sample index)
 only, so sharding the stage never changes its output.
 
-Output `rollouts.parquet`: prompt_id, sample_idx, seed, prompt_ids, response_ids,
+Output `rollouts/part-NNNNN.parquet`, one part per shard (`scale.shards`, see
+`opdflow.tasks.shards`): prompt_id, sample_idx, seed, prompt_ids, response_ids,
 logprobs (the sampler's own per-token logprob), finish_reason, response_text.
-The backend and its settings are recorded in the manifest entry.
+The backend and its settings are recorded in each shard's manifest entry.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import pyarrow as pa
 from opdflow.infra.config import DEMO, Config
 from opdflow.infra.lm import SampleSettings, derive_seed, load_model, load_tokenizer, sample
 from opdflow.infra.manifest import Run, StageContext, run_stage
-from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, student_before
+from opdflow.tasks.shards import read_parts, run_shard, run_sharded, shard_bounds, split_shard_name
 
 
 def round_prompt_ids(config: Config, train_ids: list[int], r: int) -> list[int]:
@@ -44,13 +45,11 @@ def backend_record(config: Config, model) -> dict:
             **settings(config).__dict__}
 
 
-def generate(run: Run, model_dir, rows: list[dict], samples_per_prompt: int, seed_tag: tuple,
-             ctx: StageContext) -> pa.Table:
-    """Sample `samples_per_prompt` responses per prompt row; shared with the rock stage."""
+def generate(run: Run, model_dir, jobs: list[tuple[dict, int]], seed_tag: tuple, ctx: StageContext) -> pa.Table:
+    """Sample one response per (prompt row, sample index) job; shared with the rock stage."""
     c = run.config
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, c.student.dtype)
-    jobs = [(r, j) for r in rows for j in range(samples_per_prompt)]
     seeds = [derive_seed(c.seed, *seed_tag, r["prompt_id"], j) for r, j in jobs]
     t0 = time.time()
     out = sample(model, [r["prompt_ids"] for r, _ in jobs], seeds, settings(c), tok.eos_token_id,
@@ -67,37 +66,71 @@ def generate(run: Run, model_dir, rows: list[dict], samples_per_prompt: int, see
         "response_text": [tok.decode(s.response_ids, skip_special_tokens=True) for s in out],
         "answer": [r["answer"] for r, _ in jobs],
     })
-    n_tok = sum(len(s.response_ids) for s in out)
     ctx.backend.update(backend_record(c, model))
-    ctx.metrics.update(n_sequences=len(out), n_tokens=n_tok, mean_response_tokens=round(n_tok / max(1, len(out)), 2),
-                       stop_rate=round(sum(s.finish_reason == "stop" for s in out) / max(1, len(out)), 4),
-                       tokens_per_s=round(n_tok / max(secs, 1e-9), 1))
-    if c.data.source == DEMO:
-        from opdflow.infra.demo import extract_answer
-        correct = [extract_answer(t) == a for t, a in zip(table["response_text"].to_pylist(), table["answer"].to_pylist())]
-        ctx.metrics["sample_accuracy"] = round(sum(correct) / max(1, len(correct)), 4)
+    ctx.metrics.update(table_metrics(c, table), seconds_sampling=round(secs, 3),
+                       tokens_per_s=round(sum(len(s.response_ids) for s in out) / max(secs, 1e-9), 1))
     return table
 
 
-def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+def table_metrics(c: Config, table: pa.Table) -> dict:
+    """Sequences, tokens, stop rate (and, on the demo task, the samples' accuracy)."""
+    responses, reasons = table["response_ids"].to_pylist(), table["finish_reason"].to_pylist()
+    n_tok, n = sum(len(r) for r in responses), max(1, len(responses))
+    m = {"n_sequences": len(responses), "n_tokens": n_tok, "mean_response_tokens": round(n_tok / n, 2),
+         "stop_rate": round(sum(r == "stop" for r in reasons) / n, 4)}
+    if c.data.source == DEMO:
+        from opdflow.infra.demo import extract_answer
+        correct = [extract_answer(t) == a for t, a in zip(table["response_text"].to_pylist(), table["answer"].to_pylist())]
+        m["sample_accuracy"] = round(sum(correct) / n, 4)
+    return m
+
+
+def round_jobs(run: Run, r: int) -> list[tuple[dict, int]]:
+    """This round's (prompt row, sample index) jobs, in a fixed order."""
+    c = run.config
+    rows = prompts_stage.load(run)
+    train = {row["prompt_id"]: row for row in rows if row["split"] == "train"}
+    return [(train[i], j) for i in round_prompt_ids(c, list(train), r) for j in range(c.rollout.samples_per_prompt)]
+
+
+def n_shards(config: Config) -> int:
+    n_jobs = config.rollout.prompts_per_round * config.rollout.samples_per_prompt
+    return len(shard_bounds(n_jobs, config.scale.shards, config.rollout.batch_size))
+
+
+def _stage(run: Run, stage: str) -> tuple[dict, dict, callable]:
+    """(params, inputs, shard body) of a rollout stage: shared by the stage and its shards."""
     c = run.config
     name = parse(stage)
     src_stage, src_prefix = student_before(c, name.arm, name.round)
     inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, src_prefix, "student")}
     params = {"rollout": c.section("rollout"), "seed": c.seed, "round": name.round, "student": c.section("student")}
 
-    def body(ctx: StageContext) -> None:
-        rows = prompts_stage.load(run)
-        train = {r["prompt_id"]: r for r in rows if r["split"] == "train"}
-        chosen = [train[i] for i in round_prompt_ids(c, list(train), name.round)]
-        table = generate(run, run.materialize(src_stage, src_prefix), chosen, c.rollout.samples_per_prompt,
-                         ("rollout", name.round), ctx)
-        ctx.put_table("rollouts.parquet", table)
-    return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+    def shard_body(ctx: StageContext, i: int, n: int) -> None:
+        jobs = round_jobs(run, name.round)
+        lo, hi = shard_bounds(len(jobs), n, c.rollout.batch_size)[i]
+        table = generate(run, run.materialize(src_stage, src_prefix), jobs[lo:hi], ("rollout", name.round), ctx)
+        ctx.put_table("part.parquet", table)
+    return params, inputs, shard_body
+
+
+def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, shard_body = _stage(run, stage)
+    c = run.config
+
+    def finish(ctx: StageContext, table: pa.Table) -> None:
+        ctx.metrics.update(table_metrics(c, table))
+    return run_sharded(run, stage, n=n_shards(c), params=params, inputs=inputs, table="rollouts",
+                       shard_body=shard_body, finish=finish, force=force, progress=progress)
+
+
+def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, shard_body = _stage(run, split_shard_name(name)[0])
+    return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force, progress=progress)
 
 
 def load(run: Run, stage: str) -> pa.Table:
-    return parquet_to_table(run.read_output(stage, "rollouts.parquet"))
+    return read_parts(run, stage, "rollouts")
 
 
 def report(run: Run, entry: dict) -> str:
@@ -113,3 +146,4 @@ def report(run: Run, entry: dict) -> str:
 
 
 rollout_task = stage_task("rollout", run, report)
+rollout_shard_task = stage_task("rollout-shard", run_one_shard)

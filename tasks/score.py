@@ -5,8 +5,9 @@ For each response token: the teacher's log-prob of the sampled token and its top
 top-k with the tail mass as one bucket (see `opdflow.kernels.reference`); with
 k >= vocabulary size (the demo) that is the exact full-vocabulary divergence.
 
-Output `scores.parquet`, row-aligned with the round's `rollouts.parquet`:
-prompt_id, sample_idx, teacher_logprobs, topk_ids, topk_logprobs.
+Output `scores/part-NNNNN.parquet`, one part per rollout part (shard i scores the
+rollout's part i, so parts stay row-aligned): prompt_id, sample_idx, teacher_logprobs,
+topk_ids, topk_logprobs.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import torch
 from opdflow.infra.lm import load_model, load_tokenizer, response_logits
 from opdflow.infra.manifest import Run, StageContext, run_stage
 from opdflow.infra.tables import parquet_to_table
-from opdflow.tasks import rollout as rollout_stage
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, round_stage
+from opdflow.tasks.shards import read_parts, run_shard, run_sharded, split_shard_name
 
 
 @torch.no_grad()
@@ -46,36 +47,61 @@ def score_table(model, pad_id: int, rollouts: pa.Table, top_k: int, batch_size: 
                      "teacher_logprobs": lp_rows, "topk_ids": ids_rows, "topk_logprobs": tlp_rows})
 
 
-def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+def _stage(run: Run, stage: str):
+    """(params, inputs, rollout part refs, shard body) of a scoring stage."""
     c = run.config
-    name = parse(stage)
-    ro_stage = round_stage("rollout", name.round, name.arm)
-    inputs = {"rollouts": run.output(ro_stage, "rollouts.parquet"), **run.model_inputs("models", "teacher")}
+    ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm)
+    parts = run.outputs_under(ro_stage, "rollouts")
+    inputs = {**parts, **run.model_inputs("models", "teacher")}
     params = {"scoring": c.section("scoring"), "teacher": c.section("teacher")}
 
-    def body(ctx: StageContext) -> None:
+    def shard_body(ctx: StageContext, i: int, n: int) -> None:
         tdir = run.materialize("models", "teacher")
         model, tok = load_model(tdir, c.teacher.dtype), load_tokenizer(tdir)
         model.eval()
-        rollouts = rollout_stage.load(run, ro_stage)
+        rollouts = parquet_to_table(run.read(parts[sorted(parts)[i]]))
         t0 = time.time()
         scores = score_table(model, tok.pad_token_id, rollouts, c.scoring.top_k, c.scoring.batch_size, ctx.progress)
         secs = time.time() - t0
-        ctx.put_table("scores.parquet", scores)
-        t_lp = [x for row in scores["teacher_logprobs"].to_pylist() for x in row]
-        s_lp = [x for row in rollouts["logprobs"].to_pylist() for x in row]
-        n = max(1, len(t_lp))
+        ctx.put_table("part.parquet", scores)
         ctx.backend.update({"name": "transformers", "dtype": c.teacher.dtype, "device": str(model.device),
                             "top_k": min(c.scoring.top_k, model.config.vocab_size)})
-        # k1 estimate of reverse KL(student || teacher) on the sampled tokens
-        ctx.metrics.update(n_tokens=len(t_lp), teacher_logprob_mean=round(sum(t_lp) / n, 5),
-                           sampled_reverse_kl_k1=round(sum(s - t for s, t in zip(s_lp, t_lp)) / n, 5),
-                           tokens_per_s=round(len(t_lp) / max(secs, 1e-9), 1))
-    return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+        m = score_metrics(rollouts, scores)
+        ctx.metrics.update(m, seconds_scoring=round(secs, 3), tokens_per_s=round(m["n_tokens"] / max(secs, 1e-9), 1))
+    return params, inputs, parts, shard_body
+
+
+def score_metrics(rollouts: pa.Table, scores: pa.Table) -> dict:
+    t_lp = [x for row in scores["teacher_logprobs"].to_pylist() for x in row]
+    s_lp = [x for row in rollouts["logprobs"].to_pylist() for x in row]
+    n = max(1, len(t_lp))
+    # k1 estimate of reverse KL(student || teacher) on the sampled tokens
+    return {"n_tokens": len(t_lp), "teacher_logprob_mean": round(sum(t_lp) / n, 5),
+            "sampled_reverse_kl_k1": round(sum(s - t for s, t in zip(s_lp, t_lp)) / n, 5)}
+
+
+def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, parts, shard_body = _stage(run, stage)
+    ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm)
+
+    def finish(ctx: StageContext, scores: pa.Table) -> None:
+        ctx.metrics.update(score_metrics(read_parts(run, ro_stage, "rollouts"), scores))
+    return run_sharded(run, stage, n=len(parts), params=params, inputs=inputs, table="scores",
+                       shard_body=shard_body, finish=finish, force=force, progress=progress)
+
+
+def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, _, shard_body = _stage(run, split_shard_name(name)[0])
+    return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force, progress=progress)
+
+
+def n_shards(run: Run, stage: str) -> int:
+    """Scoring shards follow the rollout's parts."""
+    return len(run.outputs_under(round_stage("rollout", parse(stage).round, parse(stage).arm), "rollouts"))
 
 
 def load(run: Run, stage: str) -> pa.Table:
-    return parquet_to_table(run.read_output(stage, "scores.parquet"))
+    return read_parts(run, stage, "scores")
 
 
 def report(run: Run, entry: dict) -> str:
@@ -85,3 +111,4 @@ def report(run: Run, entry: dict) -> str:
 
 
 score_task = stage_task("score", run, report)
+score_shard_task = stage_task("score-shard", run_one_shard)

@@ -49,9 +49,6 @@ from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, round_stage, student_before
 from opdflow.tasks.train_worker import PROGRESS, train_round
 
-# execution settings: they change where and how fast a round trains, not what it computes
-EXECUTION_ONLY = ("checkpoint_every", "nproc_per_node", "micro_batch_size")
-
 
 def bypass_tokens(run: Run, arm: str) -> list[int]:
     if arm == "main":
@@ -103,13 +100,13 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
     src_stage, src_prefix = student_before(c, name.arm, name.round)
     src = run.require(src_stage)
     ro_stage, sc_stage = round_stage("rollout", name.round, name.arm), round_stage("score", name.round, name.arm)
-    inputs = {"rollouts": run.output(ro_stage, "rollouts.parquet"), "scores": run.output(sc_stage, "scores.parquet"),
+    inputs = {**run.outputs_under(ro_stage, "rollouts"), **run.outputs_under(sc_stage, "scores"),
               **run.model_inputs(src_stage, src_prefix, "student")}
     if name.round > 1:
         inputs.update({n: src["outputs"][n] for n in ("optimizer.safetensors", "optimizer.json")})
     if name.arm != "main":
         inputs["rock_sets"] = run.output("rock", "rock_sets.json")
-    train_params = {k: v for k, v in c.section("train").items() if k not in EXECUTION_ONLY}
+    train_params = {k: v for k, v in c.section("train").items() if k not in c.EXECUTION_TRAIN}
     params = {"train": train_params, "seed": c.seed, "round": name.round, "arm": name.arm,
               "student": c.section("student")}
 

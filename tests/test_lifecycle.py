@@ -103,7 +103,7 @@ def test_lifecycle_end_to_end(prefect_server, tmp_path):
     assert all((store / r["key"]).exists() for r in new["outputs"].values())
 
     # A corrupted object: the next reader fails with a checksum error naming it.
-    ro = json.loads((store / "runs/e2e/manifest/rollout.r02.json").read_text())["outputs"]["rollouts.parquet"]
+    ro = json.loads((store / "runs/e2e/manifest/rollout.r02.json").read_text())["outputs"]["rollouts/part-00000.parquet"]
     with open(store / ro["key"], "r+b") as f:
         f.seek(100)
         b = f.read(1)

@@ -13,6 +13,7 @@ import pytest
 from opdflow.infra.manifest import Run
 from opdflow.infra.store import open_store
 from opdflow.infra.tables import parquet_to_table
+from opdflow.tasks.shards import read_parts
 from opdflow.tasks import evaluate, models, prompts, report, rock, rollout, score, train
 from opdflow.tasks.plan import parse, plan
 
@@ -31,6 +32,8 @@ def tiny_run(tmp_path_factory, tiny_config):
 
 
 def _table(run, stage, name) -> pa.Table:
+    if name in ("rollouts", "scores"):  # sharded stages: a table in parts
+        return read_parts(run, stage, name)
     return parquet_to_table(run.read_output(stage, name))
 
 
@@ -53,7 +56,7 @@ def test_models_and_prompts(tiny_run):
 
 def test_rollout_contract(tiny_run):
     c = tiny_run.config
-    t = _table(tiny_run, "rollout.r01", "rollouts.parquet")
+    t = _table(tiny_run, "rollout.r01", "rollouts")
     assert t.num_rows == c.rollout.prompts_per_round * c.rollout.samples_per_prompt
     for r in t.to_pylist():
         assert len(r["response_ids"]) == len(r["logprobs"]) >= 1
@@ -62,17 +65,17 @@ def test_rollout_contract(tiny_run):
     e = tiny_run.require("rollout.r01")
     assert e["backend"]["name"] == "transformers" and e["backend"]["temperature"] == c.rollout.temperature
     # rounds take different prompts; arms take the same prompts with the same seeds
-    r2 = _table(tiny_run, "rollout.r02", "rollouts.parquet")
+    r2 = _table(tiny_run, "rollout.r02", "rollouts")
     assert r2["prompt_id"].to_pylist() != t["prompt_id"].to_pylist()
-    arm = _table(tiny_run, "ablate-rock.rollout.r01", "rollouts.parquet")
+    arm = _table(tiny_run, "ablate-rock.rollout.r01", "rollouts")
     assert arm["seed"].to_pylist() == t["seed"].to_pylist()
     # same start, same seeds: the rock arm's first rollout is the main run's first rollout
     assert arm["response_ids"].to_pylist() == t["response_ids"].to_pylist()
 
 
 def test_score_contract(tiny_run):
-    ro = _table(tiny_run, "rollout.r01", "rollouts.parquet").to_pylist()
-    sc = _table(tiny_run, "score.r01", "scores.parquet").to_pylist()
+    ro = _table(tiny_run, "rollout.r01", "rollouts").to_pylist()
+    sc = _table(tiny_run, "score.r01", "scores").to_pylist()
     assert len(ro) == len(sc)
     for a, b in zip(ro, sc):
         n = len(a["response_ids"])

@@ -1,0 +1,186 @@
+"""Teacher scoring at scale: per response token, the teacher's logprob and top-k, without full logits.
+
+Why: `tasks.score.score_table` runs the whole causal LM, which materialises logits for every
+position of the batch, [batch, width, vocab], then a float32 copy of the response rows. With a
+real teacher (vocabulary ~150k) a batch of 64 sequences of 2k tokens is ~40 GB of bf16 logits plus
+up to ~80 GB for the float32 copy, so memory, not the GPU's compute, caps the batch size. Only the rows that predict response
+tokens are needed, and each row only for one gather and one top-k. Here:
+
+1. the model's base (`model.get_decoder()`: the transformer without the LM head, final norm
+   included) runs on the right-padded batch and gives the final hidden states;
+2. only the hidden states at the positions that predict a response token are kept ([N, hidden]);
+3. the LM head (`model.get_output_embeddings()`) is applied to `chunk_tokens` rows at a time:
+   per chunk, log_softmax in float32, the logprob of the sampled token, and the top-k. At most
+   `chunk_tokens` x vocab logits exist at once, whatever the batch.
+
+The batches hold the sequences sorted by length (less padding); results are put back in input
+order. With right padding and causal attention, a sequence's numbers do not depend on what it is
+batched with (up to kernel rounding), so this equals `score_table` (tests/test_scoring.py checks
+1e-5 on the demo models).
+
+Final logit transforms: some architectures change the logits after the LM head. The ones known
+here are applied, in the model's dtype and the order the transformers 5 models use: Cohere's
+`logit_scale` (multiply), Granite's `logits_scaling` (divide), then the Gemma-style
+`final_logit_softcapping` (cap * tanh(logits / cap)). Any other arch-specific step would make the
+results silently wrong, so every call first checks the head path against the model's own forward
+on a short prefix of the longest sequence (at most `chunk_tokens` and 16 tokens, so the check
+also stays within the chunk bound) and refuses the model if they differ.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+Scores = tuple[list[float], list[list[int]], list[list[float]]]
+
+_PROBE_TOKENS = 16
+
+
+# -- the parts of the model -------------------------------------------------------------------
+
+def split_model(model):
+    """(base, head): the transformer that gives final hidden states, and the LM head."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if base is None or base is model:
+        base = getattr(model, "model", None)
+    head = model.get_output_embeddings()
+    if base is None or base is model or head is None:
+        raise ValueError(f"{type(model).__name__}: cannot split into a base model and an LM head")
+    return base, head
+
+
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def logit_transform(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the arch does to the LM head's output (identity for Llama, Qwen2, Mistral...)."""
+    cfg = text_config(model)
+    scale = getattr(cfg, "logit_scale", None)
+    scaling = getattr(cfg, "logits_scaling", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+
+    def apply(logits: torch.Tensor) -> torch.Tensor:
+        if isinstance(scale, (int, float)) and scale != 1:
+            logits = logits * scale
+        if isinstance(scaling, (int, float)) and scaling != 1:
+            logits = logits / scaling
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+    return apply
+
+
+def vocab_size(model) -> int:
+    return int(getattr(model.config, "vocab_size", None) or text_config(model).vocab_size)
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int):
+    """Right-padded ids and mask [B, W], and (row, column) of each position that predicts a
+    response token, in order (sequence by sequence, token by token)."""
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols = [], []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if r and not p:
+            raise ValueError(f"sequence {i}: a response needs a non-empty prompt to be scored")
+        ids[i, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+        mask[i, :len(seqs[i])] = 1
+        rows += [i] * len(r)
+        cols += range(len(p) - 1, len(p) - 1 + len(r))
+    return ids, mask, torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def length_batches(prompts, responses, batch_size: int) -> list[list[int]]:
+    """Indices in batches of `batch_size`, sequences of similar length together."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+
+
+def response_hidden(base, ids, mask, rows, cols, dev) -> torch.Tensor:
+    """Final hidden states [N, hidden] at the positions that predict response tokens."""
+    hidden = base(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+    return hidden[rows.to(dev), cols.to(dev)]
+
+
+def score_rows(head, transform, hidden: torch.Tensor, tokens: torch.Tensor, k: int,
+               chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprob of each token [N], top-k logprobs [N, k], top-k ids [N, k]) on the CPU, from
+    `chunk_tokens` rows of logits at a time."""
+    lps, top_lps, top_ids = [], [], []
+    for lo in range(0, hidden.shape[0], chunk_tokens):
+        logp = torch.log_softmax(transform(head(hidden[lo:lo + chunk_tokens])).float(), dim=-1)
+        lps.append(logp.gather(-1, tokens[lo:lo + chunk_tokens, None].to(logp.device)).squeeze(-1).cpu())
+        v, i = logp.topk(k, dim=-1)
+        top_lps.append(v.cpu())
+        top_ids.append(i.cpu())
+        del logp
+    if not lps:
+        return torch.zeros(0), torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(lps), torch.cat(top_lps), torch.cat(top_ids)
+
+
+def check_head_path(model, base, head, transform, seq: Sequence[int], max_tokens: int) -> None:
+    """Refuse a model whose own forward gives other logits than base -> head -> transform."""
+    n = max(1, min(_PROBE_TOKENS, max_tokens, len(seq)))
+    dev = next(model.parameters()).device
+    ids = torch.tensor([list(seq[:n])], dtype=torch.long, device=dev)
+    mask = torch.ones_like(ids)
+    want = model(input_ids=ids, attention_mask=mask).logits.float()
+    got = transform(head(base(input_ids=ids, attention_mask=mask).last_hidden_state)).float()
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol):
+        diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+        raise ValueError(f"{type(model).__name__}: hidden states -> LM head does not reproduce the model's logits "
+                         f"(max |diff| {diff:.3g}); this architecture transforms its logits in a way "
+                         "infra.scoring does not know: score it with tasks.score.score_table")
+
+
+# -- the entry point --------------------------------------------------------------------------
+
+@torch.no_grad()
+def teacher_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                   top_k: int, batch_size: int, chunk_tokens: int = 4096,
+                   progress: Callable[[float, str], None] | None = None) -> list[Scores]:
+    """Per response: (teacher logprob of each token, top-k ids per token, top-k logprobs per
+    token), as `tasks.score.score_table` stores them, with k = min(top_k, vocabulary size)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if chunk_tokens < 1 or batch_size < 1:
+        raise ValueError("chunk_tokens and batch_size must be at least 1")
+    model.eval()
+    base, head = split_model(model)
+    transform = logit_transform(model)
+    k = min(top_k, vocab_size(model))
+    dev = next(model.parameters()).device
+    out: list[Scores | None] = [None] * len(prompts)
+    if prompts:
+        j = max(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        if len(prompts[j]) + len(responses[j]):
+            check_head_path(model, base, head, transform, list(prompts[j]) + list(responses[j]), chunk_tokens)
+    done = 0
+    for idx in length_batches(prompts, responses, batch_size):
+        ps, rs = [prompts[i] for i in idx], [responses[i] for i in idx]
+        n_tok = sum(len(r) for r in rs)
+        if n_tok:
+            ids, mask, rows, cols = pack(ps, rs, pad_id)
+            hidden = response_hidden(base, ids, mask, rows, cols, dev)
+            tokens = torch.tensor([t for r in rs for t in r], dtype=torch.long)
+            tok_lp, top_lp, top_ids = score_rows(head, transform, hidden, tokens, k, chunk_tokens)
+            del hidden
+        start = 0
+        for i, r in zip(idx, rs):
+            n = len(r)
+            out[i] = ((tok_lp[start:start + n].tolist(), top_ids[start:start + n].tolist(),
+                       top_lp[start:start + n].tolist()) if n else ([], [], []))
+            start += n
+        done += len(idx)
+        if progress:
+            progress(done / len(prompts), f"{done}/{len(prompts)} sequences")
+    return out  # type: ignore[return-value]

@@ -1,0 +1,71 @@
+"""Sharded stages as plain functions: same tables as unsharded, shards committed alone."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from opdflow.infra.config import load_config
+from opdflow.infra.manifest import Run
+from opdflow.infra.store import open_store
+from opdflow.tasks import models, prompts, rollout, score
+from opdflow.tasks.shards import read_parts, shard_bounds, shard_name, split_shard_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_shard_bounds_cover_in_batches():
+    assert shard_bounds(100, 3, 16) == [(0, 48), (48, 96), (96, 100)]
+    assert shard_bounds(100, 1, 16) == [(0, 100)]
+    assert shard_bounds(10, 8, 4) == [(0, 4), (4, 8), (8, 10)]  # fewer shards when batches run out
+    for n_items, n, align in ((1, 5, 1), (257, 4, 64), (64, 4, 16)):
+        b = shard_bounds(n_items, n, align)
+        assert b[0][0] == 0 and b[-1][1] == n_items and all(lo < hi for lo, hi in b)
+        assert all(lo == prev_hi for (lo, _), (_, prev_hi) in zip(b[1:], b)) and len(b) <= n
+        assert all((hi - lo) % align == 0 for lo, hi in b[:-1])
+
+
+def test_shard_names_round_trip():
+    assert split_shard_name(shard_name("ablate-rock.rollout.r03", 2, 7)) == ("ablate-rock.rollout.r03", 2, 7)
+    assert split_shard_name("rollout.r03") is None
+
+
+def _run(store, run_id: str, shards: int) -> Run:
+    config = load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+                         {"scale": {"shards": shards}, "rollout": {"prompts_per_round": 12, "batch_size": 4}})
+    run = Run.create_or_open(store, run_id, config)
+    for fn, stage in ((models.run, "models"), (prompts.run, "prompts"), (rollout.run, "rollout.r01"),
+                      (score.run, "score.r01")):
+        fn(run, stage)
+    return run
+
+
+def test_sharded_stages_equal_unsharded_and_rerun_only_missing_shards(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    one, three = _run(store, "one", 1), _run(store, "three", 3)
+    for stage, table in (("rollout.r01", "rollouts"), ("score.r01", "scores")):
+        assert len(three.outputs_under(stage, table)) == 3 and len(one.outputs_under(stage, table)) == 1
+        assert read_parts(three, stage, table).equals(read_parts(one, stage, table)), stage
+        assert three.require(stage)["metrics"]["shards"] == 3
+
+    # a lost shard commit: rerunning the stage redoes that shard only, and recommits the stage
+    lost = shard_name("rollout.r01", 1, 3)
+    store.delete(f"runs/three/manifest/{lost}.json")
+    before = {i: len(three.attempts(shard_name("rollout.r01", i, 3))) for i in range(3)}
+    entry, ran = rollout.run(three, "rollout.r01")
+    after = {i: len(three.attempts(shard_name("rollout.r01", i, 3))) for i in range(3)}
+    assert ran and after == {0: before[0], 1: before[1] + 1, 2: before[2]}
+    assert read_parts(three, "rollout.r01", "rollouts").equals(read_parts(one, "rollout.r01", "rollouts"))
+    assert rollout.run(three, "rollout.r01") == (entry, False)  # now all committed: skipped
+
+
+def test_execution_settings_do_not_change_the_run(tmp_path):
+    """Resuming a run with other shard counts / processes keeps its identity and results."""
+    store = open_store(str(tmp_path / "store"))
+    run = _run(store, "r", 1)
+    config = run.config.model_copy(update={"scale": run.config.scale.model_copy(update={"shards": 2})})
+    again = Run.create_or_open(store, "r", config)
+    assert again.config.scale.shards == 2 and Run.open(store, "r").config.scale.shards == 2
+    other = run.config.model_copy(update={"seed": 1})
+    with pytest.raises(Exception, match="different config"):
+        Run.create_or_open(store, "r", other)
