@@ -4,6 +4,8 @@
     opdflow stage NAME --run-id ID [--store URI]       rerun one stage from its stored inputs
     opdflow status --run-id ID [--store URI] [--json]  stages, evaluation, verdict
     opdflow validate CONFIG                            config + preflight checks only
+    opdflow capacity --run-id ID [--gpus 1,2,4,8]      a round's wall time on N GPUs, from the
+                  [--train-efficiency E]               throughputs the run measured
     opdflow serve MODEL_DIR [--host H] [--port P]      an OpenAI-compatible completions server
                   [--dtype D] [--name NAME]            (vLLM's API subset; see infra/serve.py)
 
@@ -62,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--json", action="store_true")
     v = sub.add_parser("validate", help="check a config and its inputs without running")
     v.add_argument("config")
+    c = sub.add_parser("capacity", help="predict a round's wall time on N GPUs from a run's measured throughputs")
+    c.add_argument("--run-id", required=True)
+    c.add_argument("--store", default=None)
+    c.add_argument("--gpus", default="1,2,4,8")
+    c.add_argument("--train-efficiency", type=float, default=1.0)
     sv = sub.add_parser("serve", help="serve a Hugging Face model dir over an OpenAI-compatible API")
     sv.add_argument("model_dir")
     sv.add_argument("--host", default="127.0.0.1")
@@ -83,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             from opdflow.tasks.report import run_status
             st = run_status(Run.open(a.store or _default_store(), a.run_id))
             print(json.dumps(st, indent=2)) if a.json else _print_status(st)
+            return 0
+        if a.cmd == "capacity":
+            from opdflow.infra.manifest import Run
+            from opdflow.tasks import capacity
+            m = capacity.measured(Run.open(a.store or _default_store(), a.run_id))
+            gpus = [int(g) for g in a.gpus.split(",")]
+            print(capacity.markdown(m, capacity.predict(m["tokens"], m["tokens_per_s"], gpus, a.train_efficiency)))
             return 0
         from opdflow.flows.lifecycle import lifecycle, stage_flow, start_run
         if a.cmd == "run":

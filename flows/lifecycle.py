@@ -94,7 +94,8 @@ def task_runner(config: Config):
         raise ConfigError("scale.task_runner", "dask needs prefect-dask: pip install 'opdflow[dask]'") from None
     if sc.dask_address:
         return DaskTaskRunner(address=sc.dask_address)
-    kwargs = {"n_workers": sc.dask_workers, "threads_per_worker": max(1, sc.gpus_per_worker),
+    # with GPU slots, one thread more than slots: only the slot keeps a worker to G shard tasks
+    kwargs = {"n_workers": sc.dask_workers, "threads_per_worker": sc.gpus_per_worker + 1 if sc.gpus_per_worker else 1,
               "processes": True}
     if sc.gpus_per_worker:
         kwargs["resources"] = {"GPU": sc.gpus_per_worker}

@@ -58,19 +58,50 @@ class DataConfig(_Section):
     n_eval: int = Field(200, gt=0, description="held-out prompts for evaluation (demo task)")
 
 
+class OpenAIConfig(_Section):
+    """An OpenAI-compatible completions server (vLLM, SGLang, `opdflow serve`): see infra/openai_backend.py."""
+    base_url: str | None = Field(None, description="the server's API root, e.g. http://host:8000/v1")
+    model: str | None = Field(None, description="the model name the server serves it under")
+    api_key_env: str = Field("OPENAI_API_KEY", description="the NAME of the environment variable holding the "
+                                                         "API key (never the key itself); unset or empty: no key")
+    timeout_s: float = Field(120.0, gt=0.0, description="per request")
+    max_retries: int = Field(5, ge=0, description="retries on 429, 5xx and connection errors")
+    concurrency: int = Field(8, ge=1, description="requests in flight")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name_not_a_key(cls, v: str) -> str:
+        if not v.replace("_", "").isalnum() or v[0].isdigit():
+            raise ValueError("give the name of an environment variable (letters, digits, _), not the key itself")
+        return v
+
+
+RolloutBackend = Literal["transformers", "native", "vllm", "openai"]
+
+
 class RolloutConfig(_Section):
-    backend: Literal["transformers"] = "transformers"
+    backend: RolloutBackend = Field("transformers", description="transformers | native (static KV cache, CUDA "
+                                    "graphs) | vllm (needs CUDA and vLLM) | openai (a completions server that "
+                                    "serves the current student; see rollout.openai)")
     samples_per_prompt: int = Field(4, ge=1)
     prompts_per_round: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens only; 0 = off")
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(64, ge=1)
+    openai: OpenAIConfig = OpenAIConfig()
 
 
 class ScoringConfig(_Section):
+    backend: Literal["transformers", "openai"] = Field("transformers", description="transformers (in process, "
+                                                       "chunked LM head) | openai (a server serving the teacher; "
+                                                       "see scoring.openai)")
     top_k: int = Field(64, ge=1, description="teacher top-k kept per position; k >= vocab size is exact")
     batch_size: int = Field(64, ge=1)
+    chunk_tokens: int = Field(4096, ge=1, description="transformers backend: LM-head rows computed at once "
+                                                      "(bounds the logits' memory)")
+    openai: OpenAIConfig = OpenAIConfig()
 
 
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "akl"]
@@ -114,6 +145,8 @@ class TrainConfig(_Section):
     micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward/backward on each process "
                                                                  "(gradient accumulation); default: the process's "
                                                                  "whole share of the batch")
+    tis_cap: float | None = Field(None, gt=0.0, description="truncated importance sampling: weight each token's "
+                                  "loss by min(p_trainer / p_sampler, tis_cap); unset: off")
 
 
 class RockConfig(_Section):
@@ -198,9 +231,18 @@ class Config(_Section):
         if self.train.loss.temperature != 1.0:
             raise ValueError("train.loss.temperature: training distills against the teacher's stored top-k "
                              "log-probs, which cannot be re-tempered; use 1.0")
+        for section in ("rollout", "scoring"):
+            _check_openai(section, getattr(self, section))
+        if self.train.tis_cap is not None and not self._samples_the_model():
+            raise ValueError("train.tis_cap: importance weights need the sampler's logprobs under the model's own "
+                             "distribution; use rollout.temperature 1, top_p 1 and top_k 0")
         if "opdflow_arith" in self.eval.tasks and self.data.source != DEMO:
             raise ValueError("eval.tasks: opdflow_arith is the demo benchmark; it needs data.source: demo")
         return self
+
+    def _samples_the_model(self) -> bool:
+        ro = self.rollout
+        return ro.temperature == 1.0 and ro.top_p == 1.0 and ro.top_k == 0
 
     # Execution settings say where and how a run computes, never what: a run can be resumed
     # with more GPUs, another cluster or other shard counts without changing its identity.
@@ -223,6 +265,17 @@ class Config(_Section):
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
+
+
+def _check_openai(section: str, cfg) -> None:
+    """An openai backend needs a server and a model name; the vllm note is checked by preflight."""
+    if cfg.backend != "openai":
+        return
+    for key in ("base_url", "model"):
+        if not getattr(cfg.openai, key):
+            raise ValueError(f"{section}.openai.{key}: {section}.backend: openai needs "
+                             f"{section}.openai.{key} (the server's "
+                             f"{'API root, e.g. http://host:8000/v1' if key == 'base_url' else 'model name'})")
 
 
 def _field_path(err: dict) -> str:

@@ -51,6 +51,18 @@ def preflight(config: Config) -> list[dict]:
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError("train.kernel", "'triton' needs a CUDA device (or TRITON_INTERPRET=1); "
                                               "use 'auto' to take Triton where CUDA is available")
+    if config.rollout.backend == "vllm":
+        _require_vllm()
     if config.eval.include_path and not Path(config.eval.include_path).is_dir():
         raise ConfigError("eval.include_path", f"{config.eval.include_path!r} is not a directory")
     return rows
+
+
+def _require_vllm() -> None:
+    """The vllm rollout backend runs vLLM in the stage's process: it must be installed (and
+    needs a CUDA machine). Found by module spec, without importing vLLM (slow)."""
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.backend", "'vllm' needs vLLM installed (pip install 'opdflow[vllm]') on a CUDA "
+                                             "machine; it is not importable here. Use 'transformers' or 'native', "
+                                             "or 'openai' against a vLLM server")

@@ -20,7 +20,9 @@ which the causal ablation uses as its control arm.
 Departures: on tiny vocabularies (the demo has tens of tokens) use small n_rock /
 n_control / drop_top; the config says so rather than the code.
 
-Outputs: records.parquet (per position and checkpoint), tokens.parquet (per token id),
+Outputs: records/part-NNNNN.parquet (per position, one part per checkpoint; the per-token
+aggregation streams over them with `opdflow.infra.streaming`, memory bounded by the
+vocabulary), tokens.parquet (per token id),
 rock_sets.json (rock, control, dropped, random_matched), report.md with embedded plots.
 """
 from __future__ import annotations
@@ -30,14 +32,20 @@ import io
 import math
 import random
 import re
+import shutil
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from opdflow.infra.config import Config
 from opdflow.infra.lm import derive_seed, load_model, load_tokenizer, response_logits
 from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.streaming import aggregate_dataset, token_dataset
 from opdflow.infra.tables import parquet_to_table
 from opdflow.kernels import per_token_divergence_and_grad
 from opdflow.tasks import prompts as prompts_stage
@@ -258,7 +266,8 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
                 "sample_idx": [s for s, n in zip(seqs["sample_idx"].to_pylist(), lens) for _ in range(n)],
                 "position": [i for n in lens for i in range(n)],
                 "token_id": [t for r in seqs["response_ids"].to_pylist() for t in r]}
-        per_ckpt, aggs, tables = {}, {}, []
+        per_ckpt, aggs, parts = {}, {}, []
+        work = Path(tempfile.mkdtemp(prefix="opdflow-rock-"))
         for i, (label, st, prefix) in enumerate(ckpts):
             model = load_model(run.materialize(st, prefix), c.student.dtype).eval()
             m, sums = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size)
@@ -267,9 +276,15 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
             else:
                 m.update({f"cos_{name}": [None] * len(m["kl"]) for name in sums})
             per_ckpt[label] = {**base, **m}
-            aggs[label] = aggregate(base["token_id"], m["kl"], m["grad_norm"])
-            tables.append(pa.table({"checkpoint": [label] * len(base["token_id"]), **base, **m}))
+            table = pa.table({"checkpoint": [label] * len(base["token_id"]), **base, **m})
+            parts.append(work / f"part-{i:05d}.parquet")  # one schema for every part: cosines as float64
+            pq.write_table(table.cast(pa.schema([pa.field(f.name, pa.float64()) if pa.types.is_null(f.type) else f
+                                                 for f in table.schema])), parts[-1], compression="zstd")
             ctx.progress((i + 2) / n_steps, f"checkpoint {label} measured")
+        for i, path in enumerate(parts):  # per-token records as Parquet parts, one per checkpoint
+            ctx.put_file(f"records/part-{i:05d}.parquet", path)
+        for label, _, _ in ckpts:  # aggregation streams over the parts: memory bounded by the vocabulary
+            aggs[label] = aggregate_dataset(token_dataset(parts), filter=pc.field("checkpoint") == label).to_dict()
         final_label = ckpts[-1][0]
         agg = aggs[final_label]
         sel = select(agg, c.rock.n_rock, c.rock.n_control, c.rock.drop_top)
@@ -289,7 +304,6 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
                                                                if k.startswith("cos_")},
                                             {"rock": sel["rock"], "control": sel["control"]}),
         }
-        ctx.put_table("records.parquet", pa.concat_tables(tables, promote_options="permissive"))
         ctx.put_table("tokens.parquet", _token_table(tok, aggs, sel, rand))
         ctx.put_json("rock_sets.json", sets)
         ctx.put_json("summary.json", summary)
@@ -297,6 +311,7 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
         for name, png in plots.items():
             ctx.put_bytes(f"{name}.png", png)
         ctx.put_bytes("report.md", render_report(run.run_id, tok, agg, sel, summary, plots).encode())
+        shutil.rmtree(work, ignore_errors=True)
         ctx.metrics.update(n_positions=summary["n_positions"], n_rock=len(sel["rock"]),
                            rock_token_share=round(summary["rock"]["token_share"], 4),
                            rock_kl_share=round(summary["rock"]["kl_share"], 4),

@@ -9,7 +9,9 @@ only, so sharding the stage never changes its output.
 Output `rollouts/part-NNNNN.parquet`, one part per shard (`scale.shards`, see
 `opdflow.tasks.shards`): prompt_id, sample_idx, seed, prompt_ids, response_ids,
 logprobs (the sampler's own per-token logprob), finish_reason, response_text.
-The backend and its settings are recorded in each shard's manifest entry.
+The sampler is `rollout.backend` (see `opdflow.infra.backends`); it and its settings are
+recorded in each shard's manifest entry. A local model is loaded only for the backends
+that sample in this process (transformers, native).
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import time
 
 import pyarrow as pa
 
+from opdflow.infra import backends
 from opdflow.infra.config import DEMO, Config
-from opdflow.infra.lm import SampleSettings, derive_seed, load_model, load_tokenizer, sample
+from opdflow.infra.lm import SampleSettings, derive_seed, load_model, load_tokenizer
 from opdflow.infra.manifest import Run, StageContext, run_stage
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
@@ -37,23 +40,23 @@ def round_prompt_ids(config: Config, train_ids: list[int], r: int) -> list[int]:
 def settings(config: Config) -> SampleSettings:
     ro = config.rollout
     return SampleSettings(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
-                          batch_size=ro.batch_size)
+                          batch_size=ro.batch_size, top_k=ro.top_k)
 
 
-def backend_record(config: Config, model) -> dict:
-    return {"name": config.rollout.backend, "dtype": config.student.dtype, "device": str(model.device),
-            **settings(config).__dict__}
+def backend_record(config: Config, model=None) -> dict:
+    """Which sampler ran, where, with which settings (a server: its URL and model, no key)."""
+    return backends.sampler_record(config, settings(config), model)
 
 
 def generate(run: Run, model_dir, jobs: list[tuple[dict, int]], seed_tag: tuple, ctx: StageContext) -> pa.Table:
     """Sample one response per (prompt row, sample index) job; shared with the rock stage."""
     c = run.config
     tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, c.student.dtype)
+    model = load_model(model_dir, c.student.dtype) if backends.needs_local_model(c.rollout.backend) else None
     seeds = [derive_seed(c.seed, *seed_tag, r["prompt_id"], j) for r, j in jobs]
     t0 = time.time()
-    out = sample(model, [r["prompt_ids"] for r, _ in jobs], seeds, settings(c), tok.eos_token_id,
-                 tok.pad_token_id, on_batch=lambda done: ctx.progress(done / len(jobs), f"{done}/{len(jobs)} sequences"))
+    out = backends.sampler_for(c)(model_dir, model, tok, [r["prompt_ids"] for r, _ in jobs], seeds, settings(c),
+                                  lambda done: ctx.progress(done / len(jobs), f"{done}/{len(jobs)} sequences"))
     secs = time.time() - t0
     table = pa.table({
         "prompt_id": [r["prompt_id"] for r, _ in jobs],
@@ -104,7 +107,8 @@ def _stage(run: Run, stage: str) -> tuple[dict, dict, callable]:
     name = parse(stage)
     src_stage, src_prefix = student_before(c, name.arm, name.round)
     inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, src_prefix, "student")}
-    params = {"rollout": c.section("rollout"), "seed": c.seed, "round": name.round, "student": c.section("student")}
+    params = {"rollout": backends.result_settings(c.section("rollout")), "seed": c.seed, "round": name.round,
+              "student": c.section("student")}
 
     def shard_body(ctx: StageContext, i: int, n: int) -> None:
         jobs = round_jobs(run, name.round)

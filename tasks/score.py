@@ -8,6 +8,12 @@ k >= vocabulary size (the demo) that is the exact full-vocabulary divergence.
 Output `scores/part-NNNNN.parquet`, one part per rollout part (shard i scores the
 rollout's part i, so parts stay row-aligned): prompt_id, sample_idx, teacher_logprobs,
 topk_ids, topk_logprobs.
+
+The scorer is `scoring.backend` (see `opdflow.infra.backends`): transformers runs the teacher
+in this process with the chunked LM head of `opdflow.infra.scoring` (only `chunk_tokens`
+rows of logits at a time; equal to `score_table`, the full-logits reference kept here, to
+1e-5), openai asks a server that serves the teacher. The teacher is loaded only for the
+former; its tokenizer is always read (the server's is checked against it).
 """
 from __future__ import annotations
 
@@ -16,12 +22,20 @@ import time
 import pyarrow as pa
 import torch
 
+from opdflow.infra import backends
 from opdflow.infra.lm import load_model, load_tokenizer, response_logits
 from opdflow.infra.manifest import Run, StageContext, run_stage
 from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, round_stage
 from opdflow.tasks.shards import read_parts, run_shard, run_sharded, split_shard_name
+
+
+def scores_table(rollouts: pa.Table, scores: list) -> pa.Table:
+    """Per-response (teacher logprobs, top-k ids, top-k logprobs) -> the stage's table."""
+    return pa.table({"prompt_id": rollouts["prompt_id"], "sample_idx": rollouts["sample_idx"],
+                     "teacher_logprobs": [s[0] for s in scores], "topk_ids": [s[1] for s in scores],
+                     "topk_logprobs": [s[2] for s in scores]})
 
 
 @torch.no_grad()
@@ -53,19 +67,20 @@ def _stage(run: Run, stage: str):
     ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm)
     parts = run.outputs_under(ro_stage, "rollouts")
     inputs = {**parts, **run.model_inputs("models", "teacher")}
-    params = {"scoring": c.section("scoring"), "teacher": c.section("teacher")}
+    params = {"scoring": backends.result_settings(c.section("scoring")), "teacher": c.section("teacher")}
 
     def shard_body(ctx: StageContext, i: int, n: int) -> None:
         tdir = run.materialize("models", "teacher")
-        model, tok = load_model(tdir, c.teacher.dtype), load_tokenizer(tdir)
-        model.eval()
+        tok = load_tokenizer(tdir)
+        model = load_model(tdir, c.teacher.dtype).eval() if backends.needs_local_model(c.scoring.backend) else None
         rollouts = parquet_to_table(run.read(parts[sorted(parts)[i]]))
         t0 = time.time()
-        scores = score_table(model, tok.pad_token_id, rollouts, c.scoring.top_k, c.scoring.batch_size, ctx.progress)
+        per_seq = backends.scorer_for(c)(model, tok, rollouts["prompt_ids"].to_pylist(),
+                                         rollouts["response_ids"].to_pylist(), ctx.progress)
+        scores = scores_table(rollouts, per_seq)
         secs = time.time() - t0
         ctx.put_table("part.parquet", scores)
-        ctx.backend.update({"name": "transformers", "dtype": c.teacher.dtype, "device": str(model.device),
-                            "top_k": min(c.scoring.top_k, model.config.vocab_size)})
+        ctx.backend.update(backends.scorer_record(c, model))
         m = score_metrics(rollouts, scores)
         ctx.metrics.update(m, seconds_scoring=round(secs, 3), tokens_per_s=round(m["n_tokens"] / max(secs, 1e-9), 1))
     return params, inputs, parts, shard_body

@@ -40,7 +40,10 @@ from opdflow.infra.lm import batch_response_logits, derive_seed, load_model, loa
 from opdflow.kernels import DistillationLoss, resolve_backend
 
 PROGRESS = "opdflow-progress"
-RECORD_COLUMNS = ("step", "prompt_id", "sample_idx", "position", "token_id", "loss", "weight")
+# trainer_logprob: the trainer's own log-prob of the sampled token (float32, before the step's
+# update), for the sampler-vs-trainer mismatch report (`opdflow.tasks.mismatch`)
+RECORD_COLUMNS = ("step", "prompt_id", "sample_idx", "position", "token_id", "loss", "weight", "trainer_logprob")
+LOGPROB_CHUNK = 4096  # rows of logits turned into float32 at once for the trainer's logprobs
 
 
 # -- plain pieces ---------------------------------------------------------------------------
@@ -84,19 +87,35 @@ def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int | Non
     return [mine[i * size:(i + 1) * size] for i in range(n_micro)]
 
 
-def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: int):
+@torch.no_grad()
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """log_softmax(logits)[i, tokens[i]] in float32, detached, `chunk` rows at a time (so a
+    large vocabulary never needs a full float32 copy of the logits)."""
+    out = [logits[lo:lo + chunk].detach().float().log_softmax(-1).gather(-1, tokens[lo:lo + chunk, None]).squeeze(-1)
+           for lo in range(0, logits.shape[0], chunk)]
+    return torch.cat(out) if out else torch.zeros(0, device=logits.device)
+
+
+def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: int, tis_cap: float | None = None):
     """One micro-batch: student logits at response positions vs the teacher's stored top-k.
-    Returns (mean loss over the micro-batch's tokens, per-token loss, weights)."""
+    Returns (mean loss over the micro-batch's tokens, per-token loss, weights, the trainer's
+    log-prob of each sampled token). With `tis_cap`, each token's weight is multiplied by
+    min(p_trainer / p_sampler, tis_cap), the sampler's logprobs being the rows' `logprobs`."""
     dev = next(model.parameters()).device
     logits = batch_response_logits(model, [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows],
                                    pad_id, dev, grad=True)
     tokens = [t for r in rows for t in r["response_ids"]]
+    trainer_lp = token_logprobs(logits, torch.tensor(tokens, dtype=torch.long, device=dev))
     ids = torch.tensor([k for r in rows for k in r["topk_ids"]], dtype=torch.long, device=dev)
     lps = torch.tensor([k for r in rows for k in r["topk_logprobs"]], dtype=torch.float32, device=dev)
     weights = torch.tensor([0.0 if t in bypass else 1.0 for t in tokens], device=dev)
+    if tis_cap is not None:
+        from opdflow.tasks.mismatch import tis_weights
+        sampler_lp = torch.tensor([x for r in rows for x in r["logprobs"]], dtype=torch.float32, device=dev)
+        weights = weights * tis_weights(sampler_lp, trainer_lp, tis_cap)
     mask = torch.ones(len(tokens), dtype=torch.bool, device=dev)
     loss, per_token = loss_fn(logits, teacher_topk_ids=ids, teacher_topk_logprobs=lps, mask=mask, weights=weights)
-    return loss, per_token, weights
+    return loss, per_token, weights, trainer_lp
 
 
 # -- optimizer state as safetensors + JSON (never pickle in the store) ------------------------
@@ -140,12 +159,13 @@ class TrainState:
     n_bypassed: int = 0
     records: dict[str, list] = field(default_factory=lambda: {k: [] for k in RECORD_COLUMNS})
 
-    def record(self, loss: float, batch: list[dict], per_token: list[float], weights: list[float]) -> None:
+    def record(self, loss: float, batch: list[dict], per_token: list[float], weights: list[float],
+               trainer_lp: list[float]) -> None:
         i = 0
         for r in batch:
             for pos, tok in enumerate(r["response_ids"]):
                 for col, val in zip(RECORD_COLUMNS, (self.step, r["prompt_id"], r["sample_idx"], pos, tok,
-                                                     per_token[i], weights[i])):
+                                                     per_token[i], weights[i], trainer_lp[i])):
                     self.records[col].append(val)
                 i += 1
         self.losses.append(loss)
@@ -187,25 +207,26 @@ def load_partial(resume: Path, model, opt, state: TrainState) -> None:
 # -- the loop ----------------------------------------------------------------------------------
 
 def train_step(d: distributed.Dist, model, opt, loss_fn, c: Config, batch: list[dict], bypass: frozenset[int],
-               pad_id: int, global_step: int) -> tuple[float, list[float], list[float]]:
-    """One optimizer step over the global batch; returns (loss, per-token losses and weights
-    in batch order) on rank 0."""
+               pad_id: int, global_step: int) -> tuple[float, list[float], list[float], list[float]]:
+    """One optimizer step over the global batch; returns (loss, per-token losses, weights and
+    trainer logprobs in batch order) on rank 0."""
     n_global = sum(len(r["response_ids"]) for r in batch)
     micros = rank_micro_batches(batch, d.rank, d.world, c.train.micro_batch_size)
     loss_sum, mine = 0.0, []
     for i, pos in enumerate(micros):
         distributed.set_gradient_sync(model, i == len(micros) - 1)
         rows = [batch[p] for p in pos] or batch[:1]  # an empty micro-batch runs with zero weight
-        loss, per_token, weights = loss_step(model, loss_fn, rows, bypass, pad_id)
+        loss, per_token, weights, trainer_lp = loss_step(model, loss_fn, rows, bypass, pad_id, c.train.tis_cap)
         n_micro = sum(len(r["response_ids"]) for r in rows)
         scale = (n_micro / n_global) * d.world if pos else 0.0  # FSDP averages over ranks
         (loss * scale).backward()
         if pos:
             loss_sum += float(loss.detach()) * n_micro  # host sync: the log needs the value
-            vals, ws, start = per_token.detach().float().cpu().tolist(), weights.cpu().tolist(), 0
+            vals, ws, tlp = per_token.detach().float().cpu().tolist(), weights.cpu().tolist(), trainer_lp.cpu().tolist()
+            start = 0
             for p, r in zip(pos, rows):
                 n = len(r["response_ids"])
-                mine.append((p, vals[start:start + n], ws[start:start + n]))
+                mine.append((p, vals[start:start + n], ws[start:start + n], tlp[start:start + n]))
                 start += n
     set_lr(opt, c, global_step)
     if c.train.optimizer.grad_clip > 0:
@@ -215,9 +236,10 @@ def train_step(d: distributed.Dist, model, opt, loss_fn, c: Config, batch: list[
     loss_value = distributed.all_sum(d, loss_sum) / max(1, n_global)
     gathered = distributed.gather_to_main(d, mine)
     if gathered is None:
-        return loss_value, [], []
+        return loss_value, [], [], []
     by_pos = sorted((item for part in gathered for item in part), key=lambda x: x[0])
-    return loss_value, [v for _, vals, _ in by_pos for v in vals], [w for _, _, ws in by_pos for w in ws]
+    return (loss_value, [v for _, vals, _, _ in by_pos for v in vals], [w for _, _, ws, _ in by_pos for w in ws],
+            [x for _, _, _, tlp in by_pos for x in tlp])
 
 
 def train_round(spec: dict, progress=lambda frac, msg="": None) -> dict:
@@ -256,9 +278,10 @@ def _train_round(d: distributed.Dist, spec: dict, progress) -> dict:
     while state.step < len(batches):
         batch = [rows[i] for i in batches[state.step]]
         global_step = (spec["round"] - 1) * c.train.steps_per_round + state.step
-        loss, per_token, weights = train_step(d, model, opt, loss_fn, c, batch, bypass, tok.pad_token_id, global_step)
+        loss, per_token, weights, trainer_lp = train_step(d, model, opt, loss_fn, c, batch, bypass, tok.pad_token_id,
+                                                          global_step)
         if d.is_main:
-            state.record(loss, batch, per_token, weights)
+            state.record(loss, batch, per_token, weights, trainer_lp)
         else:
             state.step += 1
         progress(state.step / len(batches), f"step {state.step}/{len(batches)} loss {loss:.4f}")
@@ -311,4 +334,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["train_round", "TrainState", "step_batches", "make_optimizer", "set_lr", "rank_micro_batches",
-           "optimizer_to_files", "optimizer_from_files", "loss_step"]
+           "optimizer_to_files", "optimizer_from_files", "loss_step", "token_logprobs"]

@@ -119,7 +119,7 @@ def test_rock_outputs(tiny_run):
     c = tiny_run.config.rock
     sets = json.loads(tiny_run.read_output("rock", "rock_sets.json"))
     assert len(sets["rock"]) == c.n_rock and len(sets["control"]) == c.n_control and len(sets["dropped"]) == c.drop_top
-    rec = _table(tiny_run, "rock", "records.parquet")
+    rec = read_parts(tiny_run, "rock", "records")
     assert set(rec["checkpoint"].to_pylist()) == {"initial", "r01", "r02"}
     assert all(k >= -1e-6 for k in rec["kl"].to_pylist())
     final = [r for r in rec.to_pylist() if r["checkpoint"] == "r02"]
@@ -136,3 +136,15 @@ def test_eval_and_report(tiny_run):
         assert e["backend"]["lm_eval_version"]
     summary = json.loads(tiny_run.read_output("report", "summary.json"))
     assert summary["verdict"]["text"] and {r["model"] for r in summary["evaluation"]} >= {"teacher", "final_student"}
+
+
+def test_capacity_from_measured_throughputs(tiny_run):
+    from opdflow.tasks import capacity
+    m = capacity.measured(tiny_run)
+    assert m["round"] == tiny_run.config.train.rounds and all(v > 0 for v in m["tokens_per_s"].values())
+    rows = capacity.predict({"rollout": 1000, "score": 1000, "train": 1000},
+                            {"rollout": 100.0, "score": 1000.0, "train": 50.0}, [1, 4], train_efficiency=0.5)
+    assert rows[0] == {"gpus": 1, "rollout_s": 10.0, "score_s": 1.0, "train_s": 40.0, "round_s": 51.0,
+                       "bound_by": "train"}
+    assert rows[1]["rollout_s"] == 2.5 and rows[1]["train_s"] == 10.0 and rows[1]["bound_by"] == "train"
+    assert "| 4 |" in capacity.markdown(m, rows)

@@ -1,0 +1,166 @@
+"""Which code samples the rollouts and scores them, chosen by the config.
+
+Why one place: the rollout stage (and the rock stage, through `tasks.rollout.generate`) and
+the score stage each need "the sampler" / "the teacher scorer" without knowing which of the
+backends runs them, whether a local model must be loaded, or how a server client is built.
+
+- `sampler_for(config)` -> `sample(model_dir, model, tok, prompts, seeds, settings, on_batch)`,
+  a `list[infra.lm.Sample]` in input order, for `rollout.backend`:
+  transformers (`infra.lm.sample`), native (`infra.native.sample`), vllm
+  (`infra.vllm_backend.sample`, which loads `model_dir` itself) or openai
+  (`infra.openai_backend.OpenAIBackend` on `rollout.openai`; the server's tokenizer is checked
+  against ours once per call, before any sampling). `model` is None for the last two:
+  `needs_local_model(backend)` says whether the caller must load it.
+- `scorer_for(config)` -> `score(model, tok, prompts, responses, progress)`, per response
+  (teacher logprobs, top-k ids, top-k logprobs), for `scoring.backend`: transformers
+  (`infra.scoring.teacher_scores`, chunked LM head) or openai (`OpenAIBackend.score`).
+- `sampler_record` / `scorer_record`: what the manifest entry says ran, with its settings (for
+  a server: its URL and model name; the API key is read from the environment variable
+  `api_key_env` names and is never recorded).
+
+A server backend serves whatever model it was started with: for rollouts it must serve the
+current student (each round's checkpoint), which this module cannot check; the train stage's
+sampler-vs-trainer logprob report (`tasks.mismatch`) is what shows stale or different weights.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from opdflow.infra.config import Config, OpenAIConfig
+from opdflow.infra.lm import Sample, SampleSettings
+
+LOCAL_MODEL_BACKENDS = ("transformers", "native")
+# transport settings: how a server is talked to, not what it computes
+OPENAI_TRANSPORT = ("api_key_env", "timeout_s", "max_retries", "concurrency")
+
+Sampler = Callable[..., list[Sample]]
+Scorer = Callable[..., list[tuple[list[float], list[list[int]], list[list[float]]]]]
+
+
+def needs_local_model(backend: str) -> bool:
+    """Whether the stage must load the model in its own process for this backend."""
+    return backend in LOCAL_MODEL_BACKENDS
+
+
+def openai_client(cfg: OpenAIConfig):
+    """An OpenAIBackend for a config sub-section; the key comes from the environment."""
+    from opdflow.infra.openai_backend import OpenAIBackend
+    return OpenAIBackend(cfg.base_url, cfg.model, api_key=os.environ.get(cfg.api_key_env) or None,
+                         timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, concurrency=cfg.concurrency)
+
+
+def result_settings(section: dict) -> dict:
+    """A rollout/scoring config section without the server transport settings (stage params:
+    a retry count or concurrency change must not redo a stage)."""
+    out = dict(section)
+    if "openai" in out:
+        out["openai"] = {k: v for k, v in out["openai"].items() if k not in OPENAI_TRANSPORT}
+    return out
+
+
+# -- samplers ---------------------------------------------------------------------------------
+
+def _transformers(model_dir, model, tok, prompts, seeds, settings, on_batch):
+    from opdflow.infra.lm import sample
+    return sample(model, prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch)
+
+
+def _native(model_dir, model, tok, prompts, seeds, settings, on_batch):
+    from opdflow.infra.native import sample
+    return sample(model, prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch)
+
+
+def _vllm(dtype: str) -> Sampler:
+    def run(model_dir, model, tok, prompts, seeds, settings, on_batch):
+        from opdflow.infra.vllm_backend import sample
+        return sample(str(model_dir), prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id,
+                      on_batch=on_batch, dtype=dtype)
+    return run
+
+
+def _openai_sampler(cfg: OpenAIConfig) -> Sampler:
+    def run(model_dir, model, tok, prompts, seeds, settings, on_batch):
+        with openai_client(cfg) as client:
+            client.check_tokenizer(tok)
+            return client.sample(prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch)
+    return run
+
+
+def sampler_for(config: Config) -> Sampler:
+    """`sample(model_dir, model, tok, prompts, seeds, settings, on_batch) -> list[Sample]` for
+    `rollout.backend` (`model` may be None where `needs_local_model` is False)."""
+    name = config.rollout.backend
+    if name == "transformers":
+        return _transformers
+    if name == "native":
+        return _native
+    if name == "vllm":
+        return _vllm(config.student.dtype)
+    if name == "openai":
+        return _openai_sampler(config.rollout.openai)
+    raise ValueError(f"rollout.backend: unknown backend {name!r}")
+
+
+def sampler_record(config: Config, settings: SampleSettings, model=None) -> dict:
+    """The manifest's `backend` of a rollout: which sampler ran, where, with which settings."""
+    name = config.rollout.backend
+    rec: dict = {"name": name, **settings.__dict__}
+    if name == "openai":
+        rec.update(base_url=config.rollout.openai.base_url, model=config.rollout.openai.model)
+    else:
+        rec["dtype"] = config.student.dtype
+    if model is not None:
+        rec["device"] = str(next(model.parameters()).device)
+    elif name == "vllm":
+        rec["device"] = "cuda"
+    return rec
+
+
+# -- teacher scorers ----------------------------------------------------------------------------
+
+def _transformers_scorer(config: Config) -> Scorer:
+    sc = config.scoring
+
+    def run(model, tok, prompts, responses, progress):
+        from opdflow.infra.scoring import teacher_scores
+        return teacher_scores(model, prompts, responses, tok.pad_token_id, sc.top_k, sc.batch_size,
+                              chunk_tokens=sc.chunk_tokens, progress=progress)
+    return run
+
+
+def _openai_scorer(config: Config) -> Scorer:
+    sc = config.scoring
+
+    def run(model, tok, prompts, responses, progress):
+        with openai_client(sc.openai) as client:
+            client.check_tokenizer(tok)
+            out = client.score(prompts, responses, sc.top_k)
+        progress(1.0, f"{len(prompts)}/{len(prompts)} sequences")
+        return out
+    return run
+
+
+def scorer_for(config: Config) -> Scorer:
+    """`score(model, tok, prompts, responses, progress)` -> per response (teacher logprobs,
+    top-k ids, top-k logprobs) for `scoring.backend` (`model` is None for openai)."""
+    name = config.scoring.backend
+    if name == "transformers":
+        return _transformers_scorer(config)
+    if name == "openai":
+        return _openai_scorer(config)
+    raise ValueError(f"scoring.backend: unknown backend {name!r}")
+
+
+def scorer_record(config: Config, model=None) -> dict:
+    """The manifest's `backend` of a scoring stage."""
+    sc = config.scoring
+    if sc.backend == "openai":
+        return {"name": "openai", "base_url": sc.openai.base_url, "model": sc.openai.model, "top_k": sc.top_k}
+    from opdflow.infra.scoring import vocab_size
+    return {"name": sc.backend, "dtype": config.teacher.dtype, "device": str(next(model.parameters()).device),
+            "top_k": min(sc.top_k, vocab_size(model)), "batch_size": sc.batch_size, "chunk_tokens": sc.chunk_tokens}
+
+
+__all__ = ["sampler_for", "scorer_for", "sampler_record", "scorer_record", "needs_local_model", "result_settings",
+           "openai_client"]
