@@ -149,8 +149,10 @@ def _flatten_samples(samples: list[dict], metric_names: list[str]) -> list[dict]
 
 def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Path] | None = None,
              limit: int | None = None, batch_size: int = 32, max_gen_toks: int = 64,
-             device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
+             device: str = "cpu", dtype: str = "float32", seed: int = 0,
+             doc_ids: dict[str, list[int]] | None = None) -> dict:
     """Run lm-eval's ``hf`` model on ``model_dir`` for ``tasks``; return flattened results.
+    ``doc_ids`` (task -> document indices) evaluates those documents only: one shard.
 
     Returns ``{"results": {task: {metric: float}}, "stderr": {task: {metric: float | None}},
     "n_samples": {task: int}, "backend": {...settings...}, "samples": {task: [...]}}``.
@@ -158,25 +160,18 @@ def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Pat
     """
     _force_offline()
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     model_args = {"pretrained": str(Path(model_dir).resolve()), "dtype": dtype}
     gen_kwargs = {"max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0}
-    if isinstance(include_path, (list, tuple)):
-        include = [str(p) for p in include_path] or None
-    else:
-        include = str(include_path) if include_path else None
-    # Indexing lm-eval's thousands of built-in tasks costs ~8 s; skip it when ours suffice.
-    local = set().union(*(_local_task_names(Path(p)) for p in
-                          ([include] if isinstance(include, str) else include or [])))
-    task_manager = TaskManager(include_path=include, include_defaults=not set(tasks) <= local)
+    task_manager = _task_manager(tasks, include_path)
     out = lm_eval.simple_evaluate(
         model="hf",
         model_args=model_args,
         tasks=list(tasks),
         batch_size=batch_size,
         device=device,
-        limit=limit,
+        limit=None if doc_ids is not None else limit,
+        samples=doc_ids,
         gen_kwargs=gen_kwargs,
         task_manager=task_manager,
         log_samples=True,
@@ -207,3 +202,51 @@ def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Pat
     }
     return {"results": results, "stderr": stderr, "n_samples": n_samples, "backend": backend,
             "samples": samples}
+
+
+def _task_manager(tasks: list[str], include_path):
+    from lm_eval.tasks import TaskManager
+    if isinstance(include_path, (list, tuple)):
+        include = [str(p) for p in include_path] or None
+    else:
+        include = str(include_path) if include_path else None
+    # Indexing lm-eval's thousands of built-in tasks costs ~8 s; skip it when ours suffice.
+    local = set().union(*(_local_task_names(Path(p)) for p in
+                          ([include] if isinstance(include, str) else include or [])))
+    return TaskManager(include_path=include, include_defaults=not set(tasks) <= local)
+
+
+def task_documents(tasks: list[str], include_path=None, limit: int | None = None) -> dict[str, dict]:
+    """Per task: how many documents an evaluation covers (after ``limit``) and whether every
+    metric aggregates by mean -- the condition for merging shards' per-document scores
+    into exactly the score of one unsharded evaluation."""
+    _force_offline()
+    from lm_eval.api.metrics import mean
+    loaded = _task_manager(tasks, include_path).load(list(tasks))["tasks"]
+    out = {}
+    for name, task in loaded.items():
+        n = len(list(task.eval_docs))
+        aggregations = task.aggregation()
+        out[name] = {"n_docs": min(n, limit) if limit else n,
+                     "mean_only": all(fn is mean for fn in aggregations.values()),
+                     "aggregations": {m: getattr(fn, "__name__", str(fn)) for m, fn in aggregations.items()}}
+    return out
+
+
+def merge_sample_scores(rows: list[dict], metric_names: dict[str, list[str]]) -> tuple[dict, dict, dict]:
+    """(results, stderr, n_samples) per task from per-document rows (``task`` + one value per
+    metric): the mean over documents, and its standard error (sample std / sqrt(n)) -- what
+    lm-eval reports for mean-aggregated metrics."""
+    import math
+    results, stderr, n_samples = {}, {}, {}
+    for task, names in metric_names.items():
+        mine = [r for r in rows if r["task"] == task]
+        n_samples[task] = len(mine)
+        results[task], stderr[task] = {}, {}
+        for name in names:
+            vals = [r[name] for r in mine if r.get(name) is not None]
+            m = sum(vals) / len(vals) if vals else float("nan")
+            var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else float("nan")
+            results[task][name] = m
+            stderr[task][name] = math.sqrt(var / len(vals)) if len(vals) > 1 else None
+    return results, stderr, n_samples

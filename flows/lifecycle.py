@@ -1,15 +1,17 @@
 """The OPD lifecycle as Prefect flows: thin, they only chain stages and pass store keys.
 
-    opdflow-lifecycle   models -> prompts -> R x (rollout -> score -> train) -> rock
+    opdflow-lifecycle   models -> prompts -> R x (rollout -> score -> train)
+                        -> rock-probe -> rock-directions -> rock
                         -> ablation arms (rollout -> score -> train, rocks / random
                         tokens bypassed) -> eval per model -> report
-    opdflow-stage       one stage of an existing run, from its stored inputs
+                        (the order is tasks/plan.py's `plan`, the one list of stages)
+    opdflow-stage       one stage (or one shard) of an existing run, from its stored inputs
 
 Every task takes (store URI, run id, stage name) and finds its inputs in the run's
 manifest, so any stage can be rerun alone, on another machine, or by retrying the flow
 run in the Prefect UI: committed stages are skipped, the failed one runs again.
 
-Rollout and scoring run as `scale.shards` mapped tasks on the flow's task runner:
+Rollout, scoring, the rock stages and evaluation run as `scale.shards` mapped tasks on the flow's task runner:
 threads in this process (`scale.task_runner: local`) or prefect-dask's DaskTaskRunner
 (`dask`: a local cluster per flow run, or an existing one at `scale.dask_address`), in
 which case the lifecycle runs as a subflow on that runner. With
@@ -32,22 +34,31 @@ from opdflow.infra.manifest import Run
 from opdflow.infra.preflight import preflight
 from opdflow.infra.store import open_store
 from opdflow.tasks.common import publish_markdown
-from opdflow.tasks.evaluate import eval_task
+from opdflow.tasks.evaluate import eval_shard_task, eval_task
 from opdflow.tasks.models import models_task
-from opdflow.tasks.plan import ablation_arms, arm_rounds, eval_labels, parse, round_stage
+from opdflow.tasks.plan import parse, plan
 from opdflow.tasks.prompts import prompts_task
-from opdflow.tasks.report import report_task, run_status, summary_markdown
-from opdflow.tasks.rock import rock_task
+from opdflow.tasks import rock as rock_stage
 from opdflow.tasks import rollout as rollout_stage
 from opdflow.tasks import score as score_stage
+from opdflow.tasks.report import report_task, run_status, summary_markdown
+from opdflow.tasks.rock import rock_directions_task, rock_probe_task, rock_shard_task, rock_task
 from opdflow.tasks.rollout import rollout_shard_task, rollout_task
 from opdflow.tasks.score import score_shard_task, score_task
 from opdflow.tasks.shards import shard_name, split_shard_name
 from opdflow.tasks.train import train_task
 
-TASKS = {"models": models_task, "prompts": prompts_task, "rollout": rollout_task, "score": score_task,
-         "train": train_task, "rock": rock_task, "eval": eval_task, "report": report_task,
-         "rollout-shard": rollout_shard_task, "score-shard": score_shard_task}
+TASKS = {"models": models_task, "prompts": prompts_task, "train": train_task, "report": report_task}
+
+# sharded stage kinds: (shard task, stage task, number of shards of a stage)
+SHARDED = {
+    "rollout": (rollout_shard_task, rollout_task, lambda run, stage: rollout_stage.n_shards(run.config)),
+    "score": (score_shard_task, score_task, score_stage.n_shards),
+    "rock-probe": (rock_shard_task, rock_probe_task, lambda run, stage: rock_stage.probe_shards(run.config)),
+    "rock-directions": (rock_shard_task, rock_directions_task, lambda run, stage: rock_stage.n_parts(run)),
+    "rock": (rock_shard_task, rock_task, lambda run, stage: rock_stage.n_parts(run)),
+    "eval": (eval_shard_task, eval_task, lambda run, stage: run.config.scale.shards),
+}
 
 
 def default_run_id(config: Config, config_path: str | None) -> str:
@@ -109,7 +120,7 @@ def sharded(shard_task, stage_task_, uri: str, rid: str, stage: str, n: int, gpu
         with _gpu_slot(gpu):
             futures = shard_task.map(uri, rid, names, force=unmapped(force))
         futures.result()  # raises if a shard failed after its retries
-    return stage_task_(uri, rid, stage)  # recommits when shards were rerun
+    return stage_task_(uri, rid, stage, force=force)  # commits from the shards (again, if forced)
 
 
 def uses_gpu_slots(config: Config) -> bool:
@@ -125,30 +136,20 @@ def _gpu_slot(gpu: bool):
     return dask.annotate(resources={"GPU": 1})
 
 
-def opd_round(run: Run, arm: str, r: int) -> None:
-    uri, rid, c = run.store.uri, run.run_id, run.config
-    gpu = uses_gpu_slots(c)
-    ro = round_stage("rollout", r, arm)
-    sharded(rollout_shard_task, rollout_task, uri, rid, ro, rollout_stage.n_shards(c), gpu)
-    sc = round_stage("score", r, arm)
-    sharded(score_shard_task, score_task, uri, rid, sc, score_stage.n_shards(run, sc), gpu)
-    train_task(uri, rid, round_stage("train", r, arm))
+def stage(run: Run, name: str, force: bool = False) -> dict:
+    """Run one stage through its Prefect task(s): a sharded stage maps its shards first."""
+    kind = parse(name).kind
+    if kind in SHARDED:
+        shard_task, task, count = SHARDED[kind]
+        return sharded(shard_task, task, run.store.uri, run.run_id, name, count(run, name), uses_gpu_slots(run.config),
+                       force=force)
+    return TASKS[kind](run.store.uri, run.run_id, name, force=force)
 
 
 def run_lifecycle(run: Run) -> None:
-    """The lifecycle's stages in order, on the current flow's task runner."""
-    uri, rid, c = run.store.uri, run.run_id, run.config
-    models_task(uri, rid, "models")
-    prompts_task(uri, rid, "prompts")
-    for r in range(1, c.train.rounds + 1):
-        opd_round(run, "main", r)
-    rock_task(uri, rid, "rock")
-    for arm in ablation_arms(c):
-        for r in range(1, arm_rounds(c, arm) + 1):
-            opd_round(run, arm, r)
-    for label in eval_labels(c):
-        eval_task(uri, rid, f"eval.{label}")
-    report_task(uri, rid, "report")
+    """The lifecycle's stages in order (tasks/plan.py), on the current flow's task runner."""
+    for name in plan(run.config):
+        stage(run, name)
 
 
 @flow(name="opdflow-on-runner")
@@ -176,20 +177,14 @@ def lifecycle(config_path: str | None = None, store: str | None = None, run_id: 
     return {**run_status(run), "flow_seconds": round(time.time() - t0, 1)}
 
 
-def rerun_stage(run: Run, stage: str) -> dict:
+def rerun_stage(run: Run, name: str) -> dict:
     """Run one stage now (forced); a sharded stage reruns all its shards, a shard's name
     (`rollout.r01.shard-000-of-004`) that shard alone."""
-    uri, rid, c = run.store.uri, run.run_id, run.config
-    gpu = uses_gpu_slots(c)
-    shard = split_shard_name(stage)
-    kind = parse(shard[0] if shard else stage).kind
+    shard = split_shard_name(name)
     if shard:
-        return TASKS[f"{kind}-shard"](uri, rid, stage, force=True)
-    if kind == "rollout":
-        return sharded(rollout_shard_task, rollout_task, uri, rid, stage, rollout_stage.n_shards(c), gpu, force=True)
-    if kind == "score":
-        return sharded(score_shard_task, score_task, uri, rid, stage, score_stage.n_shards(run, stage), gpu, force=True)
-    return TASKS[kind](uri, rid, stage, force=True)
+        shard_task = SHARDED[parse(shard[0]).kind][0]
+        return shard_task(run.store.uri, run.run_id, name, force=True)
+    return stage(run, name, force=True)
 
 
 @flow(name="opdflow-stage")

@@ -18,6 +18,11 @@ backends runs them, whether a local model must be loaded, or how a server client
   a server: its URL and model name; the API key is read from the environment variable
   `api_key_env` names and is never recorded).
 
+Seeds: every sequence's seed is passed to the sampler as is. `opdflow serve` derives the
+sequence's own seed from the request's (`derive_seed(seed, 0, 0)` for a one-prompt request)
+and vLLM draws its own noise, so the same seed gives other tokens than in process; what is
+reproducible is a backend with its seeds.
+
 A server backend serves whatever model it was started with: for rollouts it must serve the
 current student (each round's checkpoint), which this module cannot check; the train stage's
 sampler-vs-trainer logprob report (`tasks.mismatch`) is what shows stale or different weights.
@@ -67,8 +72,13 @@ def _transformers(model_dir, model, tok, prompts, seeds, settings, on_batch):
 
 
 def _native(model_dir, model, tok, prompts, seeds, settings, on_batch):
-    from opdflow.infra.native import sample
-    return sample(model, prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch)
+    from opdflow.infra.native import clear_samplers, sample
+    try:
+        return sample(model, prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch)
+    finally:
+        # the stage loads a fresh model per call, so a cached sampler (its model, KV cache and
+        # CUDA graphs) would never be reused: drop it rather than keep one per round alive
+        clear_samplers()
 
 
 def _vllm(dtype: str) -> Sampler:

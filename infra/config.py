@@ -233,14 +233,16 @@ class Config(_Section):
                              "log-probs, which cannot be re-tempered; use 1.0")
         for section in ("rollout", "scoring"):
             _check_openai(section, getattr(self, section))
-        if self.train.tis_cap is not None and not self._samples_the_model():
+        if self.train.tis_cap is not None and not self.samples_the_model():
             raise ValueError("train.tis_cap: importance weights need the sampler's logprobs under the model's own "
                              "distribution; use rollout.temperature 1, top_p 1 and top_k 0")
         if "opdflow_arith" in self.eval.tasks and self.data.source != DEMO:
             raise ValueError("eval.tasks: opdflow_arith is the demo benchmark; it needs data.source: demo")
         return self
 
-    def _samples_the_model(self) -> bool:
+    def samples_the_model(self) -> bool:
+        """Whether rollouts sample the model's own distribution (temperature 1, no top-p/top-k
+        cut), so that the sampler's logprobs can be compared with the trainer's."""
         ro = self.rollout
         return ro.temperature == 1.0 and ro.top_p == 1.0 and ro.top_k == 0
 

@@ -8,8 +8,16 @@ come from lm-eval itself or `eval.include_path`. The harness backend and its set
 (model args, generation kwargs, batch size, dtype, device, lm-eval version) are
 recorded: scores move with the backend alone.
 
-Outputs: results.json ({results, n_samples, backend}), samples.jsonl (per-document
-responses, for review).
+Sharded like rollout (`scale.shards`): shard i evaluates a contiguous range of each
+task's documents (lm-eval's `samples=` selection) and writes its per-document scores as
+a Parquet part (`samples/part-NNNNN.parquet`); the stage merges them. With more than one
+shard every metric must aggregate by mean (accuracy, exact match...): then the merged
+score is the mean over documents, exactly what one unsharded lm-eval run reports, and its
+standard error is recomputed from the per-document scores. Tasks with corpus-level
+metrics (BLEU, F1 over a corpus) need `scale.shards: 1`, and the stage says so.
+
+Outputs: results.json ({results, stderr, n_samples, backend}), samples.jsonl
+(per-document responses, for review), samples/part-NNNNN.parquet.
 """
 from __future__ import annotations
 
@@ -17,39 +25,99 @@ import json
 import tempfile
 from pathlib import Path
 
-from opdflow.infra.manifest import Run, StageContext, run_stage
+import pyarrow as pa
+
+from opdflow.evals.harness import evaluate, merge_sample_scores, task_documents, write_arith_task
+from opdflow.infra.config import ConfigError
+from opdflow.infra.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import checkpoint_of, parse
+from opdflow.tasks.shards import concat_parts, run_shard, run_sharded, shard_bounds, split_shard_name
 
 ARITH = "opdflow_arith"
+SAMPLE_SCHEMA = pa.schema([("task", pa.string()), ("doc_id", pa.int64()), ("record", pa.string())])
 
 
-def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
-    from opdflow.evals.harness import evaluate, write_arith_task
+def _includes(run: Run, tmp: Path) -> list[Path]:
     c = run.config
-    label = parse(stage).label
+    includes = [Path(c.eval.include_path)] if c.eval.include_path else []
+    if ARITH in c.eval.tasks:
+        rows = [r for r in prompts_stage.load(run) if r["split"] == "eval"]
+        includes.append(write_arith_task(tmp, [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]))
+    return includes
+
+
+def shard_doc_ids(docs: dict[str, dict], i: int, n: int) -> dict[str, list[int]]:
+    """Shard i's documents of each task: contiguous ranges, as even as possible."""
+    out = {}
+    for task, d in docs.items():
+        bounds = shard_bounds(d["n_docs"], n, 1)
+        if i < len(bounds) and d["n_docs"]:
+            out[task] = list(range(*bounds[i]))
+    return out
+
+
+def _stage(run: Run, stage: str):
+    c = run.config
+    label = parse(split_shard_name(stage)[0] if split_shard_name(stage) else stage).label
     src_stage, prefix = checkpoint_of(c, label)
     dtype = c.teacher.dtype if label == "teacher" else c.student.dtype
     inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, prefix, "model")}
     params = {"eval": c.section("eval"), "label": label, "dtype": dtype}
 
-    def body(ctx: StageContext) -> None:
-        model_dir = run.materialize(src_stage, prefix)
+    def shard_body(ctx: StageContext, i: int, n: int) -> None:
         with tempfile.TemporaryDirectory(prefix="opdflow-eval-") as tmp:
-            includes = [Path(c.eval.include_path)] if c.eval.include_path else []
-            if ARITH in c.eval.tasks:
-                rows = [r for r in prompts_stage.load(run) if r["split"] == "eval"]
-                includes.append(write_arith_task(Path(tmp), [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]))
-            ctx.progress(0.05, f"lm-eval on {label}")
-            res = evaluate(model_dir, list(c.eval.tasks), include_path=includes or None, limit=c.eval.limit,
-                           batch_size=c.eval.batch_size, max_gen_toks=c.eval.max_gen_toks, dtype=dtype, seed=c.seed)
-        ctx.put_json("results.json", {k: res[k] for k in ("results", "n_samples", "backend")})
-        ctx.put_bytes("samples.jsonl", "".join(json.dumps({"task": t, **s}, default=str) + "\n"
-                                                for t, ss in res.get("samples", {}).items() for s in ss).encode())
-        ctx.backend.update(res["backend"])
-        ctx.metrics.update(results=res["results"], n_samples=res["n_samples"])
-    return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+            includes = _includes(run, Path(tmp))
+            docs = task_documents(list(c.eval.tasks), includes or None, c.eval.limit)
+            if n > 1:
+                for task, d in docs.items():
+                    if not d["mean_only"]:
+                        raise ConfigError("scale.shards", f"eval task {task} aggregates {d['aggregations']}: "
+                                          "only mean-aggregated metrics merge across shards; set scale.shards: 1")
+            ids = shard_doc_ids(docs, i, n)
+            ctx.progress(0.05, f"lm-eval on {label}, shard {i + 1}/{n}")
+            res = evaluate(run.materialize(src_stage, prefix), list(c.eval.tasks), include_path=includes or None,
+                           batch_size=c.eval.batch_size, max_gen_toks=c.eval.max_gen_toks, dtype=dtype, seed=c.seed,
+                           doc_ids=ids) if ids else None
+        rows = [{"task": t, "doc_id": s["doc_id"], "record": json.dumps({"task": t, **s}, default=str)}
+                for t, ss in (res or {}).get("samples", {}).items() for s in ss]
+        ctx.put_table("part.parquet", pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
+        ctx.put_json("results.json", {k: res[k] for k in ("results", "stderr", "n_samples", "backend")} if res else {})
+        ctx.metrics.update(n_docs={t: len(v) for t, v in ids.items()}, metric_names={t: list(m) for t, m in
+                                                                                    (res or {}).get("results", {}).items()})
+        if res:
+            ctx.backend.update(res["backend"])
+    return params, inputs, shard_body
+
+
+def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, shard_body = _stage(run, stage)
+    n = run.config.scale.shards
+
+    def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:
+        records = [json.loads(r) for r in concat_parts(run, parts)["record"].to_pylist()]
+        if n == 1:  # lm-eval's own aggregation, whatever the metric
+            out = json.loads(run.read(shards[0]["outputs"]["results.json"]))
+        else:
+            names: dict[str, list[str]] = {}
+            for sh in shards:
+                for task, ms in sh["metrics"]["metric_names"].items():
+                    names.setdefault(task, ms)
+            results, stderr, n_samples = merge_sample_scores(records, names)
+            backend = next(sh["backend"] for sh in shards if sh["backend"])
+            out = {"results": results, "stderr": stderr, "n_samples": n_samples,
+                   "backend": {**backend, "shards": n}}
+        ctx.put_json("results.json", out)
+        ctx.put_bytes("samples.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records).encode())
+        ctx.metrics.update(results=out["results"], n_samples=out["n_samples"])
+    return run_sharded(run, stage, n=n, params=params, inputs=inputs, table="samples", shard_body=shard_body,
+                       finish=finish, force=force, progress=progress)
+
+
+def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, shard_body = _stage(run, split_shard_name(name)[0])
+    return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force, progress=progress)
 
 
 def report(run: Run, entry: dict) -> str:
@@ -63,3 +131,4 @@ def report(run: Run, entry: dict) -> str:
 
 
 eval_task = stage_task("eval", run, report)
+eval_shard_task = stage_task("eval-shard", run_one_shard)

@@ -2,7 +2,7 @@
 
     models, prompts                                   inputs, resolved and recorded
     rollout.r01  score.r01  train.r01  ...            OPD rounds (the main, uniform arm)
-    rock                                              rock-token analysis
+    rock-probe  rock-directions  rock                 rock-token analysis
     ablate-rock.rollout.r01 ... ablate-rock.train.rNN  causal ablation arms, from the
     ablate-random.rollout.r01 ...                      initial student, same compute
     eval.teacher  eval.initial_student  ...           lm-eval per model
@@ -24,7 +24,7 @@ LABEL_OF_ARM = {"ablate-rock": "rock_bypass", "ablate-random": "random_bypass"}
 @dataclass(frozen=True)
 class StageName:
     arm: str    # "main" or an ablation arm prefix
-    kind: str   # models, prompts, rollout, score, train, rock, eval, report
+    kind: str   # models, prompts, rollout, score, train, rock-probe, rock-directions, rock, eval, report
     round: int = 0
     label: str = ""  # eval's model label
 
@@ -45,7 +45,7 @@ def parse(stage: str) -> StageName:
     parts = stage.split(".")
     if parts[0] == "eval" and len(parts) == 2:
         return StageName("main", "eval", label=parts[1])
-    if len(parts) == 1 and parts[0] in ("models", "prompts", "rock", "report"):
+    if len(parts) == 1 and parts[0] in ("models", "prompts", "rock-probe", "rock-directions", "rock", "report"):
         return StageName("main", parts[0])
     arm = "main"
     if parts[0] in LABEL_OF_ARM:
@@ -97,7 +97,7 @@ def plan(config: Config) -> list[str]:
     stages = ["models", "prompts"]
     for r in range(1, config.train.rounds + 1):
         stages += [round_stage(k, r) for k in ("rollout", "score", "train")]
-    stages.append("rock")
+    stages += ["rock-probe", "rock-directions", "rock"]
     for arm in ablation_arms(config):
         for r in range(1, config.ablation.rounds + 1):
             stages += [round_stage(k, r, arm) for k in ("rollout", "score", "train")]

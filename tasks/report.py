@@ -80,9 +80,20 @@ def stage_table(run: Run) -> list[dict]:
                          "outputs": len(e["outputs"]), "location": run.store.describe(f"{run.prefix}/stages/{name}")})
         else:
             att = run.attempts(name)
-            rows.append({"stage": name, "status": att[-1]["status"] if att else "pending", "seconds": None,
-                         "attempt": len(att), "outputs": 0, "location": ""})
+            failed = failed_shards(run, name)
+            rows.append({"stage": name, "status": "failed" if failed else (att[-1]["status"] if att else "pending"),
+                         "seconds": None, "attempt": len(att), "outputs": 0, "location": "",
+                         **({"failed_shards": failed} if failed else {})})
     return rows
+
+
+def failed_shards(run: Run, stage: str) -> list[str]:
+    """Shards of an uncommitted stage whose latest attempt failed."""
+    latest: dict[str, str] = {}
+    for key in sorted(run.store.list(f"{run.prefix}/attempts/{stage}.shard-")):
+        latest[key.split("/")[-2]] = key
+    return [shard for shard, key in sorted(latest.items())
+            if json.loads(run.store.get_bytes(key))["status"] == "failed"]
 
 
 def run(run: Run, stage: str = "report", force: bool = False, progress=None) -> tuple[dict, bool]:

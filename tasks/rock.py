@@ -1,4 +1,5 @@
-"""Stage `rock`: rock-token analysis (Rock Tokens in On-Policy Distillation, 2026).
+"""Stages `rock-probe`, `rock-directions`, `rock`: rock-token analysis (Rock Tokens in
+On-Policy Distillation, 2026).
 
 Method, as published:
 1. The final student samples responses on the held-out probe prompts; the teacher and
@@ -20,10 +21,17 @@ which the causal ablation uses as its control arm.
 Departures: on tiny vocabularies (the demo has tens of tokens) use small n_rock /
 n_control / drop_top; the config says so rather than the code.
 
-Outputs: records/part-NNNNN.parquet (per position, one part per checkpoint; the per-token
-aggregation streams over them with `opdflow.infra.streaming`, memory bounded by the
-vocabulary), tokens.parquet (per token id),
-rock_sets.json (rock, control, dropped, random_matched), report.md with embedded plots.
+Three stages, each sharded over the probe set (`scale.shards`, see tasks/shards.py):
+`rock-probe` samples the probe responses (step 1; `probes/part-*.parquet`),
+`rock-directions` sums each shard's share of the two corpus-level gradient directions
+(token frequencies taken over the whole probe set, so the shards' sums add up to the
+unsharded sums; `directions.safetensors`), and `rock` measures every compared
+checkpoint on its shard (steps 2; `records/part-*.parquet`, per position and
+checkpoint) and then analyses all parts: per-token aggregates stream over the parts
+with `opdflow.infra.streaming` (memory bounded by the vocabulary, not by the number of
+positions). Outputs of `rock`: records parts, tokens.parquet (per token id),
+rock_sets.json (rock, control, dropped, random_matched), summary.json, report.md with
+embedded plots.
 """
 from __future__ import annotations
 
@@ -32,25 +40,25 @@ import io
 import math
 import random
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from opdflow.infra.config import Config
 from opdflow.infra.lm import derive_seed, load_model, load_tokenizer, response_logits
-from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.manifest import Run, StageContext, materialize_refs
 from opdflow.infra.streaming import aggregate_dataset, token_dataset
 from opdflow.infra.tables import parquet_to_table
 from opdflow.kernels import per_token_divergence_and_grad
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import publish_table, stage_task
 from opdflow.tasks.plan import checkpoint_of, round_stage
+from opdflow.tasks.shards import concat_parts, run_shard, run_sharded, shard_bounds, split_shard_name
 from opdflow.tasks.rollout import generate
 
 # -- the method as plain functions (tested with known answers) ---------------------------
@@ -204,15 +212,17 @@ def checkpoint_labels(config: Config) -> list[tuple[str, str, str]]:
 
 
 @torch.no_grad()
-def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int,
+def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int, counts: torch.Tensor,
             refs: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
-    """Per position: reverse KL, its logit-space gradient norm, both top-1s; plus the two
-    corpus-level gradient directions (sums over positions: frequency-weighted, and
-    weighted 1/frequency of the token id, i.e. each token id counts once). With `refs`,
-    also each position's gradient cosine to each reference direction."""
+    """Per position: reverse KL, its logit-space gradient norm, both top-1s; plus this
+    table's share of the two corpus-level gradient directions (sums over positions:
+    frequency-weighted, and weighted 1/frequency of the token id, i.e. each token id counts
+    once; `counts` are the token frequencies over the whole probe set, so shards' sums add
+    up to the corpus sums). With `refs`, also each position's gradient cosine to each
+    reference direction."""
     prompts, responses = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
-    tokens = torch.tensor([t for r in responses for t in r])
-    inv_freq = 1.0 / torch.bincount(tokens).double()[tokens]
+    tokens = torch.tensor([t for r in responses for t in r], dtype=torch.long)
+    inv_freq = 1.0 / counts.double()[tokens]
     out = {k: [] for k in ("kl", "grad_norm", "student_top1", "teacher_top1")}
     out.update({f"cos_{name}": [] for name in (refs or {})})
     sums: dict[str, torch.Tensor] = {}
@@ -244,79 +254,193 @@ def mean_cosines(token_ids: list[int], cosines: dict[str, list[float]], sets: di
     return out
 
 
-def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tuple[dict, bool]:
+# -- the stages: rock-probe -> rock-directions -> rock, each sharded over the probe set ------
+
+PROBE, DIRECTIONS = "rock-probe", "rock-directions"
+
+
+def probe_shards(config: Config) -> int:
+    """Shards of the probe sampling (cut at rollout batch boundaries, like a rollout)."""
+    return len(shard_bounds(config.data.n_probe * config.rock.samples_per_prompt, config.scale.shards,
+                            config.rollout.batch_size))
+
+
+def n_parts(run: Run) -> int:
+    """rock-directions and rock shard along the probe's parts."""
+    return len(run.outputs_under(PROBE, "probes"))
+
+
+def _probe_part(run: Run, i: int) -> pa.Table:
+    parts = run.outputs_under(PROBE, "probes")
+    return parquet_to_table(run.read(parts[sorted(parts)[i]]))
+
+
+def token_counts(run: Run, vocab: int) -> torch.Tensor:
+    """Token frequencies over the whole probe set (every part's responses)."""
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for ref in run.outputs_under(PROBE, "probes").values():
+        ids = [t for r in parquet_to_table(run.read(ref)).column("response_ids").to_pylist() for t in r]
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab]
+    return counts
+
+
+def _teacher(run: Run):
+    tdir = run.materialize("models", "teacher")
+    return load_model(tdir, run.config.teacher.dtype).eval(), load_tokenizer(tdir)
+
+
+def _probe_stage(run: Run):
     c = run.config
-    ckpts = checkpoint_labels(c)
     final_stage, final_prefix = checkpoint_of(c, "final_student")
-    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs("models", "teacher")}
-    for label, st, prefix in ckpts + [("final", final_stage, final_prefix)]:
-        inputs.update(run.model_inputs(st, prefix, label))
+    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(final_stage, final_prefix, "final")}
     params = {"rock": c.section("rock"), "rollout": c.section("rollout"), "seed": c.seed}
 
-    def body(ctx: StageContext) -> None:
+    def shard_body(ctx: StageContext, i: int, n: int) -> None:
         probe = [r for r in prompts_stage.load(run) if r["split"] == "probe"]
-        n_steps = len(ckpts) + 1
         jobs = [(r, j) for r in probe for j in range(c.rock.samples_per_prompt)]
-        seqs = generate(run, run.materialize(final_stage, final_prefix), jobs, ("probe",), ctx)
-        ctx.progress(1 / n_steps, "probe responses sampled")
-        tdir = run.materialize("models", "teacher")
-        teacher, tok = load_model(tdir, c.teacher.dtype).eval(), load_tokenizer(tdir)
+        lo, hi = shard_bounds(len(jobs), n, c.rollout.batch_size)[i]
+        ctx.put_table("part.parquet", generate(run, run.materialize(final_stage, final_prefix), jobs[lo:hi],
+                                               ("probe",), ctx))
+    return params, inputs, shard_body
+
+
+def _directions_stage(run: Run):
+    c = run.config
+    final_stage, final_prefix = checkpoint_of(c, "final_student")
+    inputs = {**run.outputs_under(PROBE, "probes"), **run.model_inputs("models", "teacher"),
+              **run.model_inputs(final_stage, final_prefix, "final")}
+    params = {"rock": c.section("rock"), "scoring": c.section("scoring")}
+
+    def shard_body(ctx: StageContext, i: int, n: int) -> None:
+        teacher, tok = _teacher(run)
+        model = load_model(run.materialize(final_stage, final_prefix), c.student.dtype).eval()
+        _, sums = measure(model, teacher, tok.pad_token_id, _probe_part(run, i), c.scoring.batch_size,
+                          token_counts(run, teacher.config.vocab_size))
+        ctx.put_table("part.parquet", pa.table({"direction": list(sums), "sum": [v.tolist() for v in sums.values()]}))
+    return params, inputs, shard_body
+
+
+def _rock_stage(run: Run):
+    c = run.config
+    ckpts = checkpoint_labels(c)
+    inputs = {**run.outputs_under(PROBE, "probes"), "directions": run.output(DIRECTIONS, "directions.safetensors"),
+              **run.model_inputs("models", "teacher")}
+    for label, st, prefix in ckpts:
+        inputs.update(run.model_inputs(st, prefix, label))
+    params = {"rock": c.section("rock"), "scoring": c.section("scoring"), "seed": c.seed}
+
+    def shard_body(ctx: StageContext, i: int, n: int) -> None:
+        seqs = _probe_part(run, i)
+        teacher, tok = _teacher(run)
+        counts = token_counts(run, teacher.config.vocab_size)
+        refs = st_load(run.read(inputs["directions"]))
         lens = [len(r) for r in seqs["response_ids"].to_pylist()]
-        base = {"prompt_id": [p for p, n in zip(seqs["prompt_id"].to_pylist(), lens) for _ in range(n)],
-                "sample_idx": [s for s, n in zip(seqs["sample_idx"].to_pylist(), lens) for _ in range(n)],
-                "position": [i for n in lens for i in range(n)],
+        base = {"prompt_id": [p for p, k in zip(seqs["prompt_id"].to_pylist(), lens) for _ in range(k)],
+                "sample_idx": [s for s, k in zip(seqs["sample_idx"].to_pylist(), lens) for _ in range(k)],
+                "position": [j for k in lens for j in range(k)],
                 "token_id": [t for r in seqs["response_ids"].to_pylist() for t in r]}
-        per_ckpt, aggs, parts = {}, {}, []
-        work = Path(tempfile.mkdtemp(prefix="opdflow-rock-"))
-        for i, (label, st, prefix) in enumerate(ckpts):
+        tables = []
+        for j, (label, st, prefix) in enumerate(ckpts):
             model = load_model(run.materialize(st, prefix), c.student.dtype).eval()
-            m, sums = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size)
-            if i == len(ckpts) - 1:  # the final checkpoint: a second pass for cosines to the corpus directions
-                m, _ = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size, refs=sums)
-            else:
-                m.update({f"cos_{name}": [None] * len(m["kl"]) for name in sums})
-            per_ckpt[label] = {**base, **m}
+            final = j == len(ckpts) - 1  # the final checkpoint: cosines to the corpus directions
+            m, _ = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size, counts,
+                           refs=refs if final else None)
+            if not final:
+                m.update({f"cos_{name}": [None] * len(m["kl"]) for name in refs})
             table = pa.table({"checkpoint": [label] * len(base["token_id"]), **base, **m})
-            parts.append(work / f"part-{i:05d}.parquet")  # one schema for every part: cosines as float64
-            pq.write_table(table.cast(pa.schema([pa.field(f.name, pa.float64()) if pa.types.is_null(f.type) else f
-                                                 for f in table.schema])), parts[-1], compression="zstd")
-            ctx.progress((i + 2) / n_steps, f"checkpoint {label} measured")
-        for i, path in enumerate(parts):  # per-token records as Parquet parts, one per checkpoint
-            ctx.put_file(f"records/part-{i:05d}.parquet", path)
-        for label, _, _ in ckpts:  # aggregation streams over the parts: memory bounded by the vocabulary
-            aggs[label] = aggregate_dataset(token_dataset(parts), filter=pc.field("checkpoint") == label).to_dict()
-        final_label = ckpts[-1][0]
-        agg = aggs[final_label]
-        sel = select(agg, c.rock.n_rock, c.rock.n_control, c.rock.drop_top)
-        rand = matched_random(agg, sel["rock"], c.seed)
-        sets = {"rock": sel["rock"], "control": sel["control"], "dropped": sel["dropped"], "random_matched": rand,
-                "checkpoint": final_label}
-        summary = {
-            "checkpoints": [lab for lab, _, _ in ckpts],
-            "n_positions": len(base["token_id"]), "n_token_ids": len(agg),
-            "rock": shares(agg, sel["rock"]), "control": shares(agg, sel["control"]),
-            "random_matched": shares(agg, rand),
-            "stagnation": stagnation(aggs, {"rock": sel["rock"], "control": sel["control"]}),
-            "stability": stability(per_ckpt[final_label], [0.25, 0.5, 0.75], c.rock, c.seed),
-            "categories": _categories(tok, sel["rock"]),
-            "prevalence": _prevalence(per_ckpt[final_label], set(sel["rock"])),
-            "gradient_cosine": mean_cosines(base["token_id"], {k[4:]: v for k, v in per_ckpt[final_label].items()
-                                                               if k.startswith("cos_")},
-                                            {"rock": sel["rock"], "control": sel["control"]}),
-        }
-        ctx.put_table("tokens.parquet", _token_table(tok, aggs, sel, rand))
-        ctx.put_json("rock_sets.json", sets)
-        ctx.put_json("summary.json", summary)
-        plots = _plots(aggs, sel, rand, per_ckpt[final_label], summary)
-        for name, png in plots.items():
-            ctx.put_bytes(f"{name}.png", png)
-        ctx.put_bytes("report.md", render_report(run.run_id, tok, agg, sel, summary, plots).encode())
-        shutil.rmtree(work, ignore_errors=True)
-        ctx.metrics.update(n_positions=summary["n_positions"], n_rock=len(sel["rock"]),
-                           rock_token_share=round(summary["rock"]["token_share"], 4),
-                           rock_kl_share=round(summary["rock"]["kl_share"], 4),
-                           rock_grad_norm_share=round(summary["rock"]["grad_norm_share"], 4))
-    return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+            tables.append(table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA))
+            ctx.progress((j + 1) / len(ckpts), f"checkpoint {label} measured")
+        ctx.put_table("part.parquet", pa.concat_tables(tables))
+    return params, inputs, shard_body
+
+
+RECORD_SCHEMA = pa.schema([("checkpoint", pa.string()), ("prompt_id", pa.int64()), ("sample_idx", pa.int64()),
+                           ("position", pa.int64()), ("token_id", pa.int64()), ("kl", pa.float64()),
+                           ("grad_norm", pa.float64()), ("student_top1", pa.int64()), ("teacher_top1", pa.int64()),
+                           ("cos_freq_weighted", pa.float64()), ("cos_freq_balanced", pa.float64())])
+
+
+def run_probe(run: Run, stage: str = PROBE, force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, shard_body = _probe_stage(run)
+
+    def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:
+        from opdflow.tasks.rollout import table_metrics
+        ctx.metrics.update(table_metrics(run.config, concat_parts(run, parts)))
+    return run_sharded(run, PROBE, n=probe_shards(run.config), params=params, inputs=inputs, table="probes",
+                       shard_body=shard_body, finish=finish, force=force, progress=progress)
+
+
+def run_directions(run: Run, stage: str = DIRECTIONS, force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, shard_body = _directions_stage(run)
+
+    def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:
+        total: dict[str, torch.Tensor] = {}
+        for row in concat_parts(run, parts).to_pylist():  # the corpus directions: sums of the shards' sums
+            v = torch.tensor(row["sum"], dtype=torch.float64)
+            total[row["direction"]] = total[row["direction"]] + v if row["direction"] in total else v
+        ctx.put_bytes("directions.safetensors", st_save(total))
+        ctx.metrics.update({f"norm_{k}": round(float(v.norm()), 6) for k, v in total.items()})
+    return run_sharded(run, DIRECTIONS, n=n_parts(run), params=params, inputs=inputs, table="directions",
+                       shard_body=shard_body, finish=finish, force=force, progress=progress)
+
+
+def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, shard_body = _rock_stage(run)
+
+    def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:
+        analyse(run, ctx, materialize_refs(run.store, {k.split("/", 1)[1]: r for k, r in parts.items()}))
+    return run_sharded(run, "rock", n=n_parts(run), params=params, inputs=inputs, table="records",
+                       shard_body=shard_body, finish=finish, force=force, progress=progress)
+
+
+_RUNNERS = {PROBE: run_probe, DIRECTIONS: run_directions, "rock": run}
+_STAGES = {PROBE: _probe_stage, DIRECTIONS: _directions_stage, "rock": _rock_stage}
+
+
+def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+    params, inputs, shard_body = _STAGES[split_shard_name(name)[0]](run)
+    return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force, progress=progress)
+
+
+def analyse(run: Run, ctx: StageContext, records_dir: Path) -> None:
+    """The analysis over every shard's records: per-token aggregates stream over the parts
+    (memory bounded by the vocabulary); the final checkpoint's per-position columns are
+    read once for stability, prevalence and the gradient cosines."""
+    c = run.config
+    ckpts = checkpoint_labels(c)
+    tok = load_tokenizer(run.materialize("models", "teacher"))
+    dataset = token_dataset(records_dir)
+    aggs = {label: aggregate_dataset(dataset, filter=pc.field("checkpoint") == label).to_dict() for label, _, _ in ckpts}
+    final_label = ckpts[-1][0]
+    final = dataset.to_table(filter=pc.field("checkpoint") == final_label).to_pydict()
+    agg = aggs[final_label]
+    sel = select(agg, c.rock.n_rock, c.rock.n_control, c.rock.drop_top)
+    rand = matched_random(agg, sel["rock"], c.seed)
+    sets = {"rock": sel["rock"], "control": sel["control"], "dropped": sel["dropped"], "random_matched": rand,
+            "checkpoint": final_label}
+    summary = {
+        "checkpoints": [lab for lab, _, _ in ckpts],
+        "n_positions": len(final["token_id"]), "n_token_ids": len(agg),
+        "rock": shares(agg, sel["rock"]), "control": shares(agg, sel["control"]),
+        "random_matched": shares(agg, rand),
+        "stagnation": stagnation(aggs, {"rock": sel["rock"], "control": sel["control"]}),
+        "stability": stability(final, [0.25, 0.5, 0.75], c.rock, c.seed),
+        "categories": _categories(tok, sel["rock"]),
+        "prevalence": _prevalence(final, set(sel["rock"])),
+        "gradient_cosine": mean_cosines(final["token_id"], {k[4:]: v for k, v in final.items() if k.startswith("cos_")},
+                                        {"rock": sel["rock"], "control": sel["control"]}),
+    }
+    ctx.put_table("tokens.parquet", _token_table(tok, aggs, sel, rand))
+    ctx.put_json("rock_sets.json", sets)
+    ctx.put_json("summary.json", summary)
+    plots = _plots(aggs, sel, rand, final, summary)
+    for name, png in plots.items():
+        ctx.put_bytes(f"{name}.png", png)
+    ctx.put_bytes("report.md", render_report(run.run_id, tok, agg, sel, summary, plots).encode())
+    ctx.metrics.update(n_positions=summary["n_positions"], n_rock=len(sel["rock"]),
+                       rock_token_share=round(summary["rock"]["token_share"], 4),
+                       rock_kl_share=round(summary["rock"]["kl_share"], 4),
+                       rock_grad_norm_share=round(summary["rock"]["grad_norm_share"], 4))
 
 
 def _categories(tok, ids: list[int]) -> dict[str, int]:
@@ -496,6 +620,9 @@ def report(run: Run, entry: dict) -> str:
 
 
 rock_task = stage_task("rock", run, report)
+rock_probe_task = stage_task("rock-probe", run_probe)
+rock_directions_task = stage_task("rock-directions", run_directions)
+rock_shard_task = stage_task("rock-shard", run_one_shard)
 
 __all__ = ["aggregate", "select", "shares", "stagnation", "stability", "matched_random", "category", "jaccard",
            "spearman", "run", "report", "rock_task"]

@@ -27,7 +27,7 @@ from opdflow.infra.manifest import Run, StageContext, run_stage
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, student_before
-from opdflow.tasks.shards import read_parts, run_shard, run_sharded, shard_bounds, split_shard_name
+from opdflow.tasks.shards import concat_parts, read_parts, run_shard, run_sharded, shard_bounds, split_shard_name
 
 
 def round_prompt_ids(config: Config, train_ids: list[int], r: int) -> list[int]:
@@ -122,8 +122,8 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
     params, inputs, shard_body = _stage(run, stage)
     c = run.config
 
-    def finish(ctx: StageContext, table: pa.Table) -> None:
-        ctx.metrics.update(table_metrics(c, table))
+    def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:
+        ctx.metrics.update(table_metrics(c, concat_parts(run, parts)))
     return run_sharded(run, stage, n=n_shards(c), params=params, inputs=inputs, table="rollouts",
                        shard_body=shard_body, finish=finish, force=force, progress=progress)
 

@@ -28,7 +28,7 @@ from opdflow.infra.manifest import Run, StageContext, run_stage
 from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, round_stage
-from opdflow.tasks.shards import read_parts, run_shard, run_sharded, split_shard_name
+from opdflow.tasks.shards import concat_parts, read_parts, run_shard, run_sharded, split_shard_name
 
 
 def scores_table(rollouts: pa.Table, scores: list) -> pa.Table:
@@ -99,8 +99,8 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
     params, inputs, parts, shard_body = _stage(run, stage)
     ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm)
 
-    def finish(ctx: StageContext, scores: pa.Table) -> None:
-        ctx.metrics.update(score_metrics(read_parts(run, ro_stage, "rollouts"), scores))
+    def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:
+        ctx.metrics.update(score_metrics(read_parts(run, ro_stage, "rollouts"), concat_parts(run, parts)))
     return run_sharded(run, stage, n=len(parts), params=params, inputs=inputs, table="scores",
                        shard_body=shard_body, finish=finish, force=force, progress=progress)
 

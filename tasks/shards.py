@@ -49,24 +49,27 @@ def shard_bounds(n_items: int, n_shards: int, align: int) -> list[tuple[int, int
 
 def run_sharded(run: Run, stage: str, *, n: int, params: dict, inputs: dict, table: str,
                 shard_body: Callable[[StageContext, int, int], None],
-                finish: Callable[[StageContext, "pa.Table"], None], force: bool = False, progress=None) -> tuple[dict, bool]:
+                finish: Callable[[StageContext, dict, list[dict]], None], force: bool = False, progress=None) -> tuple[dict, bool]:
     """Commit `stage` from its `n` shards: shards already committed with the right key
     are linked as they are, missing ones run here (a flow runs them first, as mapped
     tasks, so this only happens when the plain function is called alone). `force`
-    reruns every shard; a stage whose shards were rerun since its commit is recommitted."""
+    recommits the stage; rerunning a shard is that shard's own stage (`run_shard` with
+    force). A stage whose shards were rerun since its commit is recommitted anyway.
+    `finish(ctx, parts, shard_entries)` completes the stage from the parts' refs."""
 
     def body(ctx: StageContext) -> None:
-        seconds, hosts = [], set()
+        seconds, hosts, entries = [], set(), []
         for i in range(n):
             entry, _ = run_shard(run, shard_name(stage, i, n), params=params, inputs=inputs,
-                                 shard_body=shard_body, force=force)
+                                 shard_body=shard_body)
+            entries.append(entry)
             ctx.link(part_name(table, i), entry["outputs"]["part.parquet"])
             seconds.append(entry["seconds"])
             hosts.add(entry["stack"].get("host", "?"))
             ctx.backend.update(entry["backend"])
         ctx.backend["shards"] = n
         ctx.metrics.update(shards=n, shard_seconds_sum=round(sum(seconds), 3), shard_hosts=len(hosts))
-        finish(ctx, concat_parts(run, {k: r for k, r in ctx.outputs.items() if k.startswith(table + "/")}))
+        finish(ctx, {k: r for k, r in ctx.outputs.items() if k.startswith(table + "/")}, entries)
     recommit = force or shards_changed(run, stage, n, table)
     return run_stage(run, stage, params=params, inputs=inputs, body=body, force=recommit, progress=progress)
 

@@ -14,7 +14,16 @@ still over all response tokens, so the other tokens' gradients are unchanged.
 
 Outputs: `model/*` (safetensors + config + tokenizer), `optimizer.safetensors` and
 `optimizer.json` (the state the next round resumes), `token_losses.parquet` (every
-token's loss at every step it was trained on).
+token's loss, weight and the trainer's own log-prob of it at every step it was trained
+on), and `mismatch.png`.
+
+Sampler vs trainer: the rollout stored the sampler's log-prob of every token it sampled;
+the trainer recomputes it in its forward. At the round's first step the trainer's weights
+are the sampler's, so the two should agree up to numerics; `metrics["mismatch"]`
+(`opdflow.tasks.mismatch`) summarises the difference on that step's tokens and the report
+shows it with a histogram. It is skipped when the sampler's log-probs are of a modified
+distribution (temperature != 1, top-p < 1, top-k). `train.tis_cap` turns on truncated
+importance sampling: each token's loss weight is multiplied by min(p_trainer / p_sampler, cap).
 
 Where it runs: `train.nproc_per_node: 1` (the default) trains in the task's own
 process; N > 1 launches `torchrun --standalone --nproc-per-node N` on this machine, a
@@ -60,7 +69,7 @@ def bypass_tokens(run: Run, arm: str) -> list[int]:
 def round_rows(run: Run, ro_stage: str, sc_stage: str) -> pa.Table:
     """The round's rollouts with the teacher's top-k beside each response."""
     ro, sc = rollout_stage.load(run, ro_stage), score_stage.load(run, sc_stage)
-    return ro.select(["prompt_id", "sample_idx", "prompt_ids", "response_ids"]).append_column(
+    return ro.select(["prompt_id", "sample_idx", "prompt_ids", "response_ids", "logprobs"]).append_column(
         "topk_ids", sc["topk_ids"]).append_column("topk_logprobs", sc["topk_logprobs"])
 
 
@@ -121,6 +130,7 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
             else:
                 launch(spec_path, c.train.nproc_per_node, ctx.progress)
             commit_outputs(ctx, Path(spec["out"]))
+            record_mismatch(ctx, c, Path(spec["rows"]), Path(spec["out"]) / "token_losses.parquet")
 
     entry, ran = run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
     if ran:  # in-round checkpoints are only for resuming this attempt; the commit supersedes them
@@ -159,13 +169,51 @@ def commit_outputs(ctx: StageContext, out: Path) -> None:
     ctx.backend.update(result["backend"])
 
 
+SKIPPED_DISTRIBUTION = "sampling distribution differs from the model's (temperature/top-p/top-k)"
+
+
+def first_step_logprobs(rows_path: Path, losses_path: Path) -> tuple[list[float], list[float]]:
+    """(sampler, trainer) log-probs of the tokens of the round's first step, aligned: the
+    sampler's from the rollout rows, the trainer's from that step's records (same weights)."""
+    rows = pq.read_table(rows_path, columns=["prompt_id", "sample_idx", "logprobs"]).to_pylist()
+    sampler = {(r["prompt_id"], r["sample_idx"]): r["logprobs"] for r in rows}
+    rec = pq.read_table(losses_path, columns=["step", "prompt_id", "sample_idx", "position", "trainer_logprob"],
+                        filters=[("step", "==", 0)]).to_pylist()
+    return ([sampler[(r["prompt_id"], r["sample_idx"])][r["position"]] for r in rec],
+            [r["trainer_logprob"] for r in rec])
+
+
+def record_mismatch(ctx: StageContext, c, rows_path: Path, losses_path: Path) -> None:
+    """metrics["mismatch"] and `mismatch.png`: sampler vs trainer log-probs at the first step."""
+    from opdflow.tasks.mismatch import histogram_png, mismatch_stats
+    if not c.samples_the_model():
+        ctx.metrics["mismatch"] = {"skipped": SKIPPED_DISTRIBUTION}
+        return
+    sampler, trainer = first_step_logprobs(rows_path, losses_path)
+    ctx.metrics["mismatch"] = mismatch_stats(sampler, trainer)
+    ctx.put_bytes("mismatch.png", histogram_png([t - s for s, t in zip(sampler, trainer)]))
+
+
+def mismatch_section(run: Run, entry: dict) -> list[str]:
+    """The report's sampler-vs-trainer part (empty for entries from before it existed)."""
+    from opdflow.tasks.mismatch import mismatch_markdown
+    stats = entry["metrics"].get("mismatch")
+    if not stats:
+        return []
+    if "skipped" in stats:
+        return ["", f"Sampler vs trainer logprobs: skipped ({stats['skipped']})."]
+    png = run.read(entry["outputs"]["mismatch.png"]) if "mismatch.png" in entry["outputs"] else b""
+    return ["", mismatch_markdown(stats, png)]
+
+
 def report(run: Run, entry: dict) -> str:
     m = dict(entry["metrics"])
     losses = m.pop("losses", [])
+    m.pop("mismatch", None)
     return "\n".join([f"# {entry['stage']} — run `{run.run_id}`", "", "| metric | value |", "|---|---|",
                       *[f"| {k} | {v} |" for k, v in m.items()], "",
                       f"Loss per step: {', '.join(f'{x:.4f}' for x in losses)}", "",
-                      f"Kernel/device: `{entry['backend']}`"])
+                      f"Kernel/device: `{entry['backend']}`", *mismatch_section(run, entry)])
 
 
 train_task = stage_task("train", run, report)

@@ -130,3 +130,46 @@ def test_readme_config_example_uses_real_keys():
     raw.update(teacher={"path": "demo"}, student={"path": "demo"}, store="/tmp/x")
     raw["data"]["source"] = "demo"
     parse_config(raw)
+
+
+# -- backends ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("section", ["rollout", "scoring"])
+@pytest.mark.parametrize("missing", ["base_url", "model"])
+def test_openai_backend_needs_a_server_and_a_model(section, missing):
+    raw = _tiny()
+    raw[section]["backend"] = "openai"
+    raw[section]["openai"] = {k: v for k, v in {"base_url": "http://127.0.0.1:1/v1", "model": "m"}.items()
+                              if k != missing}
+    _expect(raw, f"{section}.openai.{missing}", f"{section}.backend: openai needs")
+
+
+def test_openai_api_key_env_is_a_variable_name():
+    raw = _tiny()
+    raw["rollout"]["openai"] = {"api_key_env": "sk-abc123 secret"}
+    _expect(raw, "rollout.openai.api_key_env", "name of an environment variable")
+
+
+def test_unknown_rollout_backend():
+    raw = _tiny()
+    raw["rollout"]["backend"] = "sglang"
+    _expect(raw, "rollout.backend", "'transformers', 'native', 'vllm' or 'openai'")
+
+
+def test_vllm_backend_needs_vllm(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    raw = _tiny()
+    raw["rollout"]["backend"] = "vllm"
+    _expect(raw, "rollout.backend", "needs vLLM installed")
+
+
+def test_tis_needs_the_models_own_distribution():
+    raw = _tiny()
+    raw["train"]["tis_cap"] = 2.0
+    parse_config(raw)
+    raw["rollout"]["temperature"] = 0.7
+    _expect(raw, "train.tis_cap", "temperature 1")
+    raw["rollout"].update(temperature=1.0, top_k=5)
+    _expect(raw, "train.tis_cap", "top_k 0")

@@ -230,5 +230,5 @@ def test_s3_outage_during_a_stage_is_retried(moto_server, s3_store_uri, monkeypa
     entry = run.require("rollout.r01")
     for ref in entry["outputs"].values():
         run.read(ref)
-    stage_objects = store.list("runs/outage/stages/rollout.r01/")
+    stage_objects = store.list("runs/outage/stages/rollout.r01")  # the stage's and its shards' objects
     assert sorted(stage_objects) == sorted(r["key"] for r in entry["outputs"].values())

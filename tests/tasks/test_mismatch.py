@@ -108,3 +108,48 @@ def test_markdown_verdict_when_agreeing():
     lp = np.log([0.3, 0.6])
     md = mismatch_markdown(mismatch_stats(lp, lp), histogram_png(np.zeros(2)))
     assert "Within the thresholds" in md and "Above the thresholds" not in md
+
+
+def test_loss_step_records_trainer_logprobs_and_applies_tis():
+    """`train_worker.loss_step`: the trainer's logprob of each sampled token, and with a TIS cap
+    the loss weights min(p_trainer / p_sampler, cap) (times the bypass weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from opdflow.kernels import DistillationLoss
+    from opdflow.tasks.train_worker import loss_step
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32))
+    rows = [{"prompt_ids": [1, 4, 5], "response_ids": [6, 7, 2]}, {"prompt_ids": [1, 3], "response_ids": [8, 9]}]
+    for r in rows:
+        r["topk_ids"] = [list(range(11))] * len(r["response_ids"])
+        r["topk_logprobs"] = [[-math.log(11)] * 11] * len(r["response_ids"])
+    loss_fn = DistillationLoss(kind="reverse_kl", backend="reference")
+    _, _, w, trainer = loss_step(model, loss_fn, rows, frozenset({7}), 0)
+    with torch.no_grad():
+        for r, lo in ((rows[0], 0), (rows[1], 3)):
+            logits = model(torch.tensor([r["prompt_ids"] + r["response_ids"]])).logits[0].float()
+            n_p = len(r["prompt_ids"])
+            want = logits.log_softmax(-1)[n_p - 1:n_p - 1 + len(r["response_ids"])]
+            want = want.gather(-1, torch.tensor(r["response_ids"])[:, None]).squeeze(-1)
+            assert torch.allclose(trainer[lo:lo + len(r["response_ids"])], want, atol=1e-5)
+    assert not trainer.requires_grad and w.tolist() == [1.0, 0.0, 1.0, 1.0, 1.0]
+    shift = torch.tensor([math.log(2), 0.0, -math.log(2), math.log(4), 0.0])  # sampler = trainer - shift
+    for r, lo in ((rows[0], 0), (rows[1], 3)):
+        r["logprobs"] = (trainer - shift)[lo:lo + len(r["response_ids"])].tolist()
+    _, _, w_tis, _ = loss_step(model, loss_fn, rows, frozenset({7}), 0, tis_cap=3.0)
+    assert torch.allclose(w_tis, torch.tensor([2.0, 0.0, 0.5, 3.0, 1.0]), atol=1e-5)
+
+
+def test_train_stage_skips_the_comparison_off_the_models_distribution(tmp_path):
+    """At temperature != 1 (or top-p/top-k) the sampler's logprobs are of another distribution:
+    the train stage records why it did not compare, and its report says so."""
+    from types import SimpleNamespace
+    from opdflow.infra.config import parse_config
+    from opdflow.tasks import train
+    ctx = SimpleNamespace(metrics={})
+    config = parse_config({"rollout": {"temperature": 0.7}})
+    train.record_mismatch(ctx, config, tmp_path / "unused", tmp_path / "unused")
+    assert ctx.metrics == {"mismatch": {"skipped": train.SKIPPED_DISTRIBUTION}}
+    section = "\n".join(train.mismatch_section(None, {"metrics": ctx.metrics, "outputs": {}}))
+    assert "skipped" in section and "temperature" in section
+    assert parse_config({}).samples_the_model() and not parse_config({"rollout": {"top_k": 4}}).samples_the_model()

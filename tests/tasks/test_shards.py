@@ -1,6 +1,7 @@
 """Sharded stages as plain functions: same tables as unsharded, shards committed alone."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -69,3 +70,48 @@ def test_execution_settings_do_not_change_the_run(tmp_path):
     other = run.config.model_copy(update={"seed": 1})
     with pytest.raises(Exception, match="different config"):
         Run.create_or_open(store, "r", other)
+
+
+def test_sharded_evaluation_equals_one_lm_eval_run(tmp_path):
+    from opdflow.tasks import evaluate
+    store = open_store(str(tmp_path / "store"))
+    one, three = _run(store, "one", 1), _run(store, "three", 3)
+    e1, _ = evaluate.run(one, "eval.teacher")
+    e3, _ = evaluate.run(three, "eval.teacher")
+    assert e3["metrics"]["shards"] == 3 and len(three.outputs_under("eval.teacher", "samples")) == 3
+    assert e3["metrics"]["n_samples"] == e1["metrics"]["n_samples"] == {"opdflow_arith": one.config.data.n_eval}
+    assert e3["metrics"]["results"] == e1["metrics"]["results"]  # the mean over documents, exactly
+    r1, r3 = (json.loads(r.read_output("eval.teacher", "results.json")) for r in (one, three))
+    assert r3["stderr"]["opdflow_arith"]["exact_match"] == pytest.approx(r1["stderr"]["opdflow_arith"]["exact_match"])
+    docs = lambda r: [json.loads(x)["doc_id"] for x in r.read_output("eval.teacher", "samples.jsonl").splitlines()]  # noqa: E731
+    assert docs(three) == docs(one) == list(range(one.config.data.n_eval))
+
+
+@pytest.mark.slow
+def test_sharded_rock_analysis_equals_unsharded(tmp_path):
+    from opdflow.tasks import rock, train
+    store = open_store(str(tmp_path / "store"))
+    runs = {}
+    for n in (1, 3):
+        config = load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+                             {"scale": {"shards": n}, "train": {"rounds": 1}, "ablation": {"enabled": False},
+                              "rock": {"checkpoints": ["initial", "final"]},
+                              "data": {"n_probe": 12}, "rollout": {"batch_size": 4}})
+        run = runs[n] = Run.create_or_open(store, f"rock{n}", config)
+        for fn, stage in ((models.run, "models"), (prompts.run, "prompts"), (rollout.run, "rollout.r01"),
+                          (score.run, "score.r01"), (train.run, "train.r01"), (rock.run_probe, "rock-probe"),
+                          (rock.run_directions, "rock-directions"), (rock.run, "rock")):
+            fn(run, stage)
+    one, three = runs[1], runs[3]
+    assert len(three.outputs_under("rock", "records")) == 3 and three.require("rock")["metrics"]["shards"] == 3
+    assert read_parts(three, "rock-probe", "probes").equals(read_parts(one, "rock-probe", "probes"))
+    order = [("checkpoint", "ascending"), ("prompt_id", "ascending"), ("sample_idx", "ascending"),
+             ("position", "ascending")]  # parts hold each shard's positions for every checkpoint
+    r1, r3 = (read_parts(r, "rock", "records").sort_by(order) for r in (one, three))
+    exact = ["checkpoint", "prompt_id", "sample_idx", "position", "token_id", "student_top1", "teacher_top1"]
+    assert r3.select(exact).equals(r1.select(exact))
+    for col in ("kl", "grad_norm", "cos_freq_weighted", "cos_freq_balanced"):  # batch padding: float rounding only
+        a, b = r1[col].to_pylist(), r3[col].to_pylist()
+        assert [x is None for x in a] == [x is None for x in b]
+        assert [x for x in b if x is not None] == pytest.approx([x for x in a if x is not None], abs=1e-6), col
+    assert json.loads(three.read_output("rock", "rock_sets.json")) == json.loads(one.read_output("rock", "rock_sets.json"))

@@ -18,7 +18,8 @@ from opdflow.tasks import evaluate, models, prompts, report, rock, rollout, scor
 from opdflow.tasks.plan import parse, plan
 
 RUNNERS = {"models": models.run, "prompts": prompts.run, "rollout": rollout.run, "score": score.run,
-           "train": train.run, "rock": rock.run, "eval": evaluate.run, "report": report.run}
+           "train": train.run, "rock-probe": rock.run_probe, "rock-directions": rock.run_directions, "rock": rock.run,
+           "eval": evaluate.run, "report": report.run}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,19 @@ def test_train_contract_and_determinism(tiny_run):
         t = load(tiny_run.read_output("train.r02", "optimizer.safetensors"))
         steps = [float(v[0]) for k, v in t.items() if k.endswith("::step")]
     assert steps and all(s == 2 * tiny_run.config.train.steps_per_round for s in steps)
+
+
+def test_train_reports_sampler_vs_trainer_logprobs(tiny_run):
+    """The tiny config samples at temperature 1 with the fp32 student the trainer starts from:
+    the sampler's and the trainer's logprobs of the first step's tokens agree."""
+    e = tiny_run.require("train.r01")
+    mm = e["metrics"]["mismatch"]
+    assert mm["n_tokens"] > 0 and mm["mean_abs_diff"] < 1e-4 and mm["max_abs_diff"] < 1e-3
+    assert "mismatch.png" in e["outputs"]
+    records = _table(tiny_run, "train.r01", "token_losses.parquet")
+    assert all(lp <= 0 for lp in records["trainer_logprob"].to_pylist())
+    md = train.report(tiny_run, e)
+    assert "# Sampler vs trainer logprobs" in md and "| mean \\|Δ\\| |" in md and "data:image/png;base64," in md
 
 
 def test_ablation_arms_bypass_their_tokens(tiny_run):
