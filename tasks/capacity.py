@@ -49,7 +49,7 @@ def predict(tokens: dict[str, float], tokens_per_s: dict[str, float], gpus: list
 def markdown(m: dict, rows: list[dict]) -> str:
     head = [f"Measured on round {m['round']} ({m['device']}): per-worker tokens/s "
             + ", ".join(f"{k} {v:,.0f}" for k, v in m["tokens_per_s"].items())
-            + f"; tokens per round: " + ", ".join(f"{k} {v:,}" for k, v in m["tokens"].items()), "",
+            + "; tokens per round: " + ", ".join(f"{k} {v:,}" for k, v in m["tokens"].items()), "",
             "| GPUs | rollout s | scoring s | training s | round s | bounded by |", "|---:|---:|---:|---:|---:|---|"]
     return "\n".join(head + [f"| {r['gpus']} | {r['rollout_s']} | {r['score_s']} | {r['train_s']} | {r['round_s']} | "
                              f"{r['bound_by']} |" for r in rows])

@@ -23,7 +23,7 @@ import pyarrow as pa
 from opdflow.infra import backends
 from opdflow.infra.config import DEMO, Config
 from opdflow.infra.lm import SampleSettings, derive_seed, load_model, load_tokenizer
-from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, student_before

@@ -24,7 +24,7 @@ import torch
 
 from opdflow.infra import backends
 from opdflow.infra.lm import load_model, load_tokenizer, response_logits
-from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.manifest import Run, StageContext
 from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, round_stage

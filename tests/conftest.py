@@ -171,32 +171,28 @@ def tiny_config():
     return load_config(TINY)
 
 
-class PrefectServer:
-    """`prefect server start` as a subprocess on a loopback port, with its own database."""
+class ServerProcess:
+    """A server as a subprocess on a loopback port, ready once its health URL answers."""
 
-    def __init__(self, home: str, start_timeout: float = 180.0):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.env = {**os.environ, "PREFECT_HOME": home, "PREFECT_API_URL": self.url,
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}
+    def __init__(self, cmd: list[str], health_url: str, env: dict, start_timeout: float,
+                 new_session: bool = False):
+        self._new_session = new_session
         self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=new_session)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + start_timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{cmd[2:4]} exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with opener.open(f"{self.url}/health", timeout=2):
+                with opener.open(health_url, timeout=2):
                     return
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"prefect server did not answer within {start_timeout}s:\n{self.log()}")
-                time.sleep(0.5)
+                    raise RuntimeError(f"{cmd[2:4]} did not answer within {start_timeout}s:\n{self.log()}")
+                time.sleep(0.2)
 
     def log(self) -> str:
         self._log.seek(0)
@@ -204,11 +200,52 @@ class PrefectServer:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
+            if self._new_session:
+                os.killpg(self.proc.pid, 15)
+            else:
+                self.proc.terminate()
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
+                os.killpg(self.proc.pid, 9) if self._new_session else self.proc.kill()
+                self.proc.wait(10)
+
+
+class PrefectServer(ServerProcess):
+    """`prefect server start` as a subprocess on a loopback port, with its own database."""
+
+    def __init__(self, home: str, start_timeout: float = 180.0):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = {**os.environ, "PREFECT_HOME": home, "PREFECT_API_URL": self.url,
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}
+        super().__init__([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                          str(self.port)], f"{self.url}/health", self.env, start_timeout, new_session=True)
+
+
+class OpdflowServe(ServerProcess):
+    """`opdflow serve MODEL_DIR` as a subprocess on a loopback port; `url` is its root."""
+
+    def __init__(self, model_dir, name: str = "tiny", start_timeout: float = 120.0):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        super().__init__([sys.executable, "-m", "opdflow.flows.cli", "serve", str(model_dir), "--host", "127.0.0.1",
+                          "--port", str(self.port), "--name", name], f"{self.url}/health", env, start_timeout)
+
+
+@pytest.fixture(scope="session")
+def opdflow_serve():
+    """Start `opdflow serve` subprocesses: `srv = opdflow_serve(model_dir, name)` (srv.url, srv.stop());
+    any still running are stopped at the end of the session."""
+    started: list[OpdflowServe] = []
+
+    def start(model_dir, name: str = "tiny") -> OpdflowServe:
+        started.append(OpdflowServe(model_dir, name))
+        return started[-1]
+    yield start
+    for srv in started:
+        srv.stop()
 
 
 @pytest.fixture(scope="session")

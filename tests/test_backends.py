@@ -10,14 +10,6 @@ Run: ``python -m pytest -q tests/test_backends.py`` (about 40 s on 2 cores).
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,65 +50,26 @@ def test_native_rollouts_equal_transformers(tmp_path):
 
 # -- openai: real `opdflow serve` subprocesses ------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(model_dir: Path, name: str, start_timeout: float = 120.0):
-    """`opdflow serve MODEL_DIR` on a free loopback port (as tests/test_serve_openai.py); yields /v1."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "opdflow.flows.cli", "serve", str(model_dir), "--host",
-                                 "127.0.0.1", "--port", str(port), "--name", name],
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            _wait_healthy(proc, url, log, start_timeout)
-            yield url + "/v1"
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-
-
-def _wait_healthy(proc, url: str, log, timeout: float) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"opdflow serve exited with {proc.returncode}:\n{log.read().decode()[-4000:]}")
-        try:
-            with opener.open(f"{url}/health", timeout=2):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, f"opdflow serve did not answer within {timeout}s"
-            time.sleep(0.2)
-
-
 def _remote(base_url: str, name: str) -> dict:
     return {"backend": "openai", "openai": {"base_url": base_url, "model": name, "api_key_env": "OPDFLOW_TEST_NO_KEY"}}
 
 
 @pytest.mark.integration
-def test_openai_rollout_and_scoring_equal_the_local_backends(tmp_path, monkeypatch):
+def test_openai_rollout_and_scoring_equal_the_local_backends(tmp_path, monkeypatch, opdflow_serve):
     from opdflow.infra import backends
     from opdflow.infra.lm import derive_seed, load_model, load_tokenizer, sample
     monkeypatch.setenv("OPDFLOW_TEST_NO_KEY", "sk-test-secret")  # sent as a bearer token, never recorded
     store = open_store(str(tmp_path / "store"))
     ref = _run(store, "local", {}, stages=())
     sdir, tdir = ref.materialize("models", "student"), ref.materialize("models", "teacher")
-    with serving(sdir, "student") as s_url, serving(tdir, "teacher") as t_url:
+    s_srv, t_srv = opdflow_serve(sdir, "student"), opdflow_serve(tdir, "teacher")
+    s_url, t_url = s_srv.url + "/v1", t_srv.url + "/v1"
+    try:
         remote = _run(store, "remote", {"rollout": _remote(s_url, "student"), "scoring": _remote(t_url, "teacher")},
                       stages=("rollout.r01", "score.r01"))
+    finally:
+        s_srv.stop()
+        t_srv.stop()
     ro, sc = read_parts(remote, "rollout.r01", "rollouts"), read_parts(remote, "score.r01", "scores")
     for stage, url, name in (("rollout.r01", s_url, "student"), ("score.r01", t_url, "teacher")):
         b = remote.require(stage)["backend"]

@@ -58,6 +58,9 @@ def _look_at_the_ui(server, arts) -> None:
     ui.assert_rendered(dom, headings=["Funnel", "Stagnation across checkpoints"], image_prefix="data:image/png;base64,")
     dom = ui.capture(ui.artifact_page_url(base, arts["evaluation"][0].id), out / "lifecycle-evaluation.png")
     ui.assert_rendered(dom, text=["final_student", "exact_match"])
+    dom = ui.capture(ui.artifact_page_url(base, arts["train-r01"][0].id), out / "lifecycle-train-mismatch.png")
+    ui.assert_rendered(dom, headings=["Sampler vs trainer logprobs"], text=["k3 KL"],
+                       image_prefix="data:image/png;base64,")
     dom = ui.capture(ui.flow_run_artifacts_url(base, rock.flow_run_id), out / "lifecycle-flow-run-artifacts.png")
     ui.assert_rendered(dom, text=["run-summary", "evaluation"])
 
@@ -81,6 +84,7 @@ def test_lifecycle_end_to_end(prefect_server, tmp_path):
     arts = _artifacts(prefect_server.url)
     for key in ("evaluation", "rock", "rock-tokens", "ablation-verdict", "run-summary", "train-r01"):
         assert key in arts, sorted(arts)
+    assert "Sampler vs trainer logprobs" in arts["train-r01"][0].data  # the logprob mismatch table
     rock_md = arts["rock"][0].data
     assert "data:image/png;base64," in rock_md and "Rock-token report" in rock_md
     assert any(a.type == "progress" for a in arts.get("<progress>", []))

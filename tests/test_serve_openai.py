@@ -12,12 +12,8 @@ Run: ``python -m pytest -q tests/test_serve_openai.py`` (about 30-40 s on 2 core
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -190,59 +186,16 @@ def _save_tiny_model(out: Path, seed: int = 0) -> Path:
     return save_model(LlamaForCausalLM(cfg), tok, out)
 
 
-class ServeProcess:
-    """`opdflow serve MODEL_DIR --port P` as a subprocess; ready once /health answers."""
-
-    def __init__(self, model_dir: Path, name: str = "tiny", start_timeout: float = 120.0):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = tempfile.TemporaryFile()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opdflow.flows.cli", "serve", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), "--name", name],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"opdflow serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with opener.open(f"{self.url}/health", timeout=2):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"opdflow serve did not answer within {start_timeout}s:\n{self.log()}")
-                time.sleep(0.2)
-
-    def log(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return _save_tiny_model(tmp_path_factory.mktemp("serve-model") / "tiny")
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    srv = ServeProcess(model_dir)
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server(model_dir, opdflow_serve):
+    srv = opdflow_serve(model_dir)
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
