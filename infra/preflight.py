@@ -53,6 +53,7 @@ def preflight(config: Config) -> list[dict]:
                                               "use 'auto' to take Triton where CUDA is available")
     if config.rollout.backend == "vllm":
         _require_vllm()
+    _check_scale(config)
     if config.eval.include_path and not Path(config.eval.include_path).is_dir():
         raise ConfigError("eval.include_path", f"{config.eval.include_path!r} is not a directory")
     return rows
@@ -66,3 +67,17 @@ def _require_vllm() -> None:
         raise ConfigError("rollout.backend", "'vllm' needs vLLM installed (pip install 'opdflow[vllm]') on a CUDA "
                                              "machine; it is not importable here. Use 'transformers' or 'native', "
                                              "or 'openai' against a vLLM server")
+
+
+def _check_scale(config: Config) -> None:
+    """Execution settings this machine cannot honour: a missing task runner, more training
+    processes than GPUs (on CPU, gloo runs any number of processes)."""
+    import importlib.util
+
+    import torch
+    if config.scale.task_runner == "dask" and importlib.util.find_spec("prefect_dask") is None:
+        raise ConfigError("scale.task_runner", "'dask' needs prefect-dask: pip install 'opdflow[dask]'")
+    gpus = torch.cuda.device_count()
+    if gpus and config.train.nproc_per_node > gpus:
+        raise ConfigError("train.nproc_per_node", f"{config.train.nproc_per_node} training processes, one per GPU, "
+                                                  f"but this machine has {gpus} GPUs")

@@ -173,3 +173,22 @@ def test_tis_needs_the_models_own_distribution():
     _expect(raw, "train.tis_cap", "temperature 1")
     raw["rollout"].update(temperature=1.0, top_k=5)
     _expect(raw, "train.tis_cap", "top_k 0")
+
+
+def test_scale_settings_this_machine_cannot_honour(monkeypatch):
+    import importlib.util
+
+    import torch
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "prefect_dask" else real(name, *a))
+    raw = _tiny()
+    raw["scale"] = {"task_runner": "dask"}
+    _expect(raw, "scale.task_runner", "needs prefect-dask")
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    raw = _tiny()
+    raw["train"]["nproc_per_node"] = 4
+    _expect(raw, "train.nproc_per_node", "this machine has 2 GPUs")
+    raw["scale"] = {"dask_address": "tcp://scheduler:8786"}
+    _expect(raw, "scale.dask_address", "set scale.task_runner: dask")
