@@ -18,10 +18,10 @@ backends runs them, whether a local model must be loaded, or how a server client
   a server: its URL and model name; the API key is read from the environment variable
   `api_key_env` names and is never recorded).
 
-Seeds: every sequence's seed is passed to the sampler as is. `opdflow serve` derives the
-sequence's own seed from the request's (`derive_seed(seed, 0, 0)` for a one-prompt request)
-and vLLM draws its own noise, so the same seed gives other tokens than in process; what is
-reproducible is a backend with its seeds.
+Seeds: every sequence's seed is passed to the sampler as is. `opdflow serve` samples a
+one-prompt request with its seed exactly as in process, so rollouts through it equal the
+transformers backend's on the same weights; vLLM draws its own noise, so the same seed gives
+other tokens there; what is reproducible is a backend with its seeds.
 
 A server backend serves whatever model it was started with: for rollouts it must serve the
 current student (each round's checkpoint), which this module cannot check; the train stage's

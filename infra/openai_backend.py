@@ -9,9 +9,8 @@ in-process sampler, so the rollout and score stages can use either:
   `infra.lm.sample`: one request per (prompt, seed) with the seed passed through, token-id
   prompts, `logprobs=1` and `return_tokens_as_token_ids=true`, so the response's tokens
   ("token_id:N") give back the exact ids and `token_logprobs` the sampler's logprobs.
-  Reproducibility is the server's: `opdflow serve` derives the sequence's seed from the request
-  seed (`derive_seed(seed, 0, 0)`) and samples exactly as `infra.lm.sample` would; vLLM seeds a
-  per-request generator. vLLM reports raw-model logprobs unless started with
+  Reproducibility is the server's: `opdflow serve` samples a one-prompt request with its seed
+  exactly as `infra.lm.sample` would in process; vLLM seeds a per-request generator. vLLM reports raw-model logprobs unless started with
   `--logprobs-mode processed_logprobs` (they agree at temperature 1, top-p 1).
 - `score(prompts, responses, top_k)` -> per response (teacher logprob of each token, top-k ids,
   top-k logprobs), as `tasks.score.score_table` stores: the prompt + response is sent as the

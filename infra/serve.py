@@ -35,7 +35,10 @@ commits 002032ee and 030ea52e); both give the same fields. Per choice: `index` (
 
 Differences from vLLM, on purpose:
 - Sampling is per-sequence seeded (see `opdflow.infra.lm`): for request seed s, prompt i and
-  choice j the sequence seed is `derive_seed(s, i, j)`; a request without a seed draws one.
+  choice j the sequence seed is s itself for the first sequence and `derive_seed(s, i, j)` for
+  the others; a request without a seed draws one. So a one-prompt request samples exactly what
+  `infra.lm.sample` samples in process with that seed, and rollouts through `opdflow serve`
+  equal in-process rollouts of the same weights.
 - `token_logprobs` of generated tokens are under the distribution actually sampled from
   (temperature, top-k and top-p applied), exactly what `infra.lm.sample` reports; vLLM reports the raw
   model distribution unless started with `--logprobs-mode processed_logprobs`. At temperature 1
@@ -221,10 +224,11 @@ def top_k_of(k: int | None, vocab_size: int) -> int | None:
 # -- sampling -------------------------------------------------------------------------------
 
 def sequence_seeds(seed: int | None, n_prompts: int, n: int) -> list[int]:
-    """Per-sequence seeds, prompt-major: derive_seed(request seed, prompt i, choice j)."""
+    """Per-sequence seeds, prompt-major: the request seed for the first sequence,
+    derive_seed(request seed, prompt i, choice j) for the others."""
     from opdflow.infra.lm import derive_seed
     base = secrets.randbelow(2**31) if seed is None else seed
-    return [derive_seed(base, i, j) for i in range(n_prompts) for j in range(n)]
+    return [base if (i, j) == (0, 0) else derive_seed(base, i, j) for i in range(n_prompts) for j in range(n)]
 
 
 @dataclass

@@ -237,7 +237,7 @@ def test_check_tokenizer(backend, local, tmp_path):
 
 @pytest.mark.integration
 def test_sample_is_seeded_and_equals_the_local_sampler(backend, local):
-    from opdflow.infra.lm import derive_seed, sample
+    from opdflow.infra.lm import sample
     model, tok = local
     prompts, seeds = _prompts(tok), [11, 22, 33, 44, 55]
     settings = [SampleSettings(temperature=1.0, max_new_tokens=12, batch_size=2),
@@ -251,7 +251,7 @@ def test_sample_is_seeded_and_equals_the_local_sampler(backend, local):
         again = backend.sample(prompts, seeds, st, tok.eos_token_id, tok.pad_token_id)
         assert [s.response_ids for s in remote] == [s.response_ids for s in again]
         for p, seed, got in zip(prompts, seeds, remote):
-            ref = sample(model, [p], [derive_seed(seed, 0, 0)], st, tok.eos_token_id, tok.pad_token_id)[0]
+            ref = sample(model, [p], [seed], st, tok.eos_token_id, tok.pad_token_id)[0]
             assert got.response_ids == ref.response_ids
             assert got.finish_reason == ref.finish_reason
             assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) < 1e-5
@@ -350,7 +350,7 @@ def test_make_app_uses_the_given_sampler_with_derived_seeds(model_dir):
                                                 "max_tokens": 8, "temperature": 0.5}).json()
     (prompts, seeds, settings), = calls
     assert prompts == [[1, 5], [1, 5], [1, 6, 7], [1, 6, 7]]
-    assert seeds == [derive_seed(42, i, j) for i in range(2) for j in range(2)]
+    assert seeds == [42, derive_seed(42, 0, 1), derive_seed(42, 1, 0), derive_seed(42, 1, 1)]
     assert settings.temperature == 0.5 and settings.max_new_tokens == 8
     assert [c["finish_reason"] for c in body["choices"]] == ["stop"] * 4 and body["choices"][0]["stop_reason"] is None
     assert client.get("/v1/models").json()["data"][0]["id"] == "fake"
