@@ -97,10 +97,20 @@ def _openai_sampler(cfg: OpenAIConfig) -> Sampler:
     return run
 
 
+def rollout_backend(config: Config) -> str:
+    """`rollout.backend`, with `auto` resolved: native on CUDA, transformers elsewhere (the two
+    sample the same tokens; native is the fast one on a GPU)."""
+    name = config.rollout.backend
+    if name == "auto":
+        import torch
+        return "native" if torch.cuda.is_available() else "transformers"
+    return name
+
+
 def sampler_for(config: Config) -> Sampler:
     """`sample(model_dir, model, tok, prompts, seeds, settings, on_batch) -> list[Sample]` for
     `rollout.backend` (`model` may be None where `needs_local_model` is False)."""
-    name = config.rollout.backend
+    name = rollout_backend(config)
     if name == "transformers":
         return _transformers
     if name == "native":
@@ -114,8 +124,8 @@ def sampler_for(config: Config) -> Sampler:
 
 def sampler_record(config: Config, settings: SampleSettings, model=None) -> dict:
     """The manifest's `backend` of a rollout: which sampler ran, where, with which settings."""
-    name = config.rollout.backend
-    rec: dict = {"name": name, **settings.__dict__}
+    name = rollout_backend(config)
+    rec: dict = {"name": name, "configured": config.rollout.backend, **settings.__dict__}
     if name == "openai":
         rec.update(base_url=config.rollout.openai.base_url, model=config.rollout.openai.model)
     else:
@@ -172,5 +182,5 @@ def scorer_record(config: Config, model=None) -> dict:
             "top_k": min(sc.top_k, vocab_size(model)), "batch_size": sc.batch_size, "chunk_tokens": sc.chunk_tokens}
 
 
-__all__ = ["sampler_for", "scorer_for", "sampler_record", "scorer_record", "needs_local_model", "result_settings",
+__all__ = ["rollout_backend", "sampler_for", "scorer_for", "sampler_record", "scorer_record", "needs_local_model", "result_settings",
            "openai_client"]

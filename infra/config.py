@@ -76,13 +76,14 @@ class OpenAIConfig(_Section):
         return v
 
 
-RolloutBackend = Literal["transformers", "native", "vllm", "openai"]
+RolloutBackend = Literal["auto", "transformers", "native", "vllm", "openai"]
 
 
 class RolloutConfig(_Section):
-    backend: RolloutBackend = Field("transformers", description="transformers | native (static KV cache, CUDA "
-                                    "graphs) | vllm (needs CUDA and vLLM) | openai (a completions server that "
-                                    "serves the current student; see rollout.openai)")
+    backend: RolloutBackend = Field("auto", description="auto (native on CUDA, transformers elsewhere) | "
+                                    "transformers | native (static KV cache, CUDA graphs) | vllm (needs CUDA and "
+                                    "vLLM) | openai (a completions server that serves the current student; see "
+                                    "rollout.openai)")
     samples_per_prompt: int = Field(4, ge=1)
     prompts_per_round: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy")

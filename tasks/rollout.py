@@ -52,7 +52,7 @@ def generate(run: Run, model_dir, jobs: list[tuple[dict, int]], seed_tag: tuple,
     """Sample one response per (prompt row, sample index) job; shared with the rock stage."""
     c = run.config
     tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, c.student.dtype) if backends.needs_local_model(c.rollout.backend) else None
+    model = load_model(model_dir, c.student.dtype) if backends.needs_local_model(backends.rollout_backend(c)) else None
     seeds = [derive_seed(c.seed, *seed_tag, r["prompt_id"], j) for r, j in jobs]
     t0 = time.time()
     out = backends.sampler_for(c)(model_dir, model, tok, [r["prompt_ids"] for r, _ in jobs], seeds, settings(c),

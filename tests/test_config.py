@@ -153,7 +153,7 @@ def test_openai_api_key_env_is_a_variable_name():
 def test_unknown_rollout_backend():
     raw = _tiny()
     raw["rollout"]["backend"] = "sglang"
-    _expect(raw, "rollout.backend", "'transformers', 'native', 'vllm' or 'openai'")
+    _expect(raw, "rollout.backend", "'auto', 'transformers', 'native', 'vllm' or 'openai'")
 
 
 def test_vllm_backend_needs_vllm(monkeypatch):

@@ -64,7 +64,9 @@ def test_rollout_contract(tiny_run):
         assert all(lp <= 0 for lp in r["logprobs"])
         assert r["finish_reason"] in ("stop", "length")
     e = tiny_run.require("rollout.r01")
-    assert e["backend"]["name"] == "transformers" and e["backend"]["temperature"] == c.rollout.temperature
+    from opdflow.infra.backends import rollout_backend
+    assert e["backend"]["name"] == rollout_backend(c) and e["backend"]["configured"] == "auto"
+    assert e["backend"]["temperature"] == c.rollout.temperature
     # rounds take different prompts; arms take the same prompts with the same seeds
     r2 = _table(tiny_run, "rollout.r02", "rollouts")
     assert r2["prompt_id"].to_pylist() != t["prompt_id"].to_pylist()
