@@ -36,8 +36,10 @@ from opdflow.infra.store import open_store
 from opdflow.tasks.common import publish_markdown
 from opdflow.tasks.evaluate import eval_shard_task, eval_task
 from opdflow.tasks.models import models_task
+from opdflow.tasks.patch import patch_shard_task, patch_task
 from opdflow.tasks.plan import parse, plan
 from opdflow.tasks.prompts import prompts_task
+from opdflow.tasks import patch as patch_stage
 from opdflow.tasks import rock as rock_stage
 from opdflow.tasks import rollout as rollout_stage
 from opdflow.tasks import score as score_stage
@@ -58,6 +60,7 @@ SHARDED = {
     "rock-directions": (rock_shard_task, rock_directions_task, lambda run, stage: rock_stage.n_parts(run)),
     "rock": (rock_shard_task, rock_task, lambda run, stage: rock_stage.n_parts(run)),
     "eval": (eval_shard_task, eval_task, lambda run, stage: run.config.scale.shards),
+    "patch": (patch_shard_task, patch_task, lambda run, stage: patch_stage.n_shards(run.config)),
 }
 
 

@@ -17,6 +17,7 @@ fault (`rollout.max_new_tokens: ...`), so the CLI can print it as is.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -170,6 +171,22 @@ class AblationConfig(_Section):
     enabled: bool = True
     rounds: int = Field(2, ge=1, description="OPD rounds per ablation arm, from the initial student")
     arms: list[Literal["rock", "random"]] = ["rock", "random"]
+    patching: bool = Field(True, description="inference-time patching at rock positions (stage `patch`): needs "
+                                             "answers it can score: demo data, or patch_answer_regex")
+    patch_answer_regex: str | None = Field(None, description="regex with one group capturing the answer in a "
+                                                              "response (compared with data.answer_field)")
+
+    @field_validator("patch_answer_regex")
+    @classmethod
+    def _one_group(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                groups = re.compile(v).groups
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {e}") from None
+            if groups < 1:
+                raise ValueError("needs a capturing group around the answer, e.g. 'answer: (\\d+)'")
+        return v
 
 
 class EvalConfig(_Section):

@@ -159,16 +159,21 @@ def sample(model, prompts: Sequence[Sequence[int]], seeds: Sequence[int], settin
     return out
 
 
-def _sample_batch(model, prompts, seeds, st: SampleSettings, eos_id, pad_id, dev) -> list[Sample]:
-    b = len(prompts)
-    width = max(len(p) for p in prompts)
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, position ids) of a left-padded batch of prompts, so that
+    every row's next token is generated at the same column."""
+    b, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _sample_batch(model, prompts, seeds, st: SampleSettings, eos_id, pad_id, dev) -> list[Sample]:
+    b = len(prompts)
+    ids, mask, pos = (t.to(dev) for t in left_padded(prompts, pad_id))
     seeds_t = torch.tensor(list(seeds), dtype=torch.int64, device=dev)
     res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     past, logits = res.past_key_values, res.logits[:, -1]

@@ -3,6 +3,7 @@
     models, prompts                                   inputs, resolved and recorded
     rollout.r01  score.r01  train.r01  ...            OPD rounds (the main, uniform arm)
     rock-probe  rock-directions  rock                 rock-token analysis
+    patch                                             inference-time patching at rock positions
     ablate-rock.rollout.r01 ... ablate-rock.train.rNN  causal ablation arms, from the
     ablate-random.rollout.r01 ...                      initial student, same compute
     eval.teacher  eval.initial_student  ...           lm-eval per model
@@ -45,7 +46,7 @@ def parse(stage: str) -> StageName:
     parts = stage.split(".")
     if parts[0] == "eval" and len(parts) == 2:
         return StageName("main", "eval", label=parts[1])
-    if len(parts) == 1 and parts[0] in ("models", "prompts", "rock-probe", "rock-directions", "rock", "report"):
+    if len(parts) == 1 and parts[0] in ("models", "prompts", "rock-probe", "rock-directions", "rock", "patch", "report"):
         return StageName("main", parts[0])
     arm = "main"
     if parts[0] in LABEL_OF_ARM:
@@ -61,6 +62,12 @@ def arm_rounds(config: Config, arm: str) -> int:
 
 def ablation_arms(config: Config) -> list[str]:
     return [ARMS[a] for a in config.ablation.arms] if config.ablation.enabled else []
+
+
+def patching_enabled(config: Config) -> bool:
+    """The `patch` stage runs with the ablation when it can score answers (demo data, or a regex)."""
+    a = config.ablation
+    return a.enabled and a.patching and (config.data.source == "demo" or a.patch_answer_regex is not None)
 
 
 def eval_labels(config: Config) -> list[str]:
@@ -97,7 +104,7 @@ def plan(config: Config) -> list[str]:
     stages = ["models", "prompts"]
     for r in range(1, config.train.rounds + 1):
         stages += [round_stage(k, r) for k in ("rollout", "score", "train")]
-    stages += ["rock-probe", "rock-directions", "rock"]
+    stages += ["rock-probe", "rock-directions", "rock"] + (["patch"] if patching_enabled(config) else [])
     for arm in ablation_arms(config):
         for r in range(1, config.ablation.rounds + 1):
             stages += [round_stage(k, r, arm) for k in ("rollout", "score", "train")]

@@ -17,7 +17,8 @@ import math
 
 from opdflow.infra.manifest import Run, StageContext, run_stage
 from opdflow.tasks.common import publish_markdown, publish_table, stage_task
-from opdflow.tasks.plan import LABEL_OF_ARM, ablation_arms, eval_labels, plan, round_stage
+from opdflow.tasks.patch import markdown as patch_markdown
+from opdflow.tasks.plan import LABEL_OF_ARM, ablation_arms, eval_labels, patching_enabled, plan, round_stage
 
 
 def eval_table(run: Run) -> list[dict]:
@@ -103,26 +104,31 @@ def run(run: Run, stage: str = "report", force: bool = False, progress=None) -> 
         inputs[f"eval.{label}"] = run.output(f"eval.{label}", "results.json")
     if c.ablation.enabled:
         inputs["rock"] = run.output("rock", "summary.json")
+    if patching_enabled(c):
+        inputs["patch"] = run.output("patch", "patching.json")
     params = {"ablation": c.section("ablation")}
 
     def body(ctx: StageContext) -> None:
         table = eval_table(run)
         v = verdict(run, table)
         rock = json.loads(run.read_output("rock", "summary.json")) if run.entry("rock") else None
-        summary = {"run_id": run.run_id, "evaluation": table, "verdict": v,
+        patching = json.loads(run.read(inputs["patch"])) if "patch" in inputs else None
+        summary = {"run_id": run.run_id, "evaluation": table, "verdict": v, "patching": patching,
                    "rock": {k: rock[k] for k in ("rock", "control", "random_matched")} if rock else None,
                    "train": {n: run.entry(n)["metrics"].get("loss_mean") for n in plan(c)
                              if n.split(".")[-2:-1] == ["train"] and run.entry(n)}}
         ctx.put_json("summary.json", summary)
-        ctx.put_bytes("report.md", render(run, table, v).encode())
+        ctx.put_bytes("report.md", render(run, table, v, patching).encode())
         ctx.metrics.update(verdict=v["text"] if v else None)
     return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
 
 
-def render(run: Run, table: list[dict], v: dict | None) -> str:
+def render(run: Run, table: list[dict], v: dict | None, patching: dict | None = None) -> str:
     lines = [f"# Evaluation — run `{run.run_id}`", "", "| model | task | metric | value | n |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['task']} | {r['metric']} | {r['value']:.4f} | {r['n']} |" for r in table]
     lines += ["", "## Ablation verdict", "", v["text"] if v else "ablation disabled"]
+    lines += ["", "## Inference-time patching", "",
+              patch_markdown(patching) if patching else "not run (needs demo data or ablation.patch_answer_regex)"]
     return "\n".join(lines)
 
 
@@ -139,8 +145,11 @@ def report(run: Run, entry: dict) -> str:
     summary = json.loads(run.read_output("report", "summary.json"))
     publish_table("evaluation", summary["evaluation"], f"lm-eval results of run {run.run_id}")
     if summary["verdict"]:
-        publish_markdown("ablation-verdict", f"# Ablation verdict — run `{run.run_id}`\n\n{summary['verdict']['text']}\n\n"
-                         f"```json\n{json.dumps(summary['verdict'], indent=2)}\n```", f"ablation verdict of run {run.run_id}")
+        patching = summary.get("patching")
+        patched = f"\n\n## Inference-time patching\n\n{patch_markdown(patching)}" if patching else ""
+        publish_markdown("ablation-verdict", f"# Ablation verdict — run `{run.run_id}`\n\n{summary['verdict']['text']}"
+                         f"{patched}\n\n```json\n{json.dumps(summary['verdict'], indent=2)}\n```",
+                         f"ablation verdict of run {run.run_id}")
     publish_markdown("run-summary", summary_markdown(run), f"stages of run {run.run_id}")
     return run.read_output("report", "report.md").decode()
 

@@ -14,12 +14,12 @@ from opdflow.infra.manifest import Run
 from opdflow.infra.store import open_store
 from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks.shards import read_parts
-from opdflow.tasks import evaluate, models, prompts, report, rock, rollout, score, train
+from opdflow.tasks import evaluate, models, patch, prompts, report, rock, rollout, score, train
 from opdflow.tasks.plan import parse, plan
 
 RUNNERS = {"models": models.run, "prompts": prompts.run, "rollout": rollout.run, "score": score.run,
            "train": train.run, "rock-probe": rock.run_probe, "rock-directions": rock.run_directions, "rock": rock.run,
-           "eval": evaluate.run, "report": report.run}
+           "patch": patch.run, "eval": evaluate.run, "report": report.run}
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,16 @@ def test_capacity_from_measured_throughputs(tiny_run):
                        "bound_by": "train"}
     assert rows[1]["rollout_s"] == 2.5 and rows[1]["train_s"] == 10.0 and rows[1]["bound_by"] == "train"
     assert "| 4 |" in capacity.markdown(m, rows)
+
+
+def test_patching_stage(tiny_run):
+    e = tiny_run.require("patch")
+    summary = json.loads(tiny_run.read_output("patch", "patching.json"))
+    assert set(summary) == {"none", "rock", "random_matched"}
+    assert all(s["n"] == tiny_run.config.data.n_eval for s in summary.values())
+    assert summary["none"]["patched_token_share"] == 0.0
+    # the unpatched arm is the final student's greedy decoding: lm-eval scored the same thing
+    final = tiny_run.require("eval.final_student")["metrics"]["results"]["opdflow_arith"]["exact_match"]
+    assert summary["none"]["accuracy"] == pytest.approx(final)
+    assert e["metrics"]["accuracy_none"] == round(summary["none"]["accuracy"], 4)
+    assert "Inference-time patching" in tiny_run.read_output("report", "report.md").decode()
