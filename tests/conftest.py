@@ -253,3 +253,20 @@ def prefect_server(tmp_path_factory):
     server = PrefectServer(str(tmp_path_factory.mktemp("prefect-server-home")))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_dirs(tmp_path_factory) -> dict:
+    """The tiny demo teacher and student (`DemoSpec.tiny()`), built once per session."""
+    from opdflow.infra import demo
+    return demo.build_demo(demo.DemoSpec.tiny(), tmp_path_factory.mktemp("tiny-demo"))
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models: one torch thread is fastest, and immune to other processes on a small machine."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

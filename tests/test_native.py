@@ -20,26 +20,14 @@ from opdflow.infra.lm import (SampleSettings, batch_response_logits, load_model,
                               sampling_logprobs, uniform_noise)
 from opdflow.infra.native import NativeSampler
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 MAX_LEN = 80
 SAMPLING = [
     SampleSettings(temperature=1.0, max_new_tokens=30),
     SampleSettings(temperature=0.7, top_p=0.9, max_new_tokens=30),
     SampleSettings(temperature=1.0, top_k=5, max_new_tokens=30),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and immune to other processes on a small machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def demo_dirs(tmp_path_factory):
-    return demo.build_demo(demo.DemoSpec.tiny(), tmp_path_factory.mktemp("native-demo"))
 
 
 @pytest.fixture(scope="module")

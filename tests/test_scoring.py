@@ -10,18 +10,7 @@ from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, sample
 from opdflow.infra.scoring import check_head_path, logit_transform, split_model, teacher_scores
 from opdflow.tasks.score import score_table
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def demo_dirs(tmp_path_factory):
-    return demo.build_demo(demo.DemoSpec.tiny(), tmp_path_factory.mktemp("scoring-demo"))
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

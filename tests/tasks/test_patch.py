@@ -10,10 +10,10 @@ from opdflow.tasks.patch import arm_summary, is_correct, patched_greedy
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    dirs = demo.build_demo(demo.DemoSpec.tiny(), tmp_path_factory.mktemp("patch-demo"))
+def pair(demo_dirs):
+    dirs = demo_dirs
     tok = load_tokenizer(dirs["student"])
-    prompts = [tok(e.prompt if hasattr(e, "prompt") else e["prompt"])["input_ids"]
+    prompts = [tok(e["prompt"])["input_ids"]
                for e in demo.make_examples("eval", 6, seed=3)]
     return load_model(dirs["student"]).eval(), load_model(dirs["teacher"]).eval(), tok, prompts
 
