@@ -235,9 +235,9 @@ def task_documents(tasks: list[str], include_path=None, limit: int | None = None
 
 def merge_sample_scores(rows: list[dict], metric_names: dict[str, list[str]]) -> tuple[dict, dict, dict]:
     """(results, stderr, n_samples) per task from per-document rows (``task`` + one value per
-    metric): the mean over documents, and its standard error (sample std / sqrt(n)) -- what
-    lm-eval reports for mean-aggregated metrics."""
-    import math
+    metric): the mean over documents, and its standard error (sample std / sqrt(n)) -- lm-eval's
+    own `mean` and `mean_stderr`, what it reports for mean-aggregated metrics."""
+    from lm_eval.api.metrics import mean, mean_stderr
     results, stderr, n_samples = {}, {}, {}
     for task, names in metric_names.items():
         mine = [r for r in rows if r["task"] == task]
@@ -245,8 +245,6 @@ def merge_sample_scores(rows: list[dict], metric_names: dict[str, list[str]]) ->
         results[task], stderr[task] = {}, {}
         for name in names:
             vals = [r[name] for r in mine if r.get(name) is not None]
-            m = sum(vals) / len(vals) if vals else float("nan")
-            var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else float("nan")
-            results[task][name] = m
-            stderr[task][name] = math.sqrt(var / len(vals)) if len(vals) > 1 else None
+            results[task][name] = mean(vals) if vals else float("nan")
+            stderr[task][name] = mean_stderr(vals) if len(vals) > 1 else None
     return results, stderr, n_samples

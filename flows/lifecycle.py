@@ -155,17 +155,20 @@ def run_lifecycle(run: Run) -> None:
         stage(run, name)
 
 
+def _lifecycle_or_stage(run: Run, stage: str | None) -> dict | None:
+    return run_lifecycle(run) if stage is None else rerun_stage(run, stage)
+
+
 @flow(name="opdflow-on-runner")
 def on_runner(store: str, run_id: str, stage: str | None = None) -> dict | None:
     """The lifecycle (or one stage) as a subflow, when `scale` asks for a task runner of its own."""
-    run = Run.open(store, run_id)
-    return run_lifecycle(run) if stage is None else rerun_stage(run, stage)
+    return _lifecycle_or_stage(Run.open(store, run_id), stage)
 
 
 def with_runner(run: Run, stage: str | None = None) -> dict | None:
     runner = task_runner(run.config)
     if runner is None:
-        return run_lifecycle(run) if stage is None else rerun_stage(run, stage)
+        return _lifecycle_or_stage(run, stage)
     return on_runner.with_options(task_runner=runner)(run.store.uri, run.run_id, stage)
 
 

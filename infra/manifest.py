@@ -149,12 +149,7 @@ class Run:
 
     def outputs_under(self, stage: str, prefix: str, as_name: str | None = None) -> dict[str, Ref]:
         """A stage's outputs `prefix/*` (a model dir, a table's parts), renamed `as_name/*`."""
-        name = as_name or prefix
-        refs = {f"{name}/{n[len(prefix) + 1:]}": r for n, r in self.require(stage)["outputs"].items()
-                if n.startswith(prefix + "/")}
-        if not refs and not self.require(stage).get("external", {}).get(prefix):
-            raise RunError(f"stage {stage!r} has no outputs under {prefix!r}")
-        return refs
+        return _under(self.require(stage), stage, prefix, as_name or prefix)
 
     def model_inputs(self, stage: str, prefix: str, as_name: str | None = None) -> dict[str, Ref]:
         """A model dir that a stage consumes, as that stage's inputs (its identity in the
@@ -162,7 +157,7 @@ class Run:
         path and fingerprint."""
         e = self.require(stage)
         name = as_name or prefix
-        refs = self.outputs_under(stage, prefix, name)
+        refs = _under(e, stage, prefix, name)
         ext = e.get("external", {}).get(prefix)
         if ext is not None:
             refs[f"{name}/external"] = {"key": ext["path"], "sha256": ext["fingerprint"]}
@@ -186,6 +181,14 @@ class Run:
         if not refs:
             raise RunError(f"stage {stage!r} has no outputs under {prefix!r}")
         return materialize_refs(self.store, refs)
+
+
+def _under(entry: dict, stage: str, prefix: str, name: str) -> dict[str, Ref]:
+    """An entry's outputs `prefix/*` renamed `name/*`; a user's own model dir (`external`) has none."""
+    refs = {f"{name}/{n[len(prefix) + 1:]}": r for n, r in entry["outputs"].items() if n.startswith(prefix + "/")}
+    if not refs and not entry.get("external", {}).get(prefix):
+        raise RunError(f"stage {stage!r} has no outputs under {prefix!r}")
+    return refs
 
 
 def cache_root() -> Path:

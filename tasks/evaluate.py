@@ -33,7 +33,7 @@ from opdflow.infra.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import checkpoint_of, parse
-from opdflow.tasks.shards import concat_parts, run_shard, run_sharded, shard_bounds, split_shard_name
+from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds, shard_runner
 
 ARITH = "opdflow_arith"
 SAMPLE_SCHEMA = pa.schema([("task", pa.string()), ("doc_id", pa.int64()), ("record", pa.string())])
@@ -60,7 +60,7 @@ def shard_doc_ids(docs: dict[str, dict], i: int, n: int) -> dict[str, list[int]]
 
 def _stage(run: Run, stage: str):
     c = run.config
-    label = parse(split_shard_name(stage)[0] if split_shard_name(stage) else stage).label
+    label = parse(stage).label
     src_stage, prefix = checkpoint_of(c, label)
     dtype = c.teacher.dtype if label == "teacher" else c.student.dtype
     inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, prefix, "model")}
@@ -115,11 +115,6 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
                        finish=finish, force=force, progress=progress)
 
 
-def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
-    params, inputs, shard_body = _stage(run, split_shard_name(name)[0])
-    return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force, progress=progress)
-
-
 def report(run: Run, entry: dict) -> str:
     m = entry["metrics"]
     lines = [f"# {entry['stage']} — run `{run.run_id}`", "", "| task | metric | value | n |", "|---|---|---|---|"]
@@ -131,4 +126,4 @@ def report(run: Run, entry: dict) -> str:
 
 
 eval_task = stage_task("eval", run, report)
-eval_shard_task = stage_task("eval-shard", run_one_shard)
+eval_shard_task = stage_task("eval-shard", shard_runner(_stage))

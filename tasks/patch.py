@@ -23,7 +23,6 @@ response, whether it is correct, how many of its tokens were patched).
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import pyarrow as pa
@@ -35,7 +34,8 @@ from opdflow.infra.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import checkpoint_of
-from opdflow.tasks.shards import concat_parts, run_shard, run_sharded, shard_bounds
+from opdflow.tasks.report import two_se
+from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds, shard_runner
 
 ARMS = ("none", "rock", "random_matched")
 
@@ -106,8 +106,8 @@ def arm_summary(rows: list[dict]) -> dict:
     base = out["none"]["accuracy"]
     for arm in ARMS[1:]:
         v, n = out[arm]["accuracy"], out[arm]["n"]
-        se = math.sqrt(max(base * (1 - base), v * (1 - v), 1e-12) * 2 / max(1, n))
-        out[arm].update(delta=v - base, two_se=2 * se, significant=abs(v - base) > 2 * se)
+        bound = two_se(base, v, n)
+        out[arm].update(delta=v - base, two_se=bound, significant=abs(v - base) > bound)
     return out
 
 
@@ -163,11 +163,6 @@ def run(run: Run, stage: str = "patch", force: bool = False, progress=None) -> t
                        shard_body=shard_body, finish=finish, force=force, progress=progress)
 
 
-def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
-    params, inputs, shard_body = _stage(run)
-    return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force, progress=progress)
-
-
 def markdown(summary: dict) -> str:
     lines = ["| arm | accuracy | n | patched tokens | change vs none | 2 SE |", "|---|---|---|---|---|---|"]
     for arm, s in summary.items():
@@ -188,4 +183,4 @@ def report(run: Run, entry: dict) -> str:
 
 
 patch_task = stage_task("patch", run, report)
-patch_shard_task = stage_task("patch-shard", run_one_shard)
+patch_shard_task = stage_task("patch-shard", shard_runner(lambda run, stage: _stage(run)))

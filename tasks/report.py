@@ -17,7 +17,6 @@ import math
 
 from opdflow.infra.manifest import Run, StageContext, run_stage
 from opdflow.tasks.common import publish_markdown, publish_table, stage_task
-from opdflow.tasks.patch import markdown as patch_markdown
 from opdflow.tasks.plan import LABEL_OF_ARM, ablation_arms, eval_labels, patching_enabled, plan, round_stage
 
 
@@ -32,6 +31,12 @@ def eval_table(run: Run) -> list[dict]:
                 rows.append({"model": label, "task": task, "metric": metric, "value": round(float(value), 4),
                              "n": e["metrics"]["n_samples"].get(task)})
     return rows
+
+
+def two_se(a: float, b: float, n: int | None) -> float:
+    """Two binomial standard errors of the difference of two accuracies over n documents
+    (the larger variance of the two): a difference is called out only beyond this."""
+    return 2 * math.sqrt(max(a * (1 - a), b * (1 - b), 1e-12) * 2 / max(1, n or 1))
 
 
 def verdict(run: Run, table: list[dict]) -> dict | None:
@@ -50,10 +55,10 @@ def verdict(run: Run, table: list[dict]) -> dict | None:
         if label not in score:
             continue
         v, _ = score[label]
-        se = math.sqrt(max(base * (1 - base), v * (1 - v), 1e-12) * 2 / max(1, n or 1))
+        bound = two_se(base, v, n)
         tr = run.entry(round_stage("train", c.ablation.rounds, arm))
-        out["arms"][label] = {"value": v, "delta": round(v - base, 4), "two_se": round(2 * se, 4),
-                              "significant": abs(v - base) > 2 * se,
+        out["arms"][label] = {"value": v, "delta": round(v - base, 4), "two_se": round(bound, 4),
+                              "significant": abs(v - base) > bound,
                               "bypassed_fraction_last_round": tr["metrics"]["bypassed_fraction"] if tr else None}
     rock = out["arms"].get("rock_bypass")
     if rock is None:
@@ -127,6 +132,7 @@ def render(run: Run, table: list[dict], v: dict | None, patching: dict | None = 
     lines = [f"# Evaluation — run `{run.run_id}`", "", "| model | task | metric | value | n |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['task']} | {r['metric']} | {r['value']:.4f} | {r['n']} |" for r in table]
     lines += ["", "## Ablation verdict", "", v["text"] if v else "ablation disabled"]
+    from opdflow.tasks.patch import markdown as patch_markdown
     lines += ["", "## Inference-time patching", "",
               patch_markdown(patching) if patching else "not run (needs demo data or ablation.patch_answer_regex)"]
     return "\n".join(lines)
@@ -145,6 +151,7 @@ def report(run: Run, entry: dict) -> str:
     summary = json.loads(run.read_output("report", "summary.json"))
     publish_table("evaluation", summary["evaluation"], f"lm-eval results of run {run.run_id}")
     if summary["verdict"]:
+        from opdflow.tasks.patch import markdown as patch_markdown
         patching = summary.get("patching")
         patched = f"\n\n## Inference-time patching\n\n{patch_markdown(patching)}" if patching else ""
         publish_markdown("ablation-verdict", f"# Ablation verdict — run `{run.run_id}`\n\n{summary['verdict']['text']}"

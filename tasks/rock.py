@@ -22,7 +22,8 @@ Departures: on tiny vocabularies (the demo has tens of tokens) use small n_rock 
 n_control / drop_top; the config says so rather than the code.
 
 Three stages, each sharded over the probe set (`scale.shards`, see tasks/shards.py):
-`rock-probe` samples the probe responses (step 1; `probes/part-*.parquet`),
+`rock-probe` samples the probe responses (step 1; `probes/part-*.parquet`) and counts their
+tokens once (`token_counts.safetensors`),
 `rock-directions` sums each shard's share of the two corpus-level gradient directions
 (token frequencies taken over the whole probe set, so the shards' sums add up to the
 unsharded sums; `directions.safetensors`), and `rock` measures every compared
@@ -58,7 +59,7 @@ from opdflow.kernels import per_token_divergence_and_grad
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import publish_table, stage_task
 from opdflow.tasks.plan import checkpoint_of, round_stage
-from opdflow.tasks.shards import concat_parts, run_shard, run_sharded, shard_bounds, split_shard_name
+from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds, shard_runner
 from opdflow.tasks.rollout import generate
 
 # -- the method as plain functions (tested with known answers) ---------------------------
@@ -275,13 +276,22 @@ def _probe_part(run: Run, i: int) -> pa.Table:
     return parquet_to_table(run.read(parts[sorted(parts)[i]]))
 
 
-def token_counts(run: Run, vocab: int) -> torch.Tensor:
-    """Token frequencies over the whole probe set (every part's responses)."""
-    counts = torch.zeros(vocab, dtype=torch.long)
-    for ref in run.outputs_under(PROBE, "probes").values():
-        ids = [t for r in parquet_to_table(run.read(ref)).column("response_ids").to_pylist() for t in r]
-        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab]
+def count_tokens(run: Run, parts: dict) -> torch.Tensor:
+    """Token frequencies over the whole probe set (every part's responses), indexed by id."""
+    counts = torch.zeros(0, dtype=torch.long)
+    for ref in parts.values():
+        ids = torch.tensor([t for r in parquet_to_table(run.read(ref)).column("response_ids").to_pylist() for t in r],
+                           dtype=torch.long)
+        part = torch.bincount(ids)
+        counts = torch.nn.functional.pad(counts, (0, max(0, len(part) - len(counts))))
+        counts[:len(part)] += part
     return counts
+
+
+def token_counts(run: Run, vocab: int) -> torch.Tensor:
+    """The probe set's token frequencies, counted once by rock-probe, over `vocab` ids."""
+    counts = st_load(run.read_output(PROBE, "token_counts.safetensors"))["counts"]
+    return torch.nn.functional.pad(counts, (0, vocab - len(counts)))
 
 
 def _teacher(run: Run):
@@ -307,8 +317,8 @@ def _probe_stage(run: Run):
 def _directions_stage(run: Run):
     c = run.config
     final_stage, final_prefix = checkpoint_of(c, "final_student")
-    inputs = {**run.outputs_under(PROBE, "probes"), **run.model_inputs("models", "teacher"),
-              **run.model_inputs(final_stage, final_prefix, "final")}
+    inputs = {**run.outputs_under(PROBE, "probes"), "token_counts": run.output(PROBE, "token_counts.safetensors"),
+              **run.model_inputs("models", "teacher"), **run.model_inputs(final_stage, final_prefix, "final")}
     params = {"rock": c.section("rock"), "scoring": c.section("scoring")}
 
     def shard_body(ctx: StageContext, i: int, n: int) -> None:
@@ -323,8 +333,8 @@ def _directions_stage(run: Run):
 def _rock_stage(run: Run):
     c = run.config
     ckpts = checkpoint_labels(c)
-    inputs = {**run.outputs_under(PROBE, "probes"), "directions": run.output(DIRECTIONS, "directions.safetensors"),
-              **run.model_inputs("models", "teacher")}
+    inputs = {**run.outputs_under(PROBE, "probes"), "token_counts": run.output(PROBE, "token_counts.safetensors"),
+              "directions": run.output(DIRECTIONS, "directions.safetensors"), **run.model_inputs("models", "teacher")}
     for label, st, prefix in ckpts:
         inputs.update(run.model_inputs(st, prefix, label))
     params = {"rock": c.section("rock"), "scoring": c.section("scoring"), "seed": c.seed}
@@ -364,8 +374,10 @@ def run_probe(run: Run, stage: str = PROBE, force: bool = False, progress=None) 
     params, inputs, shard_body = _probe_stage(run)
 
     def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:
-        from opdflow.tasks.rollout import table_metrics
-        ctx.metrics.update(table_metrics(run.config, concat_parts(run, parts)))
+        from opdflow.tasks.rollout import merged_metrics
+        ctx.metrics.update(merged_metrics(shards))
+        # counted once here, where the probe set is complete: every later shard reads this
+        ctx.put_bytes("token_counts.safetensors", st_save({"counts": count_tokens(run, parts)}))
     return run_sharded(run, PROBE, n=probe_shards(run.config), params=params, inputs=inputs, table="probes",
                        shard_body=shard_body, finish=finish, force=force, progress=progress)
 
@@ -393,13 +405,7 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
                        shard_body=shard_body, finish=finish, force=force, progress=progress)
 
 
-_RUNNERS = {PROBE: run_probe, DIRECTIONS: run_directions, "rock": run}
 _STAGES = {PROBE: _probe_stage, DIRECTIONS: _directions_stage, "rock": _rock_stage}
-
-
-def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
-    params, inputs, shard_body = _STAGES[split_shard_name(name)[0]](run)
-    return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force, progress=progress)
 
 
 def analyse(run: Run, ctx: StageContext, records_dir: Path) -> None:
@@ -622,7 +628,7 @@ def report(run: Run, entry: dict) -> str:
 rock_task = stage_task("rock", run, report)
 rock_probe_task = stage_task("rock-probe", run_probe)
 rock_directions_task = stage_task("rock-directions", run_directions)
-rock_shard_task = stage_task("rock-shard", run_one_shard)
+rock_shard_task = stage_task("rock-shard", shard_runner(lambda run, stage: _STAGES[stage](run)))
 
 __all__ = ["aggregate", "select", "shares", "stagnation", "stability", "matched_random", "category", "jaccard",
            "spearman", "run", "report", "rock_task"]

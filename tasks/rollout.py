@@ -27,7 +27,7 @@ from opdflow.infra.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, student_before
-from opdflow.tasks.shards import concat_parts, read_parts, run_shard, run_sharded, shard_bounds, split_shard_name
+from opdflow.tasks.shards import read_parts, run_sharded, shard_bounds, shard_runner
 
 
 def round_prompt_ids(config: Config, train_ids: list[int], r: int) -> list[int]:
@@ -70,22 +70,40 @@ def generate(run: Run, model_dir, jobs: list[tuple[dict, int]], seed_tag: tuple,
         "answer": [r["answer"] for r, _ in jobs],
     })
     ctx.backend.update(backend_record(c, model))
-    ctx.metrics.update(table_metrics(c, table), seconds_sampling=round(secs, 3),
+    ctx.metrics.update(count_metrics(table_counts(c, table)), seconds_sampling=round(secs, 3),
                        tokens_per_s=round(sum(len(s.response_ids) for s in out) / max(secs, 1e-9), 1))
     return table
 
 
-def table_metrics(c: Config, table: pa.Table) -> dict:
-    """Sequences, tokens, stop rate (and, on the demo task, the samples' accuracy)."""
+COUNTS = ("n_sequences", "n_tokens", "n_stopped", "n_correct")
+
+
+def table_counts(c: Config, table: pa.Table) -> dict:
+    """Sequences, tokens, sequences that stopped (and, on the demo task, correct answers)."""
     responses, reasons = table["response_ids"].to_pylist(), table["finish_reason"].to_pylist()
-    n_tok, n = sum(len(r) for r in responses), max(1, len(responses))
-    m = {"n_sequences": len(responses), "n_tokens": n_tok, "mean_response_tokens": round(n_tok / n, 2),
-         "stop_rate": round(sum(r == "stop" for r in reasons) / n, 4)}
+    counts = {"n_sequences": len(responses), "n_tokens": sum(len(r) for r in responses),
+              "n_stopped": sum(r == "stop" for r in reasons)}
     if c.data.source == DEMO:
         from opdflow.infra.demo import extract_answer
-        correct = [extract_answer(t) == a for t, a in zip(table["response_text"].to_pylist(), table["answer"].to_pylist())]
-        m["sample_accuracy"] = round(sum(correct) / n, 4)
+        counts["n_correct"] = sum(extract_answer(t) == a for t, a in zip(table["response_text"].to_pylist(),
+                                                                          table["answer"].to_pylist()))
+    return counts
+
+
+def count_metrics(counts: dict) -> dict:
+    """The counts with their rates: mean response length, stop rate, sample accuracy."""
+    n = max(1, counts["n_sequences"])
+    m = {**counts, "mean_response_tokens": round(counts["n_tokens"] / n, 2),
+         "stop_rate": round(counts["n_stopped"] / n, 4)}
+    if "n_correct" in counts:
+        m["sample_accuracy"] = round(counts["n_correct"] / n, 4)
     return m
+
+
+def merged_metrics(shards: list[dict]) -> dict:
+    """A sharded sampling stage's metrics from its shards' counts (no table read again)."""
+    keys = [k for k in COUNTS if all(k in sh["metrics"] for sh in shards)]
+    return count_metrics({k: sum(sh["metrics"][k] for sh in shards) for k in keys})
 
 
 def round_jobs(run: Run, r: int) -> list[tuple[dict, int]]:
@@ -123,14 +141,9 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
     c = run.config
 
     def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:
-        ctx.metrics.update(table_metrics(c, concat_parts(run, parts)))
+        ctx.metrics.update(merged_metrics(shards))
     return run_sharded(run, stage, n=n_shards(c), params=params, inputs=inputs, table="rollouts",
                        shard_body=shard_body, finish=finish, force=force, progress=progress)
-
-
-def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
-    params, inputs, shard_body = _stage(run, split_shard_name(name)[0])
-    return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force, progress=progress)
 
 
 def load(run: Run, stage: str) -> pa.Table:
@@ -150,4 +163,4 @@ def report(run: Run, entry: dict) -> str:
 
 
 rollout_task = stage_task("rollout", run, report)
-rollout_shard_task = stage_task("rollout-shard", run_one_shard)
+rollout_shard_task = stage_task("rollout-shard", shard_runner(_stage))

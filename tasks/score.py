@@ -28,7 +28,7 @@ from opdflow.infra.manifest import Run, StageContext
 from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, round_stage
-from opdflow.tasks.shards import concat_parts, read_parts, run_shard, run_sharded, split_shard_name
+from opdflow.tasks.shards import read_parts, run_sharded, shard_runner
 
 
 def scores_table(rollouts: pa.Table, scores: list) -> pa.Table:
@@ -62,7 +62,7 @@ def score_table(model, pad_id: int, rollouts: pa.Table, top_k: int, batch_size: 
 
 
 def _stage(run: Run, stage: str):
-    """(params, inputs, rollout part refs, shard body) of a scoring stage."""
+    """(params, inputs, shard body) of a scoring stage: shard i scores rollout part i."""
     c = run.config
     ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm)
     parts = run.outputs_under(ro_stage, "rollouts")
@@ -81,33 +81,36 @@ def _stage(run: Run, stage: str):
         secs = time.time() - t0
         ctx.put_table("part.parquet", scores)
         ctx.backend.update(backends.scorer_record(c, model))
-        m = score_metrics(rollouts, scores)
-        ctx.metrics.update(m, seconds_scoring=round(secs, 3), tokens_per_s=round(m["n_tokens"] / max(secs, 1e-9), 1))
-    return params, inputs, parts, shard_body
+        sums = score_sums(rollouts, scores)
+        ctx.metrics.update(score_metrics(sums), seconds_scoring=round(secs, 3),
+                           tokens_per_s=round(sums["n_tokens"] / max(secs, 1e-9), 1))
+    return params, inputs, shard_body
 
 
-def score_metrics(rollouts: pa.Table, scores: pa.Table) -> dict:
+SUMS = ("n_tokens", "teacher_logprob_sum", "k1_sum")
+
+
+def score_sums(rollouts: pa.Table, scores: pa.Table) -> dict:
+    """Tokens, the sum of the teacher's logprobs and of sampler minus teacher logprobs."""
     t_lp = [x for row in scores["teacher_logprobs"].to_pylist() for x in row]
     s_lp = [x for row in rollouts["logprobs"].to_pylist() for x in row]
-    n = max(1, len(t_lp))
-    # k1 estimate of reverse KL(student || teacher) on the sampled tokens
-    return {"n_tokens": len(t_lp), "teacher_logprob_mean": round(sum(t_lp) / n, 5),
-            "sampled_reverse_kl_k1": round(sum(s - t for s, t in zip(s_lp, t_lp)) / n, 5)}
+    return {"n_tokens": len(t_lp), "teacher_logprob_sum": sum(t_lp), "k1_sum": sum(s - t for s, t in zip(s_lp, t_lp))}
+
+
+def score_metrics(sums: dict) -> dict:
+    """The sums with their means; k1: the estimate of reverse KL(student || teacher) on the sampled tokens."""
+    n = max(1, sums["n_tokens"])
+    return {**sums, "teacher_logprob_mean": round(sums["teacher_logprob_sum"] / n, 5),
+            "sampled_reverse_kl_k1": round(sums["k1_sum"] / n, 5)}
 
 
 def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
-    params, inputs, parts, shard_body = _stage(run, stage)
-    ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm)
+    params, inputs, shard_body = _stage(run, stage)
 
-    def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:
-        ctx.metrics.update(score_metrics(read_parts(run, ro_stage, "rollouts"), concat_parts(run, parts)))
-    return run_sharded(run, stage, n=len(parts), params=params, inputs=inputs, table="scores",
+    def finish(ctx: StageContext, parts: dict, shards: list[dict]) -> None:  # from the shards' sums
+        ctx.metrics.update(score_metrics({k: sum(sh["metrics"][k] for sh in shards) for k in SUMS}))
+    return run_sharded(run, stage, n=n_shards(run, stage), params=params, inputs=inputs, table="scores",
                        shard_body=shard_body, finish=finish, force=force, progress=progress)
-
-
-def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
-    params, inputs, _, shard_body = _stage(run, split_shard_name(name)[0])
-    return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force, progress=progress)
 
 
 def n_shards(run: Run, stage: str) -> int:
@@ -126,4 +129,4 @@ def report(run: Run, entry: dict) -> str:
 
 
 score_task = stage_task("score", run, report)
-score_shard_task = stage_task("score-shard", run_one_shard)
+score_shard_task = stage_task("score-shard", shard_runner(_stage))

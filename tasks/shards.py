@@ -94,6 +94,17 @@ def run_shard(run: Run, name: str, *, params: dict, inputs: dict, shard_body: Ca
                      body=lambda ctx: shard_body(ctx, i, n), force=force, progress=progress)
 
 
+def shard_runner(stage_parts: Callable[[Run, str], tuple[dict, dict, Callable[[StageContext, int, int], None]]]):
+    """The plain function that runs one shard by name (`rollout.r01.shard-002-of-004`), made
+    from the function giving a stage's (params, inputs, shard body)."""
+
+    def run_one_shard(run: Run, name: str, force: bool = False, progress=None) -> tuple[dict, bool]:
+        params, inputs, shard_body = stage_parts(run, split_shard_name(name)[0])
+        return run_shard(run, name, params=params, inputs=inputs, shard_body=shard_body, force=force,
+                         progress=progress)
+    return run_one_shard
+
+
 def concat_parts(run: Run, refs: dict) -> "pa.Table":
     """One table from parts (each verified against its recorded sha256), in name order."""
     import pyarrow as pa

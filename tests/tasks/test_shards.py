@@ -48,6 +48,11 @@ def test_sharded_stages_equal_unsharded_and_rerun_only_missing_shards(tmp_path):
         assert len(three.outputs_under(stage, table)) == 3 and len(one.outputs_under(stage, table)) == 1
         assert read_parts(three, stage, table).equals(read_parts(one, stage, table)), stage
         assert three.require(stage)["metrics"]["shards"] == 3
+    # the stage's metrics come from its shards' counts and sums: the same as one shard's
+    for stage, keys in (("rollout.r01", ("n_sequences", "n_tokens", "n_stopped", "stop_rate", "sample_accuracy")),
+                        ("score.r01", ("n_tokens", "teacher_logprob_mean", "sampled_reverse_kl_k1"))):
+        m1, m3 = one.require(stage)["metrics"], three.require(stage)["metrics"]
+        assert {k: m3[k] for k in keys} == {k: m1[k] for k in keys}, stage
 
     # a lost shard commit: rerunning the stage redoes that shard only, and recommits the stage
     lost = shard_name("rollout.r01", 1, 3)
