@@ -21,7 +21,17 @@ Passes over the row (reads of the student and, if dense, the teacher logits):
 * B: only for JSD, skew KLs and TVD, whose ``H`` is not an online-computable sum: ``H``.
 * C: loss, gradient store, and the squared-norm accumulation.
 So forward/reverse KL and AKL read each input twice, the others three times; the gradient is
-written once. On the GPU the second read of a row mostly hits L2.
+written once.
+
+L2 reuse (a design intent, not a measured figure: no session has had a GPU). The issue's
+bandwidth target counts each logit read once; a plain two-pass kernel moves 10 B/elem in bf16
+instead of 6 unless its later passes hit L2. A bf16 row at V = 151936 is 608 KB (student +
+teacher) and ~130 rows are in flight on an H100, more than its 50 MB L2 holds, so a later pass
+that starts where the previous one started finds its chunks evicted. Each pass therefore runs
+in the opposite direction to the one before (A forwards, B backwards, C forwards after B or
+backwards after A), so it begins with the chunks just read; passes that read a chunk again
+later load with ``evict_last``, the final pass loads and stores the gradient with
+``evict_first`` so the streamed gradient does not push the rows out.
 
 Sparse top-k teacher (see ``reference.py`` for the K + 1 category definition): pass A computes
 the student's log-sum-exp, the K gathered student logits give the category terms and ``H``,
@@ -54,6 +64,8 @@ __all__ = [
     "triton_per_token_divergence",
     "default_block_size",
 ]
+
+SCHEDULES = ("row", "pipelined")
 
 # Kind codes shared by host and kernels.
 _FKL, _RKL, _JSD, _SFKL, _SRKL, _TVD, _AKL, _ZERO = range(8)
@@ -133,9 +145,10 @@ def _dense_kernel(
     S, T, G, LOSS, NORM, ROW_MASK, W_HEAD, W_TAIL,
     stride_s, stride_t, stride_g, V,
     inv_temp, beta, log_b, log_1mb,
-    KIND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, LAST_REVERSED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    n_chunks = tl.cdiv(V, BLOCK)
     s_row = S + row * stride_s
     t_row = T + row * stride_t
     g_row = G + row * stride_g
@@ -158,8 +171,10 @@ def _dense_kernel(
         for start in range(0, V, BLOCK):
             offs = start + cols
             inb = offs < V
-            x = tl.load(s_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
-            y = tl.load(t_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+            x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
+                        eviction_policy="evict_last").to(tl.float32) * inv_temp
+            y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
+                        eviction_policy="evict_last").to(tl.float32) * inv_temp
             m_s, alpha_s, e_s = _online_update(m_s, z_s, x)
             z_s = z_s * alpha_s + e_s
             m_t, alpha_t, e_t = _online_update(m_t, z_t, y)
@@ -181,28 +196,35 @@ def _dense_kernel(
         else:
             # Pass B: H is not an online sum for these kinds.
             hacc = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, V, BLOCK):
-                offs = start + cols
+            for i in range(0, n_chunks):
+                offs = (n_chunks - 1 - i) * BLOCK + cols
                 inb = offs < V
-                x = tl.load(s_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
-                y = tl.load(t_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+                x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
+                            eviction_policy="evict_last").to(tl.float32) * inv_temp
+                y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
+                            eviction_policy="evict_last").to(tl.float32) * inv_temp
                 _f, h = _terms(x - lse_s, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
                 hacc += tl.where(inb, h, 0.0)
             big_h = tl.sum(hacc, axis=0)
         # Pass C: loss, gradient, squared norm.
         facc = tl.zeros([BLOCK], tl.float32)
         nacc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
+        for i in range(0, n_chunks):
+            if LAST_REVERSED:
+                offs = (n_chunks - 1 - i) * BLOCK + cols
+            else:
+                offs = i * BLOCK + cols
             inb = offs < V
-            x = tl.load(s_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
-            y = tl.load(t_row + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_temp
+            x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
+                        eviction_policy="evict_first").to(tl.float32) * inv_temp
+            y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
+                        eviction_policy="evict_first").to(tl.float32) * inv_temp
             logp = x - lse_s
             f, h = _terms(logp, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
             g = tl.where(inb, (h - tl.exp(logp) * big_h) * inv_temp, 0.0)
             facc += tl.where(inb, f, 0.0)
             nacc += g * g
-            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb)
+            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb, eviction_policy="evict_first")
         tl.store(LOSS + row, tl.sum(facc, axis=0))
         tl.store(NORM + row, tl.sqrt(tl.sum(nacc, axis=0)))
     else:
@@ -221,6 +243,7 @@ def _sparse_kernel(
     KIND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    n_chunks = tl.cdiv(V, BLOCK)
     s_row = S + row * stride_s
     ids_row = IDS + row * stride_ids
     lps_row = LPS + row * stride_lps
@@ -240,7 +263,8 @@ def _sparse_kernel(
         z_s = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             offs = start + cols
-            x = tl.load(s_row + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+            x = tl.load(s_row + offs, mask=offs < V, other=-float("inf"),
+                        eviction_policy="evict_last").to(tl.float32)
             m_s, alpha_s, e_s = _online_update(m_s, z_s, x)
             z_s = z_s * alpha_s + e_s
         lse_s, _scale = _finish_lse(m_s, z_s)
@@ -266,10 +290,12 @@ def _sparse_kernel(
         tl.store(LOSS + row, tl.sum(f_k, axis=0) + f_tail)
         # Pass C: gradient; ids are sorted, so the members of a chunk are ids[lo:hi].
         nacc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):
+        for i in range(0, n_chunks):
+            start = (n_chunks - 1 - i) * BLOCK
             offs = start + cols
             inb = offs < V
-            x = tl.load(s_row + offs, mask=inb, other=-float("inf")).to(tl.float32)
+            x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
+                        eviction_policy="evict_first").to(tl.float32)
             logp = x - lse_s
             p = tl.exp(logp)
             lo = tl.sum((kin & (ids < start)).to(tl.int32), axis=0)
@@ -285,7 +311,7 @@ def _sparse_kernel(
             h = tl.where(member, h, p * g_tail)
             g = tl.where(inb, h - p * big_h, 0.0)
             nacc += g * g
-            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb)
+            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb, eviction_policy="evict_first")
         tl.store(NORM + row, tl.sqrt(tl.sum(nacc, axis=0)))
     else:
         for start in range(0, V, BLOCK):
@@ -293,6 +319,187 @@ def _sparse_kernel(
             tl.store(g_row + offs, tl.zeros([BLOCK], tl.float32).to(G.dtype.element_ty), mask=offs < V)
         tl.store(LOSS + row, 0.0)
         tl.store(NORM + row, 0.0)
+
+
+# --- Pipelined schedule (opt-in, unmeasured): rows split over programs, passes pipelined so a
+# row's second read comes from L2. See the module docstring, "Schedules".
+
+_WS_FIELDS = 8  # per (row, split): m_s, z_s, m_t, z_t, rkl acc, H part, loss part, norm^2 part
+
+
+@triton.jit
+def _reduce_lanes(m, z):
+    """(max, sum-exp relative to it, per-lane scale) of an online softmax's lane accumulators."""
+    mx = tl.max(m, axis=0)
+    scale = tl.where(m == -float("inf"), 0.0, tl.exp(m - mx))
+    return mx, tl.sum(z * scale, axis=0), scale
+
+
+@triton.jit
+def _combine_splits(ws_row, n_splits, S_BLOCK: tl.constexpr):
+    """Row log-sum-exps and ``KL(p||q) + 1`` from the splits' partial statistics (read via L2)."""
+    jj = tl.arange(0, S_BLOCK)
+    ok = jj < n_splits
+    p = ws_row + jj * 8
+    m_s = tl.load(p + 0, mask=ok, other=-float("inf"), cache_modifier=".cg")
+    z_s = tl.load(p + 1, mask=ok, other=0.0, cache_modifier=".cg")
+    m_t = tl.load(p + 2, mask=ok, other=-float("inf"), cache_modifier=".cg")
+    z_t = tl.load(p + 3, mask=ok, other=0.0, cache_modifier=".cg")
+    acc = tl.load(p + 4, mask=ok, other=0.0, cache_modifier=".cg")
+    lse_s, scale_s = _finish_lse(m_s, z_s)
+    lse_t, _scale_t = _finish_lse(m_t, z_t)
+    rkl_plus_1 = tl.sum(acc * scale_s, axis=0) / tl.sum(z_s * scale_s, axis=0) - lse_s + lse_t + 1.0
+    return lse_s, lse_t, rkl_plus_1
+
+
+@triton.jit
+def _pipelined_dense_kernel(
+    S, T, G, WS, DONE, TICKET, ROW_MASK, W_HEAD, W_TAIL,
+    stride_s, stride_t, stride_g, N, V, n_splits, n_groups,
+    inv_temp, beta, log_b, log_1mb,
+    KIND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, SPLIT_CHUNKS: tl.constexpr,
+    ROWS: tl.constexpr, PHASES: tl.constexpr, S_BLOCK: tl.constexpr,
+):
+    # Work items are numbered by a ticket taken at start, so an item only ever waits for items
+    # with smaller tickets, which running programs already hold: no deadlock, whatever order
+    # the hardware launches programs in. Slot k holds phase 0 of row group k, phase 1 of group
+    # k - 1 (and phase 2 of group k - 2): a group is re-read one group's worth of traffic after
+    # its first read.
+    ticket = tl.atomic_add(TICKET, 1)
+    per_phase = ROWS * n_splits
+    slot = ticket // (PHASES * per_phase)
+    u = ticket % (PHASES * per_phase)
+    phase = u // per_phase
+    group = slot - phase
+    row = group * ROWS + (u % per_phase) // n_splits
+    j = (u % per_phase) % n_splits
+    if (group >= 0) & (group < n_groups) & (row < N):
+        row64 = row.to(tl.int64)
+        s_row = S + row64 * stride_s
+        t_row = T + row64 * stride_t
+        g_row = G + row64 * stride_g
+        ws_row = WS + row64 * n_splits * 8
+        ws = ws_row + j * 8
+        done_row = DONE + row64 * PHASES
+        col0 = j * (SPLIT_CHUNKS * BLOCK)
+        cols = tl.arange(0, BLOCK)
+        keep = True
+        if HAS_MASK:
+            keep = tl.load(ROW_MASK + row64) != 0
+        if phase == 0:
+            if keep:
+                m_s = tl.full([BLOCK], -float("inf"), tl.float32)
+                z_s = tl.zeros([BLOCK], tl.float32)
+                m_t = tl.full([BLOCK], -float("inf"), tl.float32)
+                z_t = tl.zeros([BLOCK], tl.float32)
+                acc = tl.zeros([BLOCK], tl.float32)
+                for c in range(SPLIT_CHUNKS):
+                    offs = col0 + c * BLOCK + cols
+                    inb = offs < V
+                    x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
+                                eviction_policy="evict_last").to(tl.float32) * inv_temp
+                    y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
+                                eviction_policy="evict_last").to(tl.float32) * inv_temp
+                    m_s, alpha_s, e_s = _online_update(m_s, z_s, x)
+                    z_s = z_s * alpha_s + e_s
+                    m_t, alpha_t, e_t = _online_update(m_t, z_t, y)
+                    z_t = z_t * alpha_t + e_t
+                    if KIND == 1 or KIND == 6:
+                        acc = acc * alpha_s + tl.where(e_s > 0, e_s * (x - y), 0.0)
+                ms, zs, scale_s = _reduce_lanes(m_s, z_s)
+                mt, zt, _scale_t = _reduce_lanes(m_t, z_t)
+                tl.store(ws + 0, ms)
+                tl.store(ws + 1, zs)
+                tl.store(ws + 2, mt)
+                tl.store(ws + 3, zt)
+                tl.store(ws + 4, tl.sum(acc * scale_s, axis=0))
+                tl.debug_barrier()
+                tl.atomic_add(done_row, 1, sem="release")
+        else:
+            if keep:
+                cnt = tl.atomic_add(done_row + phase - 1, 0, sem="acquire")
+                while cnt < n_splits:
+                    cnt = tl.atomic_add(done_row + phase - 1, 0, sem="acquire")
+                lse_s, lse_t, rkl_plus_1 = _combine_splits(ws_row, n_splits, S_BLOCK)
+                w_head = 0.0
+                w_tail = 0.0
+                if KIND == 6:
+                    w_head = tl.load(W_HEAD + row64)
+                    w_tail = tl.load(W_TAIL + row64)
+                if phase == PHASES - 1:
+                    if KIND == 0:
+                        big_h = -1.0
+                    elif KIND == 1:
+                        big_h = rkl_plus_1
+                    elif KIND == 6:
+                        big_h = -w_head + w_tail * rkl_plus_1
+                    else:
+                        jj = tl.arange(0, S_BLOCK)
+                        big_h = tl.sum(tl.load(ws_row + jj * 8 + 5, mask=jj < n_splits, other=0.0,
+                                               cache_modifier=".cg"), axis=0)
+                    facc = tl.zeros([BLOCK], tl.float32)
+                    nacc = tl.zeros([BLOCK], tl.float32)
+                    for c in range(SPLIT_CHUNKS):
+                        offs = col0 + c * BLOCK + cols
+                        inb = offs < V
+                        x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
+                                    eviction_policy="evict_first").to(tl.float32) * inv_temp
+                        y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
+                                    eviction_policy="evict_first").to(tl.float32) * inv_temp
+                        logp = x - lse_s
+                        f, h = _terms(logp, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
+                        g = tl.where(inb, (h - tl.exp(logp) * big_h) * inv_temp, 0.0)
+                        facc += tl.where(inb, f, 0.0)
+                        nacc += g * g
+                        tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb,
+                                 eviction_policy="evict_first")
+                    tl.store(ws + 6, tl.sum(facc, axis=0))
+                    tl.store(ws + 7, tl.sum(nacc, axis=0))
+                else:
+                    hacc = tl.zeros([BLOCK], tl.float32)
+                    for c in range(SPLIT_CHUNKS):
+                        offs = col0 + c * BLOCK + cols
+                        inb = offs < V
+                        x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
+                                    eviction_policy="evict_last").to(tl.float32) * inv_temp
+                        y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
+                                    eviction_policy="evict_last").to(tl.float32) * inv_temp
+                        _f, h = _terms(x - lse_s, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
+                        hacc += tl.where(inb, h, 0.0)
+                    tl.store(ws + 5, tl.sum(hacc, axis=0))
+                    tl.debug_barrier()
+                    tl.atomic_add(done_row + phase, 1, sem="release")
+            elif phase == PHASES - 1:
+                for c in range(SPLIT_CHUNKS):
+                    offs = col0 + c * BLOCK + cols
+                    tl.store(g_row + offs, tl.zeros([BLOCK], tl.float32).to(G.dtype.element_ty),
+                             mask=offs < V)
+                tl.store(ws + 6, 0.0)
+                tl.store(ws + 7, 0.0)
+
+
+def _launch_pipelined(s, t, grad, loss, norm, mask_t, has_mask, w_head, w_tail, code, block,
+                      num_warps, scalars, rows_per_group, split_chunks):
+    n, v = s.shape
+    if rows_per_group < 1 or split_chunks < 1:
+        raise ValueError("rows_per_group and split_chunks must be >= 1")
+    n_splits = triton.cdiv(v, split_chunks * block)
+    phases = 2 if code in (_FKL, _RKL, _AKL) else 3
+    n_groups = triton.cdiv(n, rows_per_group)
+    ws = torch.empty(n, n_splits, _WS_FIELDS, dtype=torch.float32, device=s.device)
+    done = torch.zeros(n, phases, dtype=torch.int32, device=s.device)
+    ticket = torch.zeros(1, dtype=torch.int32, device=s.device)
+    grid = ((n_groups + phases - 1) * phases * rows_per_group * n_splits,)
+    _pipelined_dense_kernel[grid](
+        s, t, grad, ws, done, ticket, mask_t, w_head, w_tail,
+        s.stride(0), t.stride(0), grad.stride(0), n, v, n_splits, n_groups, *scalars,
+        KIND=code, HAS_MASK=has_mask, BLOCK=block, SPLIT_CHUNKS=split_chunks,
+        ROWS=rows_per_group, PHASES=phases, S_BLOCK=max(2, triton.next_power_of_2(n_splits)),
+        num_warps=num_warps,
+    )
+    torch.sum(ws[:, :, 6], dim=1, out=loss)
+    torch.sum(ws[:, :, 7], dim=1, out=norm)
+    norm.sqrt_()
 
 
 def default_block_size(v: int) -> int:
@@ -342,6 +549,9 @@ def triton_divergence_and_grad(
     loss_out: Tensor | None = None,
     norm_out: Tensor | None = None,
     block_size: int | None = None,
+    schedule: str = "row",
+    rows_per_group: int = 16,
+    split_chunks: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss fp32 [N], grad_logits [N, V], grad_norm fp32 [N])`` from the Triton kernels.
 
@@ -349,8 +559,13 @@ def triton_divergence_and_grad(
     pass ``student_logits`` itself to compute the gradient in place). ``loss_out`` /
     ``norm_out``: optional preallocated float32 ``[N]`` buffers. Rows where ``row_mask`` is
     False get loss 0, gradient 0 and norm 0 and read no logits. ``block_size`` (a power of 2)
-    overrides the vocabulary chunk.
+    overrides the vocabulary chunk. ``schedule``: ``"row"`` (one program per row, the default)
+    or ``"pipelined"`` (dense teacher only; each row split into ``split_chunks`` chunks per
+    program -- default 16384 columns -- and processed in groups of ``rows_per_group`` rows; see
+    "Schedules" in the module docstring; unmeasured on a GPU).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     sparse = teacher_logits is None
     reference.check_args(kind, beta, temperature, sparse=sparse)
     beta = float(beta)
@@ -390,15 +605,24 @@ def triton_divergence_and_grad(
         t = _rows_contiguous(teacher_logits.detach())
         if t.shape != s.shape:
             raise ValueError(f"teacher_logits {tuple(t.shape)} != student {tuple(s.shape)}")
+        scalars = (1.0 / float(temperature), beta, log_b, log_1mb)
+        if schedule == "pipelined":
+            _launch_pipelined(
+                s, t, grad, loss, norm, mask_t, has_mask, w_head, w_tail, code, block, num_warps,
+                scalars, rows_per_group, split_chunks or max(1, min(triton.cdiv(v, block), 16384 // block)),
+            )
+            return loss, grad, norm
         _dense_kernel[(n,)](
             s, t, grad, loss, norm, mask_t, w_head, w_tail,
-            s.stride(0), t.stride(0), grad.stride(0), v,
-            1.0 / float(temperature), beta, log_b, log_1mb,
+            s.stride(0), t.stride(0), grad.stride(0), v, *scalars,
             KIND=code, HAS_MASK=has_mask, BLOCK=block, num_warps=num_warps,
+            LAST_REVERSED=code in (_FKL, _RKL, _AKL),  # two passes: the last one runs backwards
         )
         return loss, grad, norm
     if teacher_topk_ids is None or teacher_topk_logprobs is None:
         raise ValueError("a sparse teacher needs both teacher_topk_ids and teacher_topk_logprobs")
+    if schedule != "row":
+        raise ValueError(f"schedule {schedule!r} needs a dense teacher; the top-k kernel is row-scheduled")
     ids, order = torch.sort(teacher_topk_ids.detach().reshape(n, -1).long(), dim=-1)
     lps = torch.gather(teacher_topk_logprobs.detach().reshape(n, -1), -1, order).contiguous()
     ids = ids.to(torch.int32).contiguous() if v < 2**31 else ids.contiguous()

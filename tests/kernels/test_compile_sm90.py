@@ -2,7 +2,7 @@
 
 The interpreter runs kernels as numpy and so accepts code the real compiler rejects; an
 ahead-of-time compile of the most complex variants (JSD, masked rows; dense and sparse)
-catches that on CPU CI. It runs in a subprocess without ``TRITON_INTERPRET`` (that variable
+catches that on CPU CI (the pipelined kernel's spin-wait and acquire/release atomics too). It runs in a subprocess without ``TRITON_INTERPRET`` (that variable
 changes how ``triton.jit`` decorates functions, process-wide). Needs the ``ptxas`` that ships
 with the triton wheel; skipped when it cannot run.
 """
@@ -31,16 +31,28 @@ SCRIPT = textwrap.dedent(
     common = {"LOSS": "*fp32", "NORM": "*fp32", "ROW_MASK": "*i8", "W_HEAD": "*fp32",
               "W_TAIL": "*fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32",
               "KIND": "constexpr", "HAS_MASK": "constexpr", "BLOCK": "constexpr"}
+    dense_only = {"LAST_REVERSED": "constexpr"}
     for kind in (0, 2):
         build(TD._dense_kernel,
               {**common, "S": "*bf16", "T": "*bf16", "G": "*bf16", "stride_s": "i64",
-               "stride_t": "i64", "stride_g": "i64", "V": "i32", "inv_temp": "fp32"},
-              {"KIND": kind, "HAS_MASK": True, "BLOCK": 4096})
+               "stride_t": "i64", "stride_g": "i64", "V": "i32", "inv_temp": "fp32", **dense_only},
+              {"KIND": kind, "HAS_MASK": True, "BLOCK": 4096, "LAST_REVERSED": kind == 0})
         build(TD._sparse_kernel,
               {**common, "S": "*bf16", "IDS": "*i32", "LPS": "*fp32", "G": "*bf16",
                "stride_s": "i64", "stride_ids": "i64", "stride_lps": "i64", "stride_g": "i64",
                "V": "i32", "K": "i32", "tail_floor": "fp32", "BLOCK_K": "constexpr"},
               {"KIND": kind, "HAS_MASK": True, "BLOCK": 4096, "BLOCK_K": 64})
+    pipe = {"S": "*bf16", "T": "*bf16", "G": "*bf16", "WS": "*fp32", "DONE": "*i32",
+            "TICKET": "*i32", "ROW_MASK": "*i8", "W_HEAD": "*fp32", "W_TAIL": "*fp32",
+            "stride_s": "i64", "stride_t": "i64", "stride_g": "i64", "N": "i32", "V": "i32",
+            "n_splits": "i32", "n_groups": "i32", "inv_temp": "fp32", "beta": "fp32",
+            "log_b": "fp32", "log_1mb": "fp32", "KIND": "constexpr", "HAS_MASK": "constexpr",
+            "BLOCK": "constexpr", "SPLIT_CHUNKS": "constexpr", "ROWS": "constexpr",
+            "PHASES": "constexpr", "S_BLOCK": "constexpr"}
+    for kind, phases in ((1, 2), (2, 3)):
+        build(TD._pipelined_dense_kernel, pipe,
+              {"KIND": kind, "HAS_MASK": True, "BLOCK": 4096, "SPLIT_CHUNKS": 4, "ROWS": 16,
+               "PHASES": phases, "S_BLOCK": 16})
     print("COMPILED")
     """
 )

@@ -91,11 +91,11 @@ def _check(got, want, dtype, what=("loss", "grad", "norm"), mask=None):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-def _run_both(s, *, teacher, kind, beta, temperature=1.0, block_size=None, row_mask=None):
+def _run_both(s, *, teacher, kind, beta, temperature=1.0, block_size=None, row_mask=None, **sched):
     n, v = s.shape
     got = TD.triton_divergence_and_grad(
         s, **teacher, kind=kind, beta=beta, temperature=temperature, row_mask=row_mask,
-        block_size=block_size, **_poisoned(n, v, s.dtype),
+        block_size=block_size, **sched, **_poisoned(n, v, s.dtype),
     )
     ref_teacher = {k: (x.double().cpu() if x.is_floating_point() else x.cpu()) for k, x in teacher.items()}
     want = R.per_token_divergence_and_grad(
@@ -273,3 +273,69 @@ def test_fused_linear_triton_backend_matches_reference():
         out.append((loss.detach(), per_token, h.grad, w.grad))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# The pipelined schedule: rows split over several programs (split_chunks chunks each), row groups
+# of rows_per_group, a last group that is only partly filled, and split statistics combined
+# across programs. Under the interpreter programs run one after another in ticket order, so
+# the waits are satisfied at once; the cross-program reduction and the work mapping are what
+# these tests check (their GPU speed is unmeasured).
+PIPE = dict(schedule="pipelined", rows_per_group=2, split_chunks=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,beta", KIND_CASES)
+def test_pipelined_matches_reference(kind, beta, dtype):
+    s, t = _inputs(5, 301, dtype)
+    got, want = _run_both(s, teacher=dict(teacher_logits=t), kind=kind, beta=beta,
+                          temperature=0.8, block_size=32, **PIPE)  # 5 splits, 3 row groups
+    _check(got, want, dtype)
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)])
+def test_pipelined_odd_shape_and_default_split(kind, beta):
+    s, t = _inputs(41, 1271, torch.float32, seed=2)
+    got, want = _run_both(s, teacher=dict(teacher_logits=t), kind=kind, beta=beta, block_size=256,
+                          schedule="pipelined", rows_per_group=3, split_chunks=2)
+    _check(got, want, torch.float32)
+    got2 = TD.triton_divergence_and_grad(s, teacher_logits=t, kind=kind, beta=beta,
+                                         schedule="pipelined", block_size=256)
+    _check(got2, want, torch.float32)
+
+
+@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3), ("akl", 0.5)])
+def test_pipelined_extreme_masked_and_in_place(kind, beta):
+    s = torch.tensor([[1e4, -1e4, 0.0, -math.inf, 5.0, 1.0, -3.0],
+                      [-1e4, -1e4, -1e4, -math.inf, -1e4, -1e4, 1e4],
+                      [float("nan")] * 7,
+                      [0.0, 1e4, -1e4, -math.inf, 1e4, 2.0, -math.inf]], device=DEVICE)
+    t = torch.tensor([[-1e4, 1e4, 3.0, -math.inf, 0.0, 1.0, 2.0],
+                      [1e4, -1e4, 0.0, -math.inf, -1e4, 3.0, 0.0],
+                      [0.0] * 7,
+                      [0.0, 1e4, -1e4, -math.inf, 1e4, 2.0, -math.inf]], device=DEVICE)
+    mask = torch.tensor([True, True, False, True], device=DEVICE)
+    opts = dict(kind=kind, beta=beta, block_size=2, schedule="pipelined", rows_per_group=3,
+                split_chunks=1)
+    got = TD.triton_divergence_and_grad(s, teacher_logits=t, row_mask=mask, **opts,
+                                        **_poisoned(4, 7, torch.float32))
+    want = R.per_token_divergence_and_grad(s.double().cpu()[mask.cpu()], teacher_logits=t.double().cpu()[mask.cpu()],
+                                           kind=kind, beta=beta)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g[mask].double().cpu(), w, atol=1e-2, rtol=1e-3)
+    assert got[0][2] == 0 and got[2][2] == 0 and torch.all(got[1][2] == 0)
+    buf = s.clone()
+    in_place = TD.triton_divergence_and_grad(buf, teacher_logits=t, row_mask=mask, grad_out=buf, **opts)
+    assert in_place[1].data_ptr() == buf.data_ptr()
+    for a, b in zip(in_place, got):
+        torch.testing.assert_close(a, b)
+
+
+def test_pipelined_refuses_a_sparse_teacher_and_unknown_schedules():
+    s, t = _inputs(2, 40, torch.float32)
+    ids, lp = _topk(t, 3)
+    with pytest.raises(ValueError, match="needs a dense teacher"):
+        TD.triton_divergence_and_grad(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp,
+                                      schedule="pipelined")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        TD.triton_divergence_and_grad(s, teacher_logits=t, schedule="split")
