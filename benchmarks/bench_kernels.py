@@ -2,32 +2,44 @@
 
 Why this script exists: issue 3 sets speed and memory targets (>= 80% of the bandwidth floor
 at N=16384, V=151936 bf16; >= 1.5x Liger's JSD; fused-linear peak memory <= 25% of naive at
-H=4096). This is the one place that measures them. It is a script, not a test.
+H=4096), and ``../shared/ANCHORS.md`` gives reference figures measured on an H100. This is the
+one place that measures them, every provider side by side in one run. It is a script, not a test.
 
-What it measures, per (divergence, N, V, provider): forward+backward time of the loss wrt the
-student logits (CUDA events, after warm-up; p20/p50/p80 over the repeats), peak extra memory
-(``torch.cuda.max_memory_allocated`` above the inputs), and achieved bytes/s against the
-bandwidth floor: student logits read once + teacher logits read once + gradient written once
-(6 bytes per element in bf16). Providers:
+What it measures, per (divergence, N, V, provider), on bf16 logits ``randn * --scale`` (3, as
+ANCHORS): forward+backward time of a mean loss wrt the student logits (``triton.testing.do_bench``:
+L2 flushed between repeats, p20/p50/p80), peak memory beyond the inputs
+(``torch.cuda.max_memory_allocated`` above what was allocated before the call; the returned
+gradient counts), and achieved bytes/s against the bandwidth floor: student logits read once +
+teacher logits read once + gradient written once (6 bytes per element in bf16). The floor in ms
+uses the device-to-device copy bandwidth measured at the start of the same run. Providers:
 
-* ``opdflow``        ``DistillationLoss(backend="triton")`` (also returns per-token loss; the
-                     kernel computes the grad norm too);
-* ``naive``          ``reference.per_token_divergence(...).mean()`` with autograd (the repo's
-                     one reference, imported -- never re-implemented here);
-* ``compiled``       ``torch.compile`` of that naive loss;
-* ``liger``          Liger-Kernel's ``LigerJSD`` (for jsd, forward KL = beta 0, reverse KL =
-                     beta 1) and ``LigerKLDIVLoss`` (forward KL), when ``liger_kernel`` imports;
-                     the log_softmax their API needs is inside the timed region.
+* ``opdflow``            ``triton_per_token_divergence(...).mean()`` (one program per row; the
+                         kernel also returns per-token loss and gradient norm);
+* ``opdflow_pipelined``  the same with ``schedule="pipelined"`` (rows split over programs; see
+                         ``kernels/triton_divergence.py``, "Schedules");
+* ``naive``              ``reference.per_token_divergence(...).mean()`` with autograd (the repo's
+                         one reference, imported -- never re-implemented here);
+* ``compiled``           ``torch.compile`` of that naive loss;
+* ``liger_jsd``          Liger-Kernel's ``LigerJSD`` (jsd; forward KL = beta 0, reverse KL =
+                         beta 1, the same convention as ours), and ``liger_kldiv``
+                         (``LigerKLDIVLoss``, forward KL), when ``liger_kernel`` imports; the
+                         ``log_softmax`` their API needs is inside the timed region, as a user of
+                         it must run it.
 
-With ``--fused`` (default on CUDA) it also compares the peak memory of
-``fused_linear_distillation_loss`` against logits = hidden @ W.T + the naive loss at H = 4096.
+Fused linear (default on CUDA, ``--no-fused`` to skip): peak memory and time of
+``fused_linear_distillation_loss`` against ``hidden @ W.T`` + the naive loss at H = ``--hidden``
+(4096) with a top-k teacher (the train stage's case), and against Liger's ``LigerFusedLinearJSD``
+at ANCHORS' shape (JSD 0.5, N 8192, student H 1536, teacher H 3584, V 151936).
 
-Results are appended as JSON lines (device name, versions, git commit, timestamp) to
-``benchmarks/results/kernels.jsonl``. Without CUDA it runs a tiny smoke configuration on CPU
-(the Triton provider only under ``TRITON_INTERPRET=1``), prints it and writes it to
-``--out`` only if given: those numbers are NOT GPU figures.
+Results are appended as JSON lines (device, versions, git commit, timestamp) to
+``benchmarks/results/kernels.jsonl``; ``--table FILE`` prints the markdown tables that
+``kernels/README.md`` shows, from such a file. Without CUDA it runs a tiny smoke configuration
+on CPU (the Triton providers only under ``TRITON_INTERPRET=1``), and writes it only to ``--out``:
+those numbers are NOT GPU figures and ``--table`` leaves them out unless ``--include-cpu``.
 
-Run: ``python benchmarks/bench_kernels.py`` (GPU) or ``python benchmarks/bench_kernels.py
+Run: ``python benchmarks/bench_kernels.py`` (GPU, everything; ``--sizes 16384x151936
+--kinds reverse_kl`` for a part), ``python benchmarks/bench_kernels.py --table
+benchmarks/results/kernels.jsonl``, or ``TRITON_INTERPRET=1 python benchmarks/bench_kernels.py
 --out /tmp/smoke.jsonl`` (CPU smoke).
 """
 
@@ -41,32 +53,31 @@ import platform
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "kernels.jsonl"
-GPU_SIZES = [(4096, 32768), (4096, 131072), (4096, 151936), (16384, 32768), (16384, 131072), (16384, 151936)]
+ISSUE_SIZES = [(4096, 32768), (4096, 131072), (4096, 151936),
+               (16384, 32768), (16384, 131072), (16384, 151936)]
+ANCHOR_SIZES = [(8192, 151936), (8192, 128256)]
 CPU_SIZES = [(32, 1000)]
 KIND_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
+PROVIDERS = ("opdflow", "opdflow_pipelined", "naive", "compiled", "liger_jsd", "liger_kldiv")
+GB = 1e9
 
 
 def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     for name in ("triton", "liger_kernel"):
         try:
-            module = __import__(name)
-            out[name] = getattr(module, "__version__", "unknown")
-        except ImportError:
+            from importlib.metadata import version
+            out[name] = version(name.replace("_", "-"))
+        except Exception:
             out[name] = None
-    out["cuda"] = torch.version.cuda
     return out
-
-
-def _git_commit() -> str | None:
-    from opdflow.infra.provenance import git_commit
-    return git_commit()
 
 
 def _percentiles(xs: list[float]) -> dict:
@@ -74,150 +85,259 @@ def _percentiles(xs: list[float]) -> dict:
     return {"p20_ms": qs[1], "p50_ms": statistics.median(xs), "p80_ms": qs[7]}
 
 
-def _providers(kind: str, beta: float, cuda: bool) -> dict:
-    from opdflow.kernels import DistillationLoss, reference
+def _providers(kind: str, beta: float, cuda: bool, wanted: set[str], rows_per_group: int) -> dict:
+    from opdflow.kernels import reference
 
     def naive(s, t):
         return reference.per_token_divergence(s, teacher_logits=t, kind=kind, beta=beta).mean()
 
     provs = {"naive": naive}
     if cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        mod = DistillationLoss(kind=kind, beta=beta, backend="triton")
-        provs["opdflow"] = lambda s, t: mod(s, teacher_logits=t)[0]
+        from opdflow.kernels.triton_divergence import triton_per_token_divergence
+
+        provs["opdflow"] = lambda s, t: triton_per_token_divergence(
+            s, teacher_logits=t, kind=kind, beta=beta).mean()
+        provs["opdflow_pipelined"] = lambda s, t: triton_per_token_divergence(
+            s, teacher_logits=t, kind=kind, beta=beta, schedule="pipelined",
+            rows_per_group=rows_per_group).mean()
     if cuda:
         provs["compiled"] = torch.compile(naive, dynamic=False)
         try:
             from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
         except ImportError:
-            pass
+            print("liger_kernel not importable: no Liger rows", file=sys.stderr)
         else:
             jsd = LigerJSD(beta=beta)
             provs["liger_jsd"] = lambda s, t: jsd(
-                torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1)
-            )
+                torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1))
             if kind == "forward_kl":
                 kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
                 provs["liger_kldiv"] = lambda s, t: kl(
-                    torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1)
-                )
-    return provs
+                    torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1))
+    return {k: v for k, v in provs.items() if k in wanted}
 
 
-def _time_cuda(fn, s, t, warmup, reps) -> tuple[list[float], int]:
-    for _ in range(warmup):
-        x = s.detach().requires_grad_(True)
-        fn(x, t).backward()
+def _measure(step, params, cuda: bool, cpu_reps: int = 3) -> dict:
+    """Time ``step()`` (forward + backward) and its peak memory beyond what is allocated now."""
+    if not cuda:
+        step()
+        times = []
+        for _ in range(cpu_reps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+            for p in params:
+                p.grad = None
+        return _percentiles(times)
+    import triton.testing
+
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        x = s.detach().requires_grad_(True)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x, t).backward()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-        del x
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    x = s.detach().requires_grad_(True)
-    fn(x, t).backward()
+    step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    return times, peak
+    for p in params:
+        p.grad = None
+    p20, p50, p80 = triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=params,
+                                            quantiles=[0.2, 0.5, 0.8])
+    return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "peak_extra_bytes": peak}
 
 
-def _time_cpu(fn, s, t, warmup, reps) -> tuple[list[float], None]:
-    for _ in range(warmup):
-        fn(s.detach().requires_grad_(True), t).backward()
-    times = []
-    for _ in range(reps):
-        x = s.detach().requires_grad_(True)
-        t0 = time.perf_counter()
-        fn(x, t).backward()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times, None
+def _row(bench: str, **fields) -> dict:
+    return {"bench": bench, **fields}
 
 
-def bench_losses(sizes, kinds, dtype, device, warmup, reps) -> list[dict]:
+def _attempt(row: dict, fn, cuda: bool) -> dict:
+    try:
+        row.update(fn())
+    except Exception as exc:  # a provider failing (out of memory, missing op) is a result too
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if cuda:
+        torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bench_copy(device) -> dict:
+    """Device-to-device copy bandwidth (bytes read + written): the practical peak for the floor."""
+    import triton.testing
+
+    x = torch.empty(2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    row = _row("copy", bytes=2 * x.numel(), p50_ms=ms, GBps=2 * x.numel() / (ms * 1e-3) / GB)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bench_losses(sizes, kinds, providers, dtype, device, scale, rows_per_group) -> list[dict]:
     cuda = device.type == "cuda"
     rows = []
     for kind in kinds:
         beta = KIND_BETA[kind]
-        provs = _providers(kind, beta, cuda)
+        provs = _providers(kind, beta, cuda, set(providers), rows_per_group)
         for n, v in sizes:
             g = torch.Generator(device=device).manual_seed(0)
-            s = torch.randn(n, v, generator=g, device=device, dtype=torch.float32).to(dtype)
-            t = torch.randn(n, v, generator=g, device=device, dtype=torch.float32).to(dtype)
+            s = (torch.randn(n, v, generator=g, device=device) * scale).to(dtype)
+            t = (torch.randn(n, v, generator=g, device=device) * scale).to(dtype)
             floor_bytes = 3 * n * v * s.element_size()
             for name, fn in provs.items():
-                row = {"bench": "loss", "kind": kind, "beta": beta, "N": n, "V": v,
-                       "dtype": str(dtype).removeprefix("torch."), "provider": name}
-                try:
-                    times, peak = (_time_cuda if cuda else _time_cpu)(fn, s, t, warmup, reps)
-                except Exception as exc:  # a provider failing (OOM, missing op) is a result too
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    if cuda:
-                        torch.cuda.empty_cache()
-                else:
-                    row.update(_percentiles(times))
-                    row["peak_extra_bytes"] = peak
-                    row["floor_bytes"] = floor_bytes
-                    row["achieved_GBps"] = floor_bytes / (row["p50_ms"] * 1e-3) / 1e9
+                x = s.detach().requires_grad_(True)
+                row = _row("loss", kind=kind, beta=beta, N=n, V=v, dtype=str(dtype).removeprefix("torch."),
+                           provider=name, scale=scale, floor_bytes=floor_bytes)
+                if name == "opdflow_pipelined":
+                    row["rows_per_group"] = rows_per_group
+                row = _attempt(row, lambda: _measure(lambda: fn(x, t).backward(), [x], cuda), cuda)
+                if "p50_ms" in row:
+                    row["achieved_GBps"] = floor_bytes / (row["p50_ms"] * 1e-3) / GB
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                del x
             del s, t
     return rows
 
 
-def bench_fused(sizes, hidden_dim, dtype, device, kind="reverse_kl") -> list[dict]:
-    from opdflow.kernels import distillation_loss, fused_linear_distillation_loss
+def bench_fused(device, hidden_dim, dtype) -> list[dict]:
+    """Fused linear vs the unfused path: the issue's memory target and ANCHORS' Liger row."""
+    from opdflow.kernels import fused_linear_distillation_loss, reference
 
     rows = []
-    for n, v in sizes:
-        g = torch.Generator(device=device).manual_seed(0)
-        h = torch.randn(n, hidden_dim, generator=g, device=device, dtype=torch.float32).to(dtype)
-        w = (torch.randn(v, hidden_dim, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
-        k = 64
-        lp, ids = torch.topk(torch.randn(n, v, generator=g, device=device).log_softmax(-1), k, -1)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
+
+    # 1. Top-k teacher (what the train stage feeds), H = hidden_dim, reverse KL.
+    for n, v in [(4096, 151936), (16384, 151936)]:
+        h, w = randn(n, hidden_dim), randn(v, hidden_dim, std=0.02)
+        lp, ids = torch.topk(torch.randn(n, v, generator=g, device=device).log_softmax(-1), 64, -1)
         cases = {
-            "naive_linear": lambda hh, ww: distillation_loss(
-                hh @ ww.t(), teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind=kind)[0],
+            "naive_linear": lambda hh, ww: reference.per_token_divergence(
+                hh @ ww.t(), teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl").mean(),
             "fused_linear": lambda hh, ww: fused_linear_distillation_loss(
-                hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind=kind, chunk_size=1024)[0],
+                hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl")[0],
         }
         for name, fn in cases.items():
-            row = {"bench": "fused_linear", "kind": kind, "N": n, "V": v, "H": hidden_dim, "topk": k,
-                   "dtype": str(dtype).removeprefix("torch."), "provider": name}
-            try:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                hh = h.detach().requires_grad_(True)
-                ww = w.detach().requires_grad_(True)
-                fn(hh, ww).backward()
-                torch.cuda.synchronize()
-                row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-                del hh, ww
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
+            row = _row("fused_linear", kind="reverse_kl", N=n, V=v, H=hidden_dim, topk=64,
+                       dtype=str(dtype).removeprefix("torch."), provider=name)
+            rows.append(_attempt(row, lambda: _measure(lambda: fn(hh, ww).backward(), [hh, ww], True), True))
+            del hh, ww
+        del h, w, lp, ids
+    # 2. ANCHORS' shape: dense teacher from its own hidden states and lm_head, JSD(0.5).
+    n, v, hs, ht = 8192, 151936, 1536, 3584
+    h, w, th, tw = randn(n, hs), randn(v, hs, std=0.02), randn(n, ht), randn(v, ht, std=0.02)
+    cases = {"fused_linear": lambda hh, ww: fused_linear_distillation_loss(
+        hh, ww, teacher_hidden=th, teacher_weight=tw, kind="jsd", beta=0.5)[0]}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except ImportError:
+        pass
+    else:
+        liger = LigerFusedLinearJSD(jsd_beta=0.5)
+        cases["liger_fused_linear_jsd"] = lambda hh, ww: liger(hh, ww, th, tw, None)
+    for name, fn in cases.items():
+        hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        row = _row("fused_linear", kind="jsd", beta=0.5, N=n, V=v, H=hs, teacher_H=ht,
+                   dtype=str(dtype).removeprefix("torch."), provider=name)
+        rows.append(_attempt(row, lambda: _measure(lambda: fn(hh, ww).backward(), [hh, ww], True), True))
+        del hh, ww
     return rows
+
+
+# --- the markdown tables kernels/README.md shows ------------------------------------------------
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    if "error" in row:
+        return "out of memory" if "out of memory" in row["error"].lower() else "error"
+    extra = row.get("peak_extra_bytes")
+    return f"{row['p50_ms']:.2f}" + (f" · {extra / GB:.1f}" if extra is not None else "")
+
+
+def render_table(rows: list[dict], include_cpu: bool = False) -> str:
+    """Markdown tables from result rows: the latest row wins for each (device, bench, shape, provider)."""
+    latest: dict[tuple, dict] = {}
+    for r in sorted(rows, key=lambda r: r.get("timestamp", "")):
+        if not (r.get("gpu_figure") or include_cpu):
+            continue
+        key = (r["device"], r["bench"], r.get("kind"), r.get("N"), r.get("V"), r.get("H"), r.get("provider"))
+        latest[key] = r
+    by_device: dict[str, list[dict]] = defaultdict(list)
+    for r in latest.values():
+        by_device[r["device"]].append(r)
+    if not by_device:
+        return "No GPU results yet: run `python benchmarks/bench_kernels.py` on a CUDA machine.\n"
+    out = []
+    for device, rs in sorted(by_device.items()):
+        copy = next((r for r in rs if r["bench"] == "copy"), None)
+        bw = copy["GBps"] if copy else None
+        ref = max(rs, key=lambda r: r.get("timestamp", ""))
+        vers = ref.get("versions", {})
+        out.append(f"### {device}\n\ntorch {vers.get('torch')}, Triton {vers.get('triton')}, "
+                   f"Liger-Kernel {vers.get('liger_kernel')}, commit {str(ref.get('git_commit'))[:12]}, "
+                   f"{ref.get('timestamp')}" + (f"; device-to-device copy {bw:,.0f} GB/s" if bw else "") + ".\n")
+        loss = [r for r in rs if r["bench"] == "loss"]
+        provs = [p for p in PROVIDERS if any(r["provider"] == p for r in loss)]
+        if loss:
+            out.append("Forward + backward from logits, p50 ms · extra GB; `% floor` = the floor (logits read once, gradient "
+                       "written once: 6 B/elem in bf16) at the copy bandwidth over the opdflow time.\n")
+            head = ["kind", "N × V", "floor ms"] + provs + ["opdflow % floor", "pipelined % floor"]
+            out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+            shapes = sorted({(r["kind"], r["N"], r["V"]) for r in loss}, key=lambda k: (list(KIND_BETA).index(k[0]), k[1], k[2]))
+            for kind, n, v in shapes:
+                cells = {r["provider"]: r for r in loss if (r["kind"], r["N"], r["V"]) == (kind, n, v)}
+                floor_ms = cells[next(iter(cells))]["floor_bytes"] / (bw * GB) * 1e3 if bw else None
+                line = [kind, f"{n} × {v}", f"{floor_ms:.2f}" if floor_ms else "–"]
+                line += [_cell(cells.get(p)) for p in provs]
+                for p in ("opdflow", "opdflow_pipelined"):
+                    r = cells.get(p)
+                    line.append(f"{100 * floor_ms / r['p50_ms']:.0f}%" if floor_ms and r and "p50_ms" in r else "–")
+                out.append("| " + " | ".join(line) + " |")
+            out.append("")
+        fused = [r for r in rs if r["bench"] == "fused_linear"]
+        if fused:
+            out.append("Fused linear, p50 ms · extra GB (peak beyond the inputs).\n")
+            out.append("| kind | N × V | H (teacher H) | provider | result | vs the unfused path |\n|---|---|---|---|---|---|")
+            for r in sorted(fused, key=lambda r: (r["kind"], r["N"], r["provider"])):
+                base = next((b for b in fused if b["provider"] == "naive_linear" and b["N"] == r["N"]
+                             and b["kind"] == r["kind"]), None)
+                ratio = "–"
+                if base and r is not base and "peak_extra_bytes" in r and "peak_extra_bytes" in base:
+                    ratio = f"{100 * r['peak_extra_bytes'] / base['peak_extra_bytes']:.0f}% memory"
+                h = f"{r['H']}" + (f" ({r['teacher_H']})" if r.get("teacher_H") else "")
+                out.append(f"| {r['kind']} | {r['N']} × {r['V']} | {h} | {r['provider']} | {_cell(r)} | {ratio} |")
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in part.split("x")) for part in text.split(",") if part]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kinds", nargs="+", default=list(KIND_BETA), choices=list(KIND_BETA))
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    parser.add_argument("--sizes", type=_sizes, default=None,
+                        help="comma-separated NxV (GPU default: the issue's six and ANCHORS' two)")
+    parser.add_argument("--scale", type=float, default=3.0, help="logits = randn * scale")
+    parser.add_argument("--rows-per-group", type=int, default=16, help="pipelined schedule")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"JSON-lines file to append to (GPU default: {DEFAULT_OUT})")
-    parser.add_argument("--no-fused", action="store_true", help="skip the fused-linear memory bench")
+    parser.add_argument("--no-fused", action="store_true", help="skip the fused-linear bench")
     parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--table", type=Path, default=None, help="print the tables of a results file and exit")
+    parser.add_argument("--include-cpu", action="store_true", help="with --table: CPU smoke rows too")
     args = parser.parse_args(argv)
+
+    if args.table is not None:
+        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
+        print(render_table(rows, include_cpu=args.include_cpu), end="")
+        return 0
+    from opdflow.infra.provenance import git_commit
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -225,19 +345,20 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "versions": _versions(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "gpu_figure": cuda,
     }
     if not cuda:
         print("No CUDA device: tiny CPU smoke run. These are NOT GPU figures.", file=sys.stderr)
-        rows = bench_losses(CPU_SIZES, args.kinds, torch.float32, device,
-                            args.warmup or 1, args.reps or 3)
+        rows = bench_losses(args.sizes or CPU_SIZES, args.kinds, args.providers, torch.float32,
+                            device, args.scale, min(args.rows_per_group, 4))
         out = args.out
     else:
-        rows = bench_losses(GPU_SIZES, args.kinds, torch.bfloat16, device,
-                            args.warmup or 5, args.reps or 20)
+        rows = [bench_copy(device)]
+        rows += bench_losses(args.sizes or ISSUE_SIZES + ANCHOR_SIZES, args.kinds, args.providers,
+                             torch.bfloat16, device, args.scale, args.rows_per_group)
         if not args.no_fused:
-            rows += bench_fused([(4096, 151936), (16384, 151936)], args.hidden, torch.bfloat16, device)
+            rows += bench_fused(device, args.hidden, torch.bfloat16)
         out = args.out or DEFAULT_OUT
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ Passes over the row (reads of the student and, if dense, the teacher logits):
 So forward/reverse KL and AKL read each input twice, the others three times; the gradient is
 written once.
 
-L2 reuse (a design intent, not a measured figure: no session has had a GPU). The issue's
+Schedules (a design intent, not a measured figure: no session has had a GPU). The issue's
 bandwidth target counts each logit read once; a plain two-pass kernel moves 10 B/elem in bf16
 instead of 6 unless its later passes hit L2. A bf16 row at V = 151936 is 608 KB (student +
 teacher) and ~130 rows are in flight on an H100, more than its 50 MB L2 holds, so a later pass
@@ -31,7 +31,24 @@ that starts where the previous one started finds its chunks evicted. Each pass t
 in the opposite direction to the one before (A forwards, B backwards, C forwards after B or
 backwards after A), so it begins with the chunks just read; passes that read a chunk again
 later load with ``evict_last``, the final pass loads and stores the gradient with
-``evict_first`` so the streamed gradient does not push the rows out.
+``evict_first`` so the streamed gradient does not push the rows out. That is the default
+``schedule="row"``, one program per row.
+
+``schedule="pipelined"`` (dense teacher, opt-in until a GPU run shows it faster) bounds the
+distance between a row's two reads instead: each row is split into spans of ``split_chunks``
+chunks, one program per (phase, row, span), and rows go in groups of ``rows_per_group``. Phase 0
+writes each span's partial statistics (max, sum-exp, the reverse-KL sum) to a workspace and
+counts the span done; the next phase combines a row's spans and, for the two-pass kinds, writes
+the gradient (three-pass kinds add a phase for ``H``). Programs take a ticket (an atomic
+counter) and slot k of tickets holds phase 0 of group k, then phase 1 of group k - 1: a row is
+re-read two to three groups' traffic after its first read (a group is 16 rows x 608 KB ~ 10 MB
+at V = 151936, so ~20-30 MB), inside an H100's 50 MB L2. ``rows_per_group`` and the chunk
+sizes are the knobs a GPU run should sweep. A phase waits (acquire load in a loop) only on
+the previous phase of its own row, whose tickets are smaller and so already held by running
+programs: it cannot deadlock whatever order the hardware starts programs in. Per-span loss and squared norm are summed on
+the host (``[N, spans]``, deterministic). Under ``TRITON_INTERPRET=1`` programs run in ticket
+order, so the tests check the mapping and the cross-program reduction; the sm_90 compile test
+checks the atomics lower to ``ld.acquire`` / ``red.release``.
 
 Sparse top-k teacher (see ``reference.py`` for the K + 1 category definition): pass A computes
 the student's log-sum-exp, the K gathered student logits give the category terms and ``H``,
@@ -677,9 +694,12 @@ def triton_per_token_divergence(
     temperature: float = 1.0,
     row_mask: Tensor | None = None,
     block_size: int | None = None,
+    schedule: str = "row",
+    rows_per_group: int = 16,
 ) -> Tensor:
     """Differentiable per-token divergence ``[N]`` (fp32) computed by the Triton kernels."""
-    opts = dict(kind=kind, beta=beta, temperature=temperature, block_size=block_size)
+    opts = dict(kind=kind, beta=beta, temperature=temperature, block_size=block_size,
+                schedule=schedule, rows_per_group=rows_per_group)
     loss, _norm = TritonDivergence.apply(
         student_logits, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, row_mask, opts
     )

@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent(
         src = ASTSource(fn, signature, constexprs=constexprs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
         assert k.asm.get("cubin"), "no cubin"
+        return k.asm["ptx"]
 
     common = {"LOSS": "*fp32", "NORM": "*fp32", "ROW_MASK": "*i8", "W_HEAD": "*fp32",
               "W_TAIL": "*fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32",
@@ -50,9 +51,13 @@ SCRIPT = textwrap.dedent(
             "BLOCK": "constexpr", "SPLIT_CHUNKS": "constexpr", "ROWS": "constexpr",
             "PHASES": "constexpr", "S_BLOCK": "constexpr"}
     for kind, phases in ((1, 2), (2, 3)):
-        build(TD._pipelined_dense_kernel, pipe,
-              {"KIND": kind, "HAS_MASK": True, "BLOCK": 4096, "SPLIT_CHUNKS": 4, "ROWS": 16,
-               "PHASES": phases, "S_BLOCK": 16})
+        ptx = build(TD._pipelined_dense_kernel, pipe,
+                    {"KIND": kind, "HAS_MASK": True, "BLOCK": 4096, "SPLIT_CHUNKS": 4, "ROWS": 16,
+                     "PHASES": phases, "S_BLOCK": 16})
+        # the wait is an acquire load, the "span done" count a release reduction, the
+        # workspace read bypasses L1: the ordering the cross-program protocol relies on
+        for needle in ("ld.global.gpu.acquire", "red.global.gpu.release", "ld.global.cg", "bar.sync"):
+            assert needle in ptx, needle
     print("COMPILED")
     """
 )
