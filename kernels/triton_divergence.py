@@ -151,10 +151,74 @@ def _online_update(m, z, x):
 
 
 @triton.jit
+def _load_pair(s_row, t_row, offs, inb, inv_temp, EVICT: tl.constexpr):
+    x = tl.load(s_row + offs, mask=inb, other=-float("inf"), eviction_policy=EVICT)
+    y = tl.load(t_row + offs, mask=inb, other=-float("inf"), eviction_policy=EVICT)
+    return x.to(tl.float32) * inv_temp, y.to(tl.float32) * inv_temp
+
+
+@triton.jit
+def _stats_chunk(s_row, t_row, offs, V, inv_temp, m_s, z_s, m_t, z_t, acc, KIND: tl.constexpr):
+    """One chunk of pass A: online sum-exps of student and teacher (+ the reverse-KL sum)."""
+    x, y = _load_pair(s_row, t_row, offs, offs < V, inv_temp, "evict_last")
+    m_s, alpha_s, e_s = _online_update(m_s, z_s, x)
+    z_s = z_s * alpha_s + e_s
+    m_t, alpha_t, e_t = _online_update(m_t, z_t, y)
+    z_t = z_t * alpha_t + e_t
+    if KIND == 1 or KIND == 6:
+        acc = acc * alpha_s + tl.where(e_s > 0, e_s * (x - y), 0.0)
+    return m_s, z_s, m_t, z_t, acc
+
+
+@triton.jit
+def _h_chunk(s_row, t_row, offs, V, inv_temp, lse_s, lse_t, beta, log_b, log_1mb, w_head, w_tail,
+             KIND: tl.constexpr):
+    """One chunk of pass B: the chunk's h terms (their row sum is H)."""
+    inb = offs < V
+    x, y = _load_pair(s_row, t_row, offs, inb, inv_temp, "evict_last")
+    _f, h = _terms(x - lse_s, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
+    return tl.where(inb, h, 0.0)
+
+
+@triton.jit
+def _grad_chunk(s_row, t_row, g_row, offs, V, inv_temp, lse_s, lse_t, big_h, beta, log_b, log_1mb,
+                w_head, w_tail, KIND: tl.constexpr):
+    """One chunk of pass C: stores the gradient; returns the chunk's loss terms and squared grads."""
+    inb = offs < V
+    x, y = _load_pair(s_row, t_row, offs, inb, inv_temp, "evict_first")
+    logp = x - lse_s
+    f, h = _terms(logp, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
+    g = tl.where(inb, (h - tl.exp(logp) * big_h) * inv_temp, 0.0)
+    tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=inb, eviction_policy="evict_first")
+    return tl.where(inb, f, 0.0), g * g
+
+
+@triton.jit
 def _finish_lse(m, z):
     mx = tl.max(m, axis=0)
     scale = tl.where(m == -float("inf"), 0.0, tl.exp(m - mx))
     return mx + tl.log(tl.sum(z * scale, axis=0)), scale
+
+
+@triton.jit
+def _lse_and_rkl(m_s, z_s, m_t, z_t, acc):
+    """Row log-sum-exps and ``KL(p||q) + 1`` from partial online accumulators (lanes or spans)."""
+    lse_s, scale_s = _finish_lse(m_s, z_s)
+    lse_t, _scale_t = _finish_lse(m_t, z_t)
+    rkl_plus_1 = tl.sum(acc * scale_s, axis=0) / tl.sum(z_s * scale_s, axis=0) - lse_s + lse_t + 1.0
+    return lse_s, lse_t, rkl_plus_1
+
+
+@triton.jit
+def _two_pass_h(rkl_plus_1, w_head, w_tail, KIND: tl.constexpr):
+    """``H = sum_j h_j`` for the kinds whose H needs no extra pass (forward KL, reverse KL, AKL)."""
+    if KIND == 0:
+        big_h = -1.0
+    elif KIND == 1:
+        big_h = rkl_plus_1
+    else:
+        big_h = -w_head + w_tail * rkl_plus_1
+    return big_h
 
 
 @triton.jit
@@ -186,42 +250,18 @@ def _dense_kernel(
         z_t = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
-            offs = start + cols
-            inb = offs < V
-            x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
-                        eviction_policy="evict_last").to(tl.float32) * inv_temp
-            y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
-                        eviction_policy="evict_last").to(tl.float32) * inv_temp
-            m_s, alpha_s, e_s = _online_update(m_s, z_s, x)
-            z_s = z_s * alpha_s + e_s
-            m_t, alpha_t, e_t = _online_update(m_t, z_t, y)
-            z_t = z_t * alpha_t + e_t
-            if KIND == 1 or KIND == 6:
-                acc = acc * alpha_s + tl.where(e_s > 0, e_s * (x - y), 0.0)
-        lse_s, scale_s = _finish_lse(m_s, z_s)
-        lse_t, _scale_t = _finish_lse(m_t, z_t)
+            m_s, z_s, m_t, z_t, acc = _stats_chunk(s_row, t_row, start + cols, V, inv_temp,
+                                                   m_s, z_s, m_t, z_t, acc, KIND)
+        lse_s, lse_t, rkl_plus_1 = _lse_and_rkl(m_s, z_s, m_t, z_t, acc)
         # H = sum_j h_j.
-        if KIND == 0:
-            big_h = -1.0
-        elif KIND == 1 or KIND == 6:
-            z_tot = tl.sum(z_s * scale_s, axis=0)
-            rkl_plus_1 = tl.sum(acc * scale_s, axis=0) / z_tot - lse_s + lse_t + 1.0
-            if KIND == 1:
-                big_h = rkl_plus_1
-            else:
-                big_h = -w_head + w_tail * rkl_plus_1
+        if KIND == 0 or KIND == 1 or KIND == 6:
+            big_h = _two_pass_h(rkl_plus_1, w_head, w_tail, KIND)
         else:
             # Pass B: H is not an online sum for these kinds.
             hacc = tl.zeros([BLOCK], tl.float32)
             for i in range(0, n_chunks):
-                offs = (n_chunks - 1 - i) * BLOCK + cols
-                inb = offs < V
-                x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
-                            eviction_policy="evict_last").to(tl.float32) * inv_temp
-                y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
-                            eviction_policy="evict_last").to(tl.float32) * inv_temp
-                _f, h = _terms(x - lse_s, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
-                hacc += tl.where(inb, h, 0.0)
+                hacc += _h_chunk(s_row, t_row, (n_chunks - 1 - i) * BLOCK + cols, V, inv_temp,
+                                 lse_s, lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
             big_h = tl.sum(hacc, axis=0)
         # Pass C: loss, gradient, squared norm.
         facc = tl.zeros([BLOCK], tl.float32)
@@ -231,17 +271,10 @@ def _dense_kernel(
                 offs = (n_chunks - 1 - i) * BLOCK + cols
             else:
                 offs = i * BLOCK + cols
-            inb = offs < V
-            x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
-                        eviction_policy="evict_first").to(tl.float32) * inv_temp
-            y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
-                        eviction_policy="evict_first").to(tl.float32) * inv_temp
-            logp = x - lse_s
-            f, h = _terms(logp, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
-            g = tl.where(inb, (h - tl.exp(logp) * big_h) * inv_temp, 0.0)
-            facc += tl.where(inb, f, 0.0)
-            nacc += g * g
-            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb, eviction_policy="evict_first")
+            f, g2 = _grad_chunk(s_row, t_row, g_row, offs, V, inv_temp, lse_s, lse_t, big_h,
+                                beta, log_b, log_1mb, w_head, w_tail, KIND)
+            facc += f
+            nacc += g2
         tl.store(LOSS + row, tl.sum(facc, axis=0))
         tl.store(NORM + row, tl.sqrt(tl.sum(nacc, axis=0)))
     else:
@@ -363,10 +396,7 @@ def _combine_splits(ws_row, n_splits, S_BLOCK: tl.constexpr):
     m_t = tl.load(p + 2, mask=ok, other=-float("inf"), cache_modifier=".cg")
     z_t = tl.load(p + 3, mask=ok, other=0.0, cache_modifier=".cg")
     acc = tl.load(p + 4, mask=ok, other=0.0, cache_modifier=".cg")
-    lse_s, scale_s = _finish_lse(m_s, z_s)
-    lse_t, _scale_t = _finish_lse(m_t, z_t)
-    rkl_plus_1 = tl.sum(acc * scale_s, axis=0) / tl.sum(z_s * scale_s, axis=0) - lse_s + lse_t + 1.0
-    return lse_s, lse_t, rkl_plus_1
+    return _lse_and_rkl(m_s, z_s, m_t, z_t, acc)
 
 
 @triton.jit
@@ -411,18 +441,8 @@ def _pipelined_dense_kernel(
                 z_t = tl.zeros([BLOCK], tl.float32)
                 acc = tl.zeros([BLOCK], tl.float32)
                 for c in range(SPLIT_CHUNKS):
-                    offs = col0 + c * BLOCK + cols
-                    inb = offs < V
-                    x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
-                                eviction_policy="evict_last").to(tl.float32) * inv_temp
-                    y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
-                                eviction_policy="evict_last").to(tl.float32) * inv_temp
-                    m_s, alpha_s, e_s = _online_update(m_s, z_s, x)
-                    z_s = z_s * alpha_s + e_s
-                    m_t, alpha_t, e_t = _online_update(m_t, z_t, y)
-                    z_t = z_t * alpha_t + e_t
-                    if KIND == 1 or KIND == 6:
-                        acc = acc * alpha_s + tl.where(e_s > 0, e_s * (x - y), 0.0)
+                    m_s, z_s, m_t, z_t, acc = _stats_chunk(s_row, t_row, col0 + c * BLOCK + cols, V,
+                                                           inv_temp, m_s, z_s, m_t, z_t, acc, KIND)
                 ms, zs, scale_s = _reduce_lanes(m_s, z_s)
                 mt, zt, _scale_t = _reduce_lanes(m_t, z_t)
                 tl.store(ws + 0, ms)
@@ -444,12 +464,8 @@ def _pipelined_dense_kernel(
                     w_head = tl.load(W_HEAD + row64)
                     w_tail = tl.load(W_TAIL + row64)
                 if phase == PHASES - 1:
-                    if KIND == 0:
-                        big_h = -1.0
-                    elif KIND == 1:
-                        big_h = rkl_plus_1
-                    elif KIND == 6:
-                        big_h = -w_head + w_tail * rkl_plus_1
+                    if PHASES == 2:
+                        big_h = _two_pass_h(rkl_plus_1, w_head, w_tail, KIND)
                     else:
                         jj = tl.arange(0, S_BLOCK)
                         big_h = tl.sum(tl.load(ws_row + jj * 8 + 5, mask=jj < n_splits, other=0.0,
@@ -457,32 +473,18 @@ def _pipelined_dense_kernel(
                     facc = tl.zeros([BLOCK], tl.float32)
                     nacc = tl.zeros([BLOCK], tl.float32)
                     for c in range(SPLIT_CHUNKS):
-                        offs = col0 + c * BLOCK + cols
-                        inb = offs < V
-                        x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
-                                    eviction_policy="evict_first").to(tl.float32) * inv_temp
-                        y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
-                                    eviction_policy="evict_first").to(tl.float32) * inv_temp
-                        logp = x - lse_s
-                        f, h = _terms(logp, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
-                        g = tl.where(inb, (h - tl.exp(logp) * big_h) * inv_temp, 0.0)
-                        facc += tl.where(inb, f, 0.0)
-                        nacc += g * g
-                        tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inb,
-                                 eviction_policy="evict_first")
+                        f, g2 = _grad_chunk(s_row, t_row, g_row, col0 + c * BLOCK + cols, V, inv_temp,
+                                            lse_s, lse_t, big_h, beta, log_b, log_1mb, w_head,
+                                            w_tail, KIND)
+                        facc += f
+                        nacc += g2
                     tl.store(ws + 6, tl.sum(facc, axis=0))
                     tl.store(ws + 7, tl.sum(nacc, axis=0))
                 else:
                     hacc = tl.zeros([BLOCK], tl.float32)
                     for c in range(SPLIT_CHUNKS):
-                        offs = col0 + c * BLOCK + cols
-                        inb = offs < V
-                        x = tl.load(s_row + offs, mask=inb, other=-float("inf"),
-                                    eviction_policy="evict_last").to(tl.float32) * inv_temp
-                        y = tl.load(t_row + offs, mask=inb, other=-float("inf"),
-                                    eviction_policy="evict_last").to(tl.float32) * inv_temp
-                        _f, h = _terms(x - lse_s, y - lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
-                        hacc += tl.where(inb, h, 0.0)
+                        hacc += _h_chunk(s_row, t_row, col0 + c * BLOCK + cols, V, inv_temp, lse_s,
+                                         lse_t, beta, log_b, log_1mb, w_head, w_tail, KIND)
                     tl.store(ws + 5, tl.sum(hacc, axis=0))
                     tl.debug_barrier()
                     tl.atomic_add(done_row + phase, 1, sem="release")
