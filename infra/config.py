@@ -149,6 +149,9 @@ class TrainConfig(_Section):
                                                                  "whole share of the batch")
     tis_cap: float | None = Field(None, gt=0.0, description="truncated importance sampling: weight each token's "
                                   "loss by min(p_trainer / p_sampler, tis_cap); unset: off")
+    fused_lm_head: bool = Field(False, description="apply the lm_head inside the loss, chunk by chunk "
+                                                   "(kernels.fused_linear), so the [tokens, vocab] logits never exist "
+                                                   "at once; same loss up to float rounding")
 
 
 class RockConfig(_Section):
@@ -266,7 +269,8 @@ class Config(_Section):
 
     # Execution settings say where and how a run computes, never what: a run can be resumed
     # with more GPUs, another cluster or other shard counts without changing its identity.
-    EXECUTION_TRAIN: ClassVar[tuple[str, ...]] = ("checkpoint_every", "nproc_per_node", "micro_batch_size")
+    EXECUTION_TRAIN: ClassVar[tuple[str, ...]] = ("checkpoint_every", "nproc_per_node", "micro_batch_size",
+                                                   "fused_lm_head")
 
     def execution(self) -> dict[str, Any]:
         train = self.section("train")

@@ -216,7 +216,9 @@ def response_logits(model, prompts: Sequence[Sequence[int]], responses: Sequence
         yield lo, batch_response_logits(model, ps, rs, pad_id, dev, grad), [len(r) for r in rs]
 
 
-def batch_response_logits(model, prompts, responses, pad_id, dev, grad: bool = False) -> torch.Tensor:
+def _response_batch(prompts, responses, pad_id, dev):
+    """Right-padded prompt+response ids, their attention mask, and the (row, column) of the
+    position that predicts each response token, in response order."""
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -228,9 +230,61 @@ def batch_response_logits(model, prompts, responses, pad_id, dev, grad: bool = F
     for i, (p, r) in enumerate(zip(prompts, responses)):
         rows += [i] * len(r)
         cols += range(len(p) - 1, len(p) - 1 + len(r))
+    return ids.to(dev), mask.to(dev), torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
+
+
+def batch_response_logits(model, prompts, responses, pad_id, dev, grad: bool = False) -> torch.Tensor:
+    ids, mask, rows, cols = _response_batch(prompts, responses, pad_id, dev)
     with torch.set_grad_enabled(grad):
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-        return logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return logits[rows, cols]
+
+
+class _HeadInput(torch.nn.Module):
+    """Stands in for the lm_head during one forward: keeps its input, returns no logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.hidden = x
+        return x[..., :0]
+
+
+def batch_response_hidden(model, prompts, responses, pad_id, dev, grad: bool = False):
+    """``(hidden [N, H], lm_head)``: what the lm_head would receive at each response position.
+
+    The model's own forward runs (so FSDP's hooks gather its parameters) with the lm_head
+    swapped for a stand-in that records its input, so no ``[batch, length, V]`` logits are
+    made; the caller applies the head chunk by chunk (``kernels.fused_linear``). Whether the
+    head's output is the model's logits is checked by ``check_head_is_logits``.
+    """
+    ids, mask, rows, cols = _response_batch(prompts, responses, pad_id, dev)
+    head = model.get_output_embeddings()
+    stand_in = _HeadInput()
+    model.set_output_embeddings(stand_in)
+    try:
+        with torch.set_grad_enabled(grad):
+            model(input_ids=ids, attention_mask=mask)
+            return stand_in.hidden[rows, cols], head
+    finally:
+        model.set_output_embeddings(head)
+
+
+def check_head_is_logits(model, pad_id: int, dev, tol: float = 1e-3) -> None:
+    """Fail unless ``lm_head(hidden)`` reproduces the model's logits on a probe sequence.
+
+    Some architectures post-process the head's output (logit soft-capping, scaling); training
+    on ``hidden @ W.T`` would then optimize other logits than the model samples with."""
+    probe = [[1, 2, 3, 4, 5, 6]]
+    with torch.no_grad():
+        logits = batch_response_logits(model, [[0]], probe, pad_id, dev)
+        hidden, head = batch_response_hidden(model, [[0]], probe, pad_id, dev)
+        again = head(hidden)
+    err = float((again.float() - logits.float()).abs().max())
+    scale = float(logits.float().abs().max()) or 1.0
+    if err > tol * max(1.0, scale):
+        raise ValueError(
+            f"train.fused_lm_head: {type(model).__name__}'s logits are not lm_head(hidden states) "
+            f"(max difference {err:.3g}; the model post-processes them, e.g. soft-capping): "
+            "set train.fused_lm_head: false")
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

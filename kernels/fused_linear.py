@@ -76,6 +76,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 mask=None if mask is None else mask[sl],
                 backend=opts["backend"],
             )
+            if teacher["targets"] is not None:  # the sampled token's log-prob, for the trainer
+                tgt = teacher["targets"]
+                tgt[1][sl] = logits.detach().float().log_softmax(-1).gather(-1, tgt[0][sl, None]).squeeze(-1)
             del logits
             per_token[sl] = loss_c.to(scale.dtype)
             grad_c = grad_c.to(scale.dtype).mul_(scale[sl, None])
@@ -127,14 +130,20 @@ def fused_linear_distillation_loss(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     backend: str = "auto",
+    target_ids: Tensor | None = None,
+    target_logprobs_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(scalar loss, per-token loss detached [N])`` from ``hidden [N, H]`` and ``weight [V, H]``.
 
     Same value and gradients as ``distillation_loss(hidden @ weight.T + bias, ...)``, with
     at most ``chunk_size`` rows of logits alive at a time. Leading dims of ``hidden`` are
     flattened. Give exactly one teacher: ``teacher_logits``, the top-k pair, or
-    ``teacher_hidden`` + ``teacher_weight`` (+ optional ``teacher_bias``).
+    ``teacher_hidden`` + ``teacher_weight`` (+ optional ``teacher_bias``). With ``target_ids``
+    (long ``[N]``), ``target_logprobs_out`` (float32 ``[N]``) receives each target's log-prob
+    under ``softmax(hidden @ weight.T + bias)``, detached, from the same chunks of logits.
     """
+    if (target_ids is None) != (target_logprobs_out is None):
+        raise ValueError("target_ids and target_logprobs_out go together")
     n_teachers = sum(
         x is not None for x in (teacher_logits, teacher_topk_ids, teacher_hidden)
     )
@@ -167,6 +176,7 @@ def fused_linear_distillation_loss(
     teacher = dict(
         args=(t, ids, lps, th, teacher_weight, teacher_bias),
         mask=None if mask is None else keep,
+        targets=None if target_ids is None else (target_ids.reshape(-1), target_logprobs_out),
     )
     opts = dict(
         kind=kind,

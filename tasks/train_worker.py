@@ -36,8 +36,9 @@ from safetensors.torch import save_file as st_save_file
 
 from opdflow.infra import distributed
 from opdflow.infra.config import Config, parse_config
-from opdflow.infra.lm import batch_response_logits, derive_seed, load_model, load_tokenizer, save_model
-from opdflow.kernels import DistillationLoss, resolve_backend
+from opdflow.infra.lm import (batch_response_hidden, batch_response_logits, check_head_is_logits, derive_seed,
+                               load_model, load_tokenizer, save_model)
+from opdflow.kernels import DistillationLoss, FusedLinearDistillationLoss, resolve_backend
 
 PROGRESS = "opdflow-progress"
 # trainer_logprob: the trainer's own log-prob of the sampled token (float32, before the step's
@@ -100,21 +101,41 @@ def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: 
     """One micro-batch: student logits at response positions vs the teacher's stored top-k.
     Returns (mean loss over the micro-batch's tokens, per-token loss, weights, the trainer's
     log-prob of each sampled token). With `tis_cap`, each token's weight is multiplied by
-    min(p_trainer / p_sampler, tis_cap), the sampler's logprobs being the rows' `logprobs`."""
+    min(p_trainer / p_sampler, tis_cap), the sampler's logprobs being the rows' `logprobs`.
+
+    `loss_fn` is a `DistillationLoss` (the model's logits) or a `FusedLinearDistillationLoss`
+    (`train.fused_lm_head`: the lm_head's input, the head applied chunk by chunk in the loss,
+    which also yields the trainer's log-probs; with TIS those are needed before the loss, so
+    they take one more chunked no-grad pass of the head)."""
     dev = next(model.parameters()).device
-    logits = batch_response_logits(model, [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows],
-                                   pad_id, dev, grad=True)
-    tokens = [t for r in rows for t in r["response_ids"]]
-    trainer_lp = token_logprobs(logits, torch.tensor(tokens, dtype=torch.long, device=dev))
+    prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
+    tokens = torch.tensor([t for r in responses for t in r], dtype=torch.long, device=dev)
+    fused = isinstance(loss_fn, FusedLinearDistillationLoss)
+    if fused:
+        hidden, head = batch_response_hidden(model, prompts, responses, pad_id, dev, grad=True)
+        trainer_lp = torch.empty(len(tokens), dtype=torch.float32, device=dev)
+        if tis_cap is not None:
+            with torch.no_grad():
+                for lo in range(0, len(tokens), LOGPROB_CHUNK):
+                    trainer_lp[lo:lo + LOGPROB_CHUNK] = token_logprobs(head(hidden[lo:lo + LOGPROB_CHUNK]),
+                                                                       tokens[lo:lo + LOGPROB_CHUNK])
+    else:
+        logits = batch_response_logits(model, prompts, responses, pad_id, dev, grad=True)
+        trainer_lp = token_logprobs(logits, tokens)
     ids = torch.tensor([k for r in rows for k in r["topk_ids"]], dtype=torch.long, device=dev)
     lps = torch.tensor([k for r in rows for k in r["topk_logprobs"]], dtype=torch.float32, device=dev)
-    weights = torch.tensor([0.0 if t in bypass else 1.0 for t in tokens], device=dev)
+    weights = torch.tensor([0.0 if t in bypass else 1.0 for r in responses for t in r], device=dev)
     if tis_cap is not None:
         from opdflow.tasks.mismatch import tis_weights
         sampler_lp = torch.tensor([x for r in rows for x in r["logprobs"]], dtype=torch.float32, device=dev)
         weights = weights * tis_weights(sampler_lp, trainer_lp, tis_cap)
-    mask = torch.ones(len(tokens), dtype=torch.bool, device=dev)
-    loss, per_token = loss_fn(logits, teacher_topk_ids=ids, teacher_topk_logprobs=lps, mask=mask, weights=weights)
+    teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps,
+                   mask=torch.ones(len(tokens), dtype=torch.bool, device=dev), weights=weights)
+    if fused:
+        targets = {} if tis_cap is not None else dict(target_ids=tokens, target_logprobs_out=trainer_lp)
+        loss, per_token = loss_fn(hidden, head.weight, head.bias, **teacher, **targets)
+    else:
+        loss, per_token = loss_fn(logits, **teacher)
     return loss, per_token, weights, trainer_lp
 
 
@@ -263,8 +284,11 @@ def _train_round(d: distributed.Dist, spec: dict, progress) -> dict:
         full = optimizer_from_files(Path(spec["optimizer"]["data"]).read_bytes(),
                                     json.loads(Path(spec["optimizer"]["meta"]).read_text())) if d.is_main else {}
         distributed.load_full_optimizer_state(d, model, opt, full)
-    loss_fn = DistillationLoss(kind=c.train.loss.kind, beta=c.train.loss.beta,
-                               temperature=c.train.loss.temperature, backend=c.train.kernel)
+    loss_cls = FusedLinearDistillationLoss if c.train.fused_lm_head else DistillationLoss
+    loss_fn = loss_cls(kind=c.train.loss.kind, beta=c.train.loss.beta, temperature=c.train.loss.temperature,
+                       backend=c.train.kernel)
+    if c.train.fused_lm_head:
+        check_head_is_logits(model, tok.pad_token_id, d.device)
     rows = pq.read_table(spec["rows"]).to_pylist()
     batches = step_batches(len(rows), c.train.steps_per_round, c.train.batch_size,
                            derive_seed(c.seed, "train-order", spec["round"]))
@@ -312,7 +336,7 @@ def _write_outputs(d, spec, c: Config, model, opt, tok, state: TrainState, secs:
         metrics["resumed_from_step"] = resumed
     backend = {"kernel": resolve_backend(c.train.kernel, d.device), "device": str(d.device), "dtype": c.student.dtype,
                "world_size": d.world, "process_group": distributed.backend_name(d), "fsdp": d.sharded,
-               "micro_batch_size": c.train.micro_batch_size}
+               "micro_batch_size": c.train.micro_batch_size, "fused_lm_head": c.train.fused_lm_head}
     result = {"metrics": metrics, "backend": backend, "losses_exact": losses}
     (out / "result.json").write_text(json.dumps(result))
     return result

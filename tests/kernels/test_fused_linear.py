@@ -78,3 +78,15 @@ def test_fused_module_float32_no_bias_and_all_masked():
     loss3, _ = module(h3, weight, teacher_logits=t_logits, mask=none)
     loss3.backward()
     assert float(loss3.detach()) == 0.0 and torch.all(h3.grad == 0)
+
+
+def test_target_logprobs_from_the_same_chunks():
+    hidden, weight, bias, th, tw, mask, weights = _setup(dtype=torch.float32)
+    targets = torch.randint(0, weight.shape[0], (hidden.shape[0],), generator=torch.Generator().manual_seed(3))
+    out = torch.full((hidden.shape[0],), float("nan"))
+    fused_linear_distillation_loss(hidden, weight, bias, teacher_hidden=th, teacher_weight=tw,
+                                   chunk_size=4, target_ids=targets, target_logprobs_out=out)
+    want = torch.log_softmax(hidden @ weight.t() + bias, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="go together"):
+        fused_linear_distillation_loss(hidden, weight, teacher_hidden=th, teacher_weight=tw, target_ids=targets)

@@ -35,9 +35,10 @@ train.run(Run.open(sys.argv[1], "fsdp"), "train.r01", force=True)
 """
 
 
-def with_world(run: Run, nproc: int, micro: int | None = None) -> Run:
+def with_world(run: Run, nproc: int, micro: int | None = None, fused: bool = False) -> Run:
     """The same run executed by another number of processes (execution settings only)."""
-    t = run.config.train.model_copy(update={"nproc_per_node": nproc, "micro_batch_size": micro})
+    t = run.config.train.model_copy(update={"nproc_per_node": nproc, "micro_batch_size": micro,
+                                            "fused_lm_head": fused})
     return Run(run.store, run.run_id, run.config.model_copy(update={"train": t}))
 
 
@@ -78,6 +79,32 @@ def test_two_fsdp_processes_match_one_process(prepared):
     acc, _ = train.run(with_world(run, 2, micro=3), "train.r01", force=True)
     assert acc["metrics"]["losses"] == pytest.approx(one["metrics"]["losses"], abs=1e-6)
     assert max_diff(weights(run, acc), w_one) < TOL
+
+
+def test_fused_lm_head_under_fsdp_matches_the_logits_path(prepared):
+    """`train.fused_lm_head`: the lm_head applied inside the loss (its weight gathered by FSDP's
+    root forward, its gradient reduce-scattered by the root's backward) trains like the
+    model's own logits, in one process and in two, and gives the same trainer log-probs."""
+    run, one, w_one = prepared
+    for nproc in (1, 2):
+        fused, _ = train.run(with_world(run, nproc, fused=True), "train.r01", force=True)
+        assert fused["key"] == one["key"] and fused["backend"]["fused_lm_head"]
+        assert fused["metrics"]["losses"] == pytest.approx(one["metrics"]["losses"], abs=1e-6)
+        assert max_diff(weights(run, fused), w_one) < TOL
+        assert fused["metrics"]["mismatch"]["mean_abs_diff"] == pytest.approx(
+            one["metrics"]["mismatch"]["mean_abs_diff"], abs=1e-6)
+
+    # with TIS the trainer's log-probs weight the loss, so they are computed before it
+    tis, tis_w = {}, {}
+    for fused in (False, True):  # same stage key: read each run's weights before the next
+        r = with_world(run, 1, fused=fused)
+        r = Run(r.store, r.run_id, r.config.model_copy(
+            update={"train": r.config.train.model_copy(update={"tis_cap": 1.05})}))
+        tis[fused], _ = train.run(r, "train.r01", force=True)
+        tis_w[fused] = weights(run, tis[fused])
+    assert tis[True]["metrics"]["losses"] == pytest.approx(tis[False]["metrics"]["losses"], abs=1e-6)
+    assert tis[True]["metrics"]["losses"] != pytest.approx(one["metrics"]["losses"], abs=1e-6)
+    assert max_diff(tis_w[True], tis_w[False]) < TOL
 
 
 def test_checkpoint_from_two_processes_resumes_in_one(prepared):
