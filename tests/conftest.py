@@ -19,6 +19,23 @@ import uuid
 import pytest
 
 
+def _no_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
+# The Triton kernels run under the interpreter when there is no GPU. TRITON_INTERPRET=1 must be
+# in the environment before `triton` is first imported (Triton's own standard-library functions
+# are decorated at import time), and any test module may import it indirectly (transformers
+# pulls in torch._inductor, which imports triton), so it is set here, before collection, unless
+# a CUDA device is present or the user already chose a value.
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_configure(config):
     # Isolation: no hub, a private model cache and Prefect home per test session.
     _session_tmp = tempfile.mkdtemp(prefix="opdflow-tests-")
