@@ -70,14 +70,10 @@ GB = 1e9
 
 
 def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for name in ("triton", "liger_kernel"):
-        try:
-            from importlib.metadata import version
-            out[name] = version(name.replace("_", "-"))
-        except Exception:
-            out[name] = None
-    return out
+    from opdflow.infra.provenance import dist_version
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": dist_version("triton"), "liger_kernel": dist_version("liger-kernel")}
 
 
 def _percentiles(xs: list[float]) -> dict:

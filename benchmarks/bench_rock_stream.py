@@ -169,14 +169,6 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _versions() -> dict:
     import numpy
     import pyarrow
@@ -185,8 +177,10 @@ def _versions() -> dict:
 
 
 def provenance(threads: int) -> dict:
+    from opdflow.infra.provenance import git_commit
+
     return {"threads": threads, "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
-            "git_commit": _git_commit(), "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "git_commit": git_commit(), "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 # -- one size, all sizes, the report --------------------------------------------------------

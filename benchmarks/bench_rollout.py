@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from opdflow.infra.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "rollout.jsonl"
 NO_EOS = -1  # an end id no token has: every sequence runs its full budget
@@ -54,11 +56,6 @@ def _versions() -> dict:
     import transformers
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.version.cuda}
-
-
-def _git_commit() -> str | None:
-    from opdflow.infra.provenance import git_commit
-    return git_commit()
 
 
 def _sync(dev: torch.device) -> None:
@@ -212,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "threads": None if cuda else torch.get_num_threads(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         **_versions(),
     }
     if not cuda:

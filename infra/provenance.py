@@ -21,7 +21,8 @@ PACKAGE_DIRS = ("flows", "tasks", "kernels", "evals", "infra")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _version(dist: str) -> str | None:
+def dist_version(dist: str) -> str | None:
+    """The installed version of a distribution, or None."""
     try:
         return md.version(dist)
     except md.PackageNotFoundError:
@@ -36,7 +37,7 @@ def code_version() -> str:
         for f in sorted((ROOT / d).rglob("*.py")):
             h.update(f.relative_to(ROOT).as_posix().encode())
             h.update(f.read_bytes())
-    return f"{_version('opdflow') or '0'}+{h.hexdigest()[:12]}"
+    return f"{dist_version('opdflow') or '0'}+{h.hexdigest()[:12]}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,7 +70,7 @@ def stack() -> dict:
         "device": device_name(),
         "opdflow": code_version(),
         "git_commit": git_commit(),
-        **{name: _version(name) for name in ("torch", "transformers", "lm_eval", "vllm", "prefect", "triton")},
+        **{name: dist_version(name) for name in ("torch", "transformers", "lm_eval", "vllm", "prefect", "triton")},
     }
 
 

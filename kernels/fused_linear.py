@@ -78,7 +78,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
             )
             if teacher["targets"] is not None:  # the sampled token's log-prob, for the trainer
                 tgt = teacher["targets"]
-                tgt[1][sl] = logits.detach().float().log_softmax(-1).gather(-1, tgt[0][sl, None]).squeeze(-1)
+                tgt[1][sl] = reference.token_logprobs(logits, tgt[0][sl])
             del logits
             per_token[sl] = loss_c.to(scale.dtype)
             grad_c = grad_c.to(scale.dtype).mul_(scale[sl, None])

@@ -84,6 +84,7 @@ __all__ = [
     "divergence_from_log_probs",
     "akl_weights",
     "check_args",
+    "token_logprobs",
 ]
 
 
@@ -311,3 +312,13 @@ def per_token_divergence_and_grad(
         else:  # e.g. a skew KL with alpha = 1 is identically 0 and ignores the student
             grad = torch.zeros_like(s)
     return loss.detach(), grad, torch.linalg.vector_norm(grad, dim=-1)
+
+
+@torch.no_grad()
+def token_logprobs(logits: Tensor, tokens: Tensor, chunk: int | None = None) -> Tensor:
+    """``log_softmax(logits)[i, tokens[i]]`` in float32, detached; ``chunk`` rows at a time when
+    given (so a large vocabulary never needs a full float32 copy of the logits)."""
+    step = chunk or max(1, logits.shape[0])
+    out = [logits[lo:lo + step].float().log_softmax(-1).gather(-1, tokens[lo:lo + step, None]).squeeze(-1)
+           for lo in range(0, logits.shape[0], step)]
+    return torch.cat(out) if out else torch.zeros(0, device=logits.device)

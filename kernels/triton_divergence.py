@@ -45,8 +45,8 @@ re-read two to three groups' traffic after its first read (a group is 16 rows x 
 at V = 151936, so ~20-30 MB), inside an H100's 50 MB L2. ``rows_per_group`` and the chunk
 sizes are the knobs a GPU run should sweep. A phase waits (acquire load in a loop) only on
 the previous phase of its own row, whose tickets are smaller and so already held by running
-programs: it cannot deadlock whatever order the hardware starts programs in. Per-span loss and squared norm are summed on
-the host (``[N, spans]``, deterministic). Under ``TRITON_INTERPRET=1`` programs run in ticket
+programs: it cannot deadlock whatever order the hardware starts programs in. Per-span loss and
+squared norm are summed on the host (``[N, spans]``, deterministic). Under ``TRITON_INTERPRET=1`` programs run in ticket
 order, so the tests check the mapping and the cross-program reduction; the sm_90 compile test
 checks the atomics lower to ``ld.acquire`` / ``red.release``.
 
@@ -194,10 +194,17 @@ def _grad_chunk(s_row, t_row, g_row, offs, V, inv_temp, lse_s, lse_t, big_h, bet
 
 
 @triton.jit
-def _finish_lse(m, z):
+def _reduce_lanes(m, z):
+    """(max, sum-exp relative to it, per-lane scale) of online-softmax accumulators (lanes or spans)."""
     mx = tl.max(m, axis=0)
     scale = tl.where(m == -float("inf"), 0.0, tl.exp(m - mx))
-    return mx + tl.log(tl.sum(z * scale, axis=0)), scale
+    return mx, tl.sum(z * scale, axis=0), scale
+
+
+@triton.jit
+def _finish_lse(m, z):
+    mx, zsum, scale = _reduce_lanes(m, z)
+    return mx + tl.log(zsum), scale
 
 
 @triton.jit
@@ -378,14 +385,6 @@ _WS_FIELDS = 8  # per (row, split): m_s, z_s, m_t, z_t, rkl acc, H part, loss pa
 
 
 @triton.jit
-def _reduce_lanes(m, z):
-    """(max, sum-exp relative to it, per-lane scale) of an online softmax's lane accumulators."""
-    mx = tl.max(m, axis=0)
-    scale = tl.where(m == -float("inf"), 0.0, tl.exp(m - mx))
-    return mx, tl.sum(z * scale, axis=0), scale
-
-
-@triton.jit
 def _combine_splits(ws_row, n_splits, S_BLOCK: tl.constexpr):
     """Row log-sum-exps and ``KL(p||q) + 1`` from the splits' partial statistics (read via L2)."""
     jj = tl.arange(0, S_BLOCK)
@@ -410,7 +409,7 @@ def _pipelined_dense_kernel(
     # Work items are numbered by a ticket taken at start, so an item only ever waits for items
     # with smaller tickets, which running programs already hold: no deadlock, whatever order
     # the hardware launches programs in. Slot k holds phase 0 of row group k, phase 1 of group
-    # k - 1 (and phase 2 of group k - 2): a group is re-read one group's worth of traffic after
+    # k - 1 (and phase 2 of group k - 2): a group is re-read two to three groups' traffic after
     # its first read.
     ticket = tl.atomic_add(TICKET, 1)
     per_phase = ROWS * n_splits

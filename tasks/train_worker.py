@@ -39,6 +39,7 @@ from opdflow.infra.config import Config, parse_config
 from opdflow.infra.lm import (batch_response_hidden, batch_response_logits, check_head_is_logits, derive_seed,
                                load_model, load_tokenizer, save_model)
 from opdflow.kernels import DistillationLoss, FusedLinearDistillationLoss, resolve_backend
+from opdflow.kernels.reference import token_logprobs
 
 PROGRESS = "opdflow-progress"
 # trainer_logprob: the trainer's own log-prob of the sampled token (float32, before the step's
@@ -88,15 +89,6 @@ def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int | Non
     return [mine[i * size:(i + 1) * size] for i in range(n_micro)]
 
 
-@torch.no_grad()
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
-    """log_softmax(logits)[i, tokens[i]] in float32, detached, `chunk` rows at a time (so a
-    large vocabulary never needs a full float32 copy of the logits)."""
-    out = [logits[lo:lo + chunk].detach().float().log_softmax(-1).gather(-1, tokens[lo:lo + chunk, None]).squeeze(-1)
-           for lo in range(0, logits.shape[0], chunk)]
-    return torch.cat(out) if out else torch.zeros(0, device=logits.device)
-
-
 def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: int, tis_cap: float | None = None):
     """One micro-batch: student logits at response positions vs the teacher's stored top-k.
     Returns (mean loss over the micro-batch's tokens, per-token loss, weights, the trainer's
@@ -121,7 +113,7 @@ def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: 
                                                                        tokens[lo:lo + LOGPROB_CHUNK])
     else:
         logits = batch_response_logits(model, prompts, responses, pad_id, dev, grad=True)
-        trainer_lp = token_logprobs(logits, tokens)
+        trainer_lp = token_logprobs(logits, tokens, LOGPROB_CHUNK)
     ids = torch.tensor([k for r in rows for k in r["topk_ids"]], dtype=torch.long, device=dev)
     lps = torch.tensor([k for r in rows for k in r["topk_logprobs"]], dtype=torch.float32, device=dev)
     weights = torch.tensor([0.0 if t in bypass else 1.0 for r in responses for t in r], device=dev)
@@ -358,4 +350,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["train_round", "TrainState", "step_batches", "make_optimizer", "set_lr", "rank_micro_batches",
-           "optimizer_to_files", "optimizer_from_files", "loss_step", "token_logprobs"]
+           "optimizer_to_files", "optimizer_from_files", "loss_step"]
