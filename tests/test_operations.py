@@ -203,28 +203,39 @@ def test_s3_outage_during_a_stage_is_retried(moto_server, s3_store_uri, monkeypa
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     store = open_store(s3_store_uri)
     run = Run.create_or_open(store, "outage", load_config(ROOT / "configs" / "tiny.yaml"))
-    cut = threading.Event()
+    cut, first_attempt_failed = threading.Event(), threading.Event()
 
-    def cut_when_the_stage_starts():
+    # The endpoint stays down until the stage's first attempt has failed (Prefect is asking whether
+    # to retry), not for a fixed time: botocore's own retries can ride out a short outage, and a
+    # stage that is computing makes no S3 calls, so a timed cut may never be felt.
+    def cut_while_the_first_attempt_runs():
         key = f"{prefix}/runs/outage/attempts/rollout.r01/001.json"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if direct.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount"):
                 proxy.down()
                 cut.set()
-                threading.Timer(5.0, proxy.up).start()
+                first_attempt_failed.wait(240)
+                proxy.up()
                 return
             time.sleep(0.01)
+
+    retry_condition = rollout_task.retry_condition_fn
+
+    def retry_condition_after_the_outage(task, task_run, state):
+        first_attempt_failed.set()
+        return retry_condition(task, task_run, state)
 
     @flow
     def f():
         models_task(store.uri, "outage", "models")
         prompts_task(store.uri, "outage", "prompts")
-        threading.Thread(target=cut_when_the_stage_starts, daemon=True).start()
-        return rollout_task(store.uri, "outage", "rollout.r01")
+        threading.Thread(target=cut_while_the_first_attempt_runs, daemon=True).start()
+        return rollout_task.with_options(retry_condition_fn=retry_condition_after_the_outage)(
+            store.uri, "outage", "rollout.r01")
 
     result = f()
-    assert cut.is_set() and result["ran"]
+    assert cut.is_set() and first_attempt_failed.is_set() and result["ran"]
     attempts = run.attempts("rollout.r01")
     assert len(attempts) >= 2 and attempts[0]["status"] in ("running", "failed") and attempts[-1]["status"] == "committed"
     entry = run.require("rollout.r01")
