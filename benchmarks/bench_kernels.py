@@ -32,7 +32,10 @@ Fused linear (default on CUDA, ``--no-fused`` to skip): peak memory and time of
 at ANCHORS' shape (JSD 0.5, N 8192, student H 1536, teacher H 3584, V 151936).
 
 Results are appended as JSON lines (device, versions, git commit, timestamp) to
-``benchmarks/results/kernels.jsonl``; ``--table FILE`` prints the markdown tables that
+``benchmarks/results/kernels.jsonl``, each as soon as it is measured. On a GPU the order is by
+priority -- copy bandwidth, the target shape 16384 x 151936, the fused linear, the other shapes
+-- and ``--budget-s`` starts no measurement after that many seconds, so a short device session
+gets the figures the targets need first; ``--table FILE`` prints the markdown tables that
 ``kernels/README.md`` shows, from such a file. Without CUDA it runs a tiny smoke configuration
 on CPU (the Triton providers only under ``TRITON_INTERPRET=1``), and writes it only to ``--out``:
 those numbers are NOT GPU figures and ``--table`` leaves them out unless ``--include-cpu``.
@@ -63,6 +66,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "kernels.jsonl"
 ISSUE_SIZES = [(4096, 32768), (4096, 131072), (4096, 151936),
                (16384, 32768), (16384, 131072), (16384, 151936)]
 ANCHOR_SIZES = [(8192, 151936), (8192, 128256)]
+TARGET_SIZE = (16384, 151936)  # where the issue's bandwidth and Liger targets are set
 CPU_SIZES = [(32, 1000)]
 KIND_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
 PROVIDERS = ("opdflow", "opdflow_pipelined", "naive", "compiled", "liger_jsd", "liger_kldiv")
@@ -145,60 +149,76 @@ def _row(bench: str, **fields) -> dict:
     return {"bench": bench, **fields}
 
 
-def _attempt(row: dict, fn, cuda: bool) -> dict:
-    try:
-        row.update(fn())
-    except Exception as exc:  # a provider failing (out of memory, missing op) is a result too
-        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-    if cuda:
-        torch.cuda.empty_cache()
-    print(json.dumps(row), flush=True)
-    return row
+class Recorder:
+    """Appends each result row to the results file as soon as it is measured, so a run cut off
+    by a time limit keeps what it measured, and skips measurements once ``budget_s`` is spent
+    (a device session is short: the most important shapes run first)."""
+
+    def __init__(self, out: Path | None, meta: dict, budget_s: float | None = None):
+        self.out, self.meta, self.written, self.skipped = out, meta, 0, 0
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+
+    def attempt(self, row: dict, fn, cuda: bool) -> dict | None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.skipped += 1
+            return None
+        try:
+            row.update(fn())
+        except Exception as exc:  # a provider failing (out of memory, missing op) is a result too
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if cuda:
+            torch.cuda.empty_cache()
+        return self.record(row)
+
+    def record(self, row: dict) -> dict:
+        print(json.dumps(row), flush=True)
+        if self.out is not None:
+            with self.out.open("a") as fh:
+                fh.write(json.dumps({**self.meta, **row}) + "\n")
+            self.written += 1
+        return row
 
 
-def bench_copy(device) -> dict:
+def bench_copy(device, rec: Recorder) -> dict:
     """Device-to-device copy bandwidth (bytes read + written): the practical peak for the floor."""
     import triton.testing
 
     x = torch.empty(2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
-    row = _row("copy", bytes=2 * x.numel(), p50_ms=ms, GBps=2 * x.numel() / (ms * 1e-3) / GB)
-    print(json.dumps(row), flush=True)
-    return row
+    return rec.record(_row("copy", bytes=2 * x.numel(), p50_ms=ms, GBps=2 * x.numel() / (ms * 1e-3) / GB))
 
 
-def bench_losses(sizes, kinds, providers, dtype, device, scale, rows_per_group) -> list[dict]:
+def bench_losses(rec: Recorder, sizes, kinds, providers, dtype, device, scale, rows_per_group) -> None:
     cuda = device.type == "cuda"
-    rows = []
-    for kind in kinds:
-        beta = KIND_BETA[kind]
-        provs = _providers(kind, beta, cuda, set(providers), rows_per_group)
-        for n, v in sizes:
-            g = torch.Generator(device=device).manual_seed(0)
-            s = (torch.randn(n, v, generator=g, device=device) * scale).to(dtype)
-            t = (torch.randn(n, v, generator=g, device=device) * scale).to(dtype)
-            floor_bytes = 3 * n * v * s.element_size()
-            for name, fn in provs.items():
+    for n, v in sizes:
+        g = torch.Generator(device=device).manual_seed(0)
+        s = (torch.randn(n, v, generator=g, device=device) * scale).to(dtype)
+        t = (torch.randn(n, v, generator=g, device=device) * scale).to(dtype)
+        floor_bytes = 3 * n * v * s.element_size()
+        for kind in kinds:
+            beta = KIND_BETA[kind]
+            for name, fn in _providers(kind, beta, cuda, set(providers), rows_per_group).items():
                 x = s.detach().requires_grad_(True)
                 row = _row("loss", kind=kind, beta=beta, N=n, V=v, dtype=str(dtype).removeprefix("torch."),
                            provider=name, scale=scale, floor_bytes=floor_bytes)
                 if name == "opdflow_pipelined":
                     row["rows_per_group"] = rows_per_group
-                row = _attempt(row, lambda: _measure(lambda: fn(x, t).backward(), [x], cuda), cuda)
-                if "p50_ms" in row:
-                    row["achieved_GBps"] = floor_bytes / (row["p50_ms"] * 1e-3) / GB
-                rows.append(row)
+
+                def measure():
+                    res = _measure(lambda: fn(x, t).backward(), [x], cuda)
+                    return {**res, "achieved_GBps": floor_bytes / (res["p50_ms"] * 1e-3) / GB}
+                rec.attempt(row, measure, cuda)
                 del x
-            del s, t
-    return rows
+        del s, t
 
 
-def bench_fused(device, hidden_dim, dtype) -> list[dict]:
+def bench_fused(rec: Recorder, device, hidden_dim, dtype) -> None:
     """Fused linear vs the unfused path: the issue's memory target and ANCHORS' Liger row."""
     from opdflow.kernels import fused_linear_distillation_loss, reference
 
-    rows = []
     g = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape, std=1.0):
@@ -218,7 +238,7 @@ def bench_fused(device, hidden_dim, dtype) -> list[dict]:
             hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
             row = _row("fused_linear", kind="reverse_kl", N=n, V=v, H=hidden_dim, topk=64,
                        dtype=str(dtype).removeprefix("torch."), provider=name)
-            rows.append(_attempt(row, lambda: _measure(lambda: fn(hh, ww).backward(), [hh, ww], True), True))
+            rec.attempt(row, lambda: _measure(lambda: fn(hh, ww).backward(), [hh, ww], True), True)
             del hh, ww
         del h, w, lp, ids
     # 2. ANCHORS' shape: dense teacher from its own hidden states and lm_head, JSD(0.5).
@@ -237,9 +257,8 @@ def bench_fused(device, hidden_dim, dtype) -> list[dict]:
         hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
         row = _row("fused_linear", kind="jsd", beta=0.5, N=n, V=v, H=hs, teacher_H=ht,
                    dtype=str(dtype).removeprefix("torch."), provider=name)
-        rows.append(_attempt(row, lambda: _measure(lambda: fn(hh, ww).backward(), [hh, ww], True), True))
+        rec.attempt(row, lambda: _measure(lambda: fn(hh, ww).backward(), [hh, ww], True), True)
         del hh, ww
-    return rows
 
 
 # --- the markdown tables kernels/README.md shows ------------------------------------------------
@@ -327,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--table", type=Path, default=None, help="print the tables of a results file and exit")
     parser.add_argument("--include-cpu", action="store_true", help="with --table: CPU smoke rows too")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no measurement after this many seconds (rows are written as they come)")
     args = parser.parse_args(argv)
 
     if args.table is not None:
@@ -346,22 +367,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not cuda:
         print("No CUDA device: tiny CPU smoke run. These are NOT GPU figures.", file=sys.stderr)
-        rows = bench_losses(args.sizes or CPU_SIZES, args.kinds, args.providers, torch.float32,
-                            device, args.scale, min(args.rows_per_group, 4))
-        out = args.out
+        rec = Recorder(args.out, meta, args.budget_s)
+        bench_losses(rec, args.sizes or CPU_SIZES, args.kinds, args.providers, torch.float32,
+                     device, args.scale, min(args.rows_per_group, 4))
     else:
-        rows = [bench_copy(device)]
-        rows += bench_losses(args.sizes or ISSUE_SIZES + ANCHOR_SIZES, args.kinds, args.providers,
-                             torch.bfloat16, device, args.scale, args.rows_per_group)
+        # Priority order, for a short device session: bandwidth, the issue's target shape,
+        # the fused-linear memory target, then the other shapes.
+        rec = Recorder(args.out or DEFAULT_OUT, meta, args.budget_s)
+        sizes = args.sizes or [TARGET_SIZE] + [sz for sz in ISSUE_SIZES + ANCHOR_SIZES if sz != TARGET_SIZE]
+        bench_copy(device, rec)
+        bench_losses(rec, sizes[:1], args.kinds, args.providers, torch.bfloat16, device, args.scale,
+                     args.rows_per_group)
         if not args.no_fused:
-            rows += bench_fused(device, args.hidden, torch.bfloat16)
-        out = args.out or DEFAULT_OUT
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as fh:
-            for row in rows:
-                fh.write(json.dumps({**meta, **row}) + "\n")
-        print(f"appended {len(rows)} rows to {out}", file=sys.stderr)
+            bench_fused(rec, device, args.hidden, torch.bfloat16)
+        bench_losses(rec, sizes[1:], args.kinds, args.providers, torch.bfloat16, device, args.scale,
+                     args.rows_per_group)
+    if rec.out is not None:
+        print(f"appended {rec.written} rows to {rec.out}", file=sys.stderr)
+    if rec.skipped:
+        print(f"time budget spent: {rec.skipped} measurements skipped", file=sys.stderr)
     return 0
 
 

@@ -27,7 +27,7 @@ weights unless ``--demo-dir`` names a built demo), the demo's eval prompts, 48 n
 8 and 32, fp32, ``--threads`` torch threads. CPU rows are NOT GPU figures.
 
 Results are appended as JSON lines (device name, versions, git commit, timestamp) to
-``benchmarks/results/rollout.jsonl``.
+``benchmarks/results/rollout.jsonl``, each as soon as it is measured.
 
 Run: ``python benchmarks/bench_rollout.py`` (GPU) or ``python benchmarks/bench_rollout.py --demo``.
 """
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         common["note"] = "CPU run on demo shapes: not GPU figures"
     rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for model_name, model in models.items():
         for batch in batches:
             if args.demo:
@@ -235,16 +236,14 @@ def main(argv: list[str] | None = None) -> int:
                        "prompt_len_mean": round(statistics.mean(map(len, prompts)), 2), "new_tokens": new_tokens,
                        **res}
                 rows.append(row)
+                with args.out.open("a") as fh:  # as it comes: a run cut off keeps what it measured
+                    fh.write(json.dumps(row) + "\n")
                 print(f"{model_name:28s} batch {batch:4d} {name:26s} {row['tokens_per_s']:10.1f} tok/s "
                       f"({row['seconds']:.3f} s; warm-up {row['warmup_s']})", flush=True)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
     if not cuda:
         print("(generate_static_compiled is CUDA only: not run)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0
 

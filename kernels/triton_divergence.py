@@ -48,7 +48,7 @@ the previous phase of its own row, whose tickets are smaller and so already held
 programs: it cannot deadlock whatever order the hardware starts programs in. Per-span loss and
 squared norm are summed on the host (``[N, spans]``, deterministic). Under ``TRITON_INTERPRET=1`` programs run in ticket
 order, so the tests check the mapping and the cross-program reduction; the sm_90 compile test
-checks the atomics lower to ``ld.acquire`` / ``red.release``.
+checks the atomics lower to ``ld.acquire`` / a release ``red`` or ``atom`` add.
 
 Sparse top-k teacher (see ``reference.py`` for the K + 1 category definition): pass A computes
 the student's log-sum-exp, the K gathered student logits give the category terms and ``H``,

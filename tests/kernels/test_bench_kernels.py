@@ -24,8 +24,15 @@ def _module():
     return mod
 
 
+def _cpu_only():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("the smoke mode is the CPU run; on a GPU the script runs the full benchmark")
+
+
 def test_cpu_smoke_run_writes_rows_and_a_table(tmp_path):
     pytest.importorskip("triton")
+    _cpu_only()
     out = tmp_path / "smoke.jsonl"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, str(SCRIPT), "--kinds", "reverse_kl", "--sizes", "6x300",
@@ -42,6 +49,16 @@ def test_cpu_smoke_run_writes_rows_and_a_table(tmp_path):
     table = subprocess.run([sys.executable, str(SCRIPT), "--table", str(out), "--include-cpu"],
                            capture_output=True, text=True, check=True).stdout
     assert "| reverse_kl | 6 × 300 |" in table
+
+
+def test_a_spent_time_budget_skips_measurements_and_writes_nothing(tmp_path):
+    _cpu_only()
+    out = tmp_path / "none.jsonl"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--kinds", "reverse_kl", "--providers", "naive",
+                          "--sizes", "6x300", "--budget-s", "0", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "1 measurements skipped" in res.stderr and not out.exists()
 
 
 def test_table_floor_arithmetic_and_latest_row_wins():

@@ -18,6 +18,8 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 SCRIPT = textwrap.dedent(
     """
+    import re
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -56,8 +58,10 @@ SCRIPT = textwrap.dedent(
                      "PHASES": phases, "S_BLOCK": 16})
         # the wait is an acquire load, the "span done" count a release reduction, the
         # workspace read bypasses L1: the ordering the cross-program protocol relies on
-        for needle in ("ld.global.gpu.acquire", "red.global.gpu.release", "ld.global.cg", "bar.sync"):
-            assert needle in ptx, needle
+        # (Triton 3.9 lowers the unused-result release add to `red`, 3.6 to `atom`: both release)
+        for needle in ("ld.global.gpu.acquire", "(red|atom)[.]global[.]gpu[.]release[.]add", "ld.global.cg",
+                       "bar.sync"):
+            assert re.search(needle, ptx), needle
     print("COMPILED")
     """
 )
