@@ -101,6 +101,9 @@ def _providers(kind: str, beta: float, cuda: bool, wanted: set[str], rows_per_gr
             s, teacher_logits=t, kind=kind, beta=beta, schedule="pipelined",
             rows_per_group=rows_per_group).mean()
     if cuda:
+        # A fresh compile per (kind, shape): one `naive` code object compiled for 24 of them would
+        # pass dynamo's recompile limit (8) and silently run eagerly from then on.
+        torch._dynamo.reset()
         provs["compiled"] = torch.compile(naive, dynamic=False)
         try:
             from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
