@@ -8,9 +8,16 @@ the student's final hidden states ``[N, H]`` and the lm_head weight ``[V, H]`` i
 the tokens in chunks: for each chunk it computes the chunk's logits, the per-token divergence and
 its gradient wrt those logits in one call (``loss.divergence_and_grad``, so Triton on CUDA and the
 reference elsewhere), and immediately folds that gradient into ``grad_hidden`` and ``grad_weight``.
-Only one chunk's logits and gradient are alive at a time; the backward pass just scales the
-stored gradients by the incoming grad_output. Normalization and masking are the same as
-``DistillationLoss`` (``loss.reduce_per_token``'s rule).
+One ``[chunk, V]`` buffer is alive at a time: the gradient is written over the chunk's logits,
+and the per-token scale (weights / token count) is applied on the ``[chunk, H]`` side of the
+products. The backward pass just scales the stored gradients by the incoming grad_output.
+Normalization and masking are the same as ``DistillationLoss`` (``loss.reduce_per_token``'s rule).
+
+``grad_weight`` is accumulated over the chunks in float32 even for a bf16 / fp16 weight, at the
+cost of a float32 ``[V, H]`` buffer (2.5 GB at V = 151936, H = 4096): chunking splits the GEMM's
+reduction over tokens, and a 16-bit running sum rounds once per chunk, which users of
+Liger-Kernel's fused linear losses reported as unstable or divergent training (its
+``accum_dtype`` option and the projects that set it to float32 came from that).
 
 The teacher is dense logits ``[N, V]``, a sparse top-k (ids, logprobs), or -- to avoid the
 teacher's N x V as well -- the teacher's hidden states and lm_head weight, whose logits are then
@@ -67,6 +74,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
             logits = hidden[sl] @ weight.t()
             if bias is not None:
                 logits = logits + bias
+            if teacher["targets"] is not None:  # the sampled token's log-prob, for the trainer
+                tgt = teacher["targets"]
+                tgt[1][sl] = reference.token_logprobs(logits, tgt[0][sl])
+            # The gradient replaces the logits in their buffer: one [chunk, V] tensor per chunk.
             loss_c, grad_c, _ = divergence_and_grad(
                 logits,
                 **_teacher_chunk(sl, *teacher["args"]),
@@ -75,25 +86,23 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 temperature=opts["temperature"],
                 mask=None if mask is None else mask[sl],
                 backend=opts["backend"],
+                grad_out=logits,
             )
-            if teacher["targets"] is not None:  # the sampled token's log-prob, for the trainer
-                tgt = teacher["targets"]
-                tgt[1][sl] = reference.token_logprobs(logits, tgt[0][sl])
-            del logits
             per_token[sl] = loss_c.to(scale.dtype)
-            grad_c = grad_c.to(scale.dtype).mul_(scale[sl, None])
+            # d loss / d logits = scale * grad_c, row by row: the scale goes on the [chunk, H]
+            # side of each product, so no scaled [chunk, V] copy is made.
+            s_c = scale[sl, None]
             if grad_bias is not None:
-                grad_bias += grad_c.sum(0)
-            grad_c = grad_c.to(weight.dtype)
+                grad_bias += s_c[:, 0] @ grad_c.to(scale.dtype)
             if grad_hidden is not None:
-                grad_hidden[sl] = (grad_c @ weight).to(hidden.dtype)
+                grad_hidden[sl] = ((grad_c @ weight).to(scale.dtype) * s_c).to(hidden.dtype)
             if grad_weight is not None:
-                h_c = hidden[sl].to(weight.dtype)
+                h_c = (hidden[sl].to(scale.dtype) * s_c).to(weight.dtype)
                 if weight.dtype in (torch.float32, torch.float64):
                     grad_weight.addmm_(grad_c.t(), h_c)
                 else:  # low precision: one [V, H] product per chunk, accumulated in float32
                     grad_weight += grad_c.t() @ h_c
-            del grad_c
+            del grad_c, logits
         loss = (per_token * scale).sum()
         ctx.save_for_backward(
             grad_hidden,

@@ -173,6 +173,7 @@ def divergence_and_grad(
     temperature: float = 1.0,
     mask: Tensor | None = None,
     backend: str = "auto",
+    grad_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss [N], grad_logits [N, V], grad_norm [N])`` for analysis (no autograd graph).
 
@@ -180,6 +181,10 @@ def divergence_and_grad(
     its own student logits and the gradient's L2 norm, in one call. Rows where ``mask`` is
     False get loss 0, gradient 0 and norm 0. The Triton backend returns the gradient in the
     student's dtype; the reference returns it in float32 (float64 for float64 input).
+    With ``grad_out`` (an ``[N, V]`` buffer, possibly ``student_logits`` itself) the gradient is
+    written there, in that buffer's dtype, and that buffer is returned: the fused linear passes
+    the chunk's logits, so the gradient replaces them and no second ``[N, V]`` tensor is kept
+    (the reference computes in its own buffers and then copies).
     """
     reference.check_args(kind, beta, temperature, sparse=teacher_logits is None)
     chosen = resolve_backend(backend, student_logits.device)
@@ -195,6 +200,7 @@ def divergence_and_grad(
             beta=beta,
             temperature=temperature,
             row_mask=mask,
+            grad_out=grad_out,
         )
     s, t, ids, logprobs = _neutralize_masked_rows(
         student_logits, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, mask
@@ -213,6 +219,8 @@ def divergence_and_grad(
         loss = torch.where(keep, loss, torch.zeros_like(loss))
         grad = torch.where(keep[:, None], grad, torch.zeros_like(grad))
         norm = torch.where(keep, norm, torch.zeros_like(norm))
+    if grad_out is not None:
+        grad = grad_out.copy_(grad)
     return loss, grad, norm
 
 

@@ -262,3 +262,16 @@ def test_divergence_and_grad_matches_reference_and_masks():
     torch.testing.assert_close(grad[mask], g2[mask])
     torch.testing.assert_close(norm[mask], n2[mask])
     assert loss[1] == 0 and norm[1] == 0 and torch.all(grad[1] == 0)
+
+
+def test_divergence_and_grad_writes_into_grad_out_even_over_the_logits():
+    g = torch.Generator().manual_seed(12)
+    s, t = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)
+    mask = torch.tensor([True, False, True, True, False])
+    want = divergence_and_grad(s, teacher_logits=t, kind="jsd", beta=0.3, mask=mask, backend="reference")
+    buf = s.clone()
+    got = divergence_and_grad(buf, teacher_logits=t, kind="jsd", beta=0.3, mask=mask, backend="reference",
+                              grad_out=buf)
+    assert got[1] is buf
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -211,11 +211,16 @@ def test_masked_rows_write_zeros(sparse):
     assert torch.all(loss == 0) and torch.all(grad == 0) and torch.all(norm == 0)
 
 
-def test_in_place_gradient():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_in_place_gradient(sparse):
     s, t = _inputs(3, 200, torch.float32, seed=6)
-    want = TD.triton_divergence_and_grad(s, teacher_logits=t, block_size=64)
+    teacher = dict(teacher_logits=t)
+    if sparse:
+        ids, lp = _topk(t, 7)
+        teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp)
+    want = TD.triton_divergence_and_grad(s, **teacher, kind="jsd", beta=0.3, block_size=64)
     buf = s.clone()
-    got = TD.triton_divergence_and_grad(buf, teacher_logits=t, grad_out=buf, block_size=64)
+    got = TD.triton_divergence_and_grad(buf, **teacher, kind="jsd", beta=0.3, grad_out=buf, block_size=64)
     assert got[1].data_ptr() == buf.data_ptr()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
@@ -276,6 +281,44 @@ def test_fused_linear_triton_backend_matches_reference():
         out.append((loss.detach(), per_token, h.grad, w.grad))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_linear_bf16_sparse_teacher_as_the_train_stage_calls_it():
+    """bf16 hidden and lm_head, top-k teacher, token weights, bias, target log-probs: the Triton
+    path (gradient written over each chunk's logits, float32 weight-gradient sum) against the
+    float64 unfused reference."""
+    from opdflow.kernels import distillation_loss, fused_linear_distillation_loss
+
+    g = torch.Generator().manual_seed(11)
+    n, h, v = 11, 16, 300
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.3
+    bias = torch.randn(v, generator=g) * 0.1
+    lp, ids = torch.topk(torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1), 8, dim=-1)
+    weights = torch.rand(n, generator=g) * 2
+    mask = torch.tensor([True] * 9 + [False, True])
+    targets = torch.randint(0, v, (n,), generator=g)
+    teacher = dict(teacher_topk_ids=ids.to(DEVICE), teacher_topk_logprobs=lp.to(DEVICE), mask=mask.to(DEVICE),
+                   weights=weights.to(DEVICE), kind="reverse_kl")
+
+    leaves = [x.to(DEVICE, torch.bfloat16).requires_grad_(True) for x in (hidden, weight, bias)]
+    target_lp = torch.full((n,), float("nan"), device=DEVICE)
+    loss, per_token = fused_linear_distillation_loss(*leaves, **teacher, chunk_size=4, backend="triton",
+                                                     target_ids=targets.to(DEVICE), target_logprobs_out=target_lp)
+    loss.backward()
+
+    ref = [x.to(DEVICE, torch.bfloat16).double().requires_grad_(True) for x in (hidden, weight, bias)]
+    logits = ref[0] @ ref[1].t() + ref[2]
+    want_loss, want_per_token = distillation_loss(logits, **teacher, backend="reference")
+    want_loss.backward()
+    want_lp = torch.log_softmax(logits.detach(), -1).gather(-1, targets.to(DEVICE)[:, None])[:, 0]
+
+    tol = dict(atol=2e-2, rtol=2e-2)  # bf16 logits and gradients
+    torch.testing.assert_close(loss.detach().double(), want_loss.detach(), **tol)
+    torch.testing.assert_close(per_token.double(), want_per_token.double(), **tol)
+    torch.testing.assert_close(target_lp.double(), want_lp, **tol)
+    for got, want in zip(leaves, ref):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
 
 
 # The pipelined schedule: rows split over several programs (split_chunks chunks each), row groups
