@@ -57,8 +57,9 @@ the host (N x K, cheap) so each vocab chunk finds its top-k members with a short
 ids falling inside it (no N x V membership mask).
 
 AKL's head/tail weights need a sort of the teacher distribution; they are computed with torch
-(``reference.akl_weights``, detached) and passed to the kernel as per-row weights: correct but
-not fused, so AKL costs an extra full-vocab torch pass.
+(``reference.akl_weights``, detached, in blocks of rows so its temporaries stay ~1.5 GB) and
+passed to the kernel as per-row weights: correct but not fused, so AKL costs an extra
+full-vocab torch pass.
 
 All arithmetic is float32 whatever the input dtype (fp32, bf16, fp16; fp64 is computed in fp32);
 the gradient is stored in the buffer's dtype (default: the student logits' dtype).
@@ -549,6 +550,26 @@ def _log_weights(beta: float) -> tuple[float, float]:
     return log_b, log_1mb
 
 
+# AKL's torch pass holds ~a dozen [rows, V] float32 temporaries (log-probs, probs, the sort's
+# values and int64 indices, the cumulative sum, ...): over all rows at once that is ~100 GB at
+# 16384 x 151936, so it walks the rows in blocks of about this many elements (~1.5 GB).
+AKL_BLOCK_ELEMS = 1 << 25
+
+
+def _akl_weights_by_rows(s, teacher_logits, ids, logprobs, temperature) -> tuple[Tensor, Tensor]:
+    n, v = s.shape
+    rows = max(1, AKL_BLOCK_ELEMS // v)
+    w_head = torch.empty(n, dtype=torch.float32, device=s.device)
+    w_tail = torch.empty_like(w_head)
+    for lo in range(0, n, rows):
+        sl = slice(lo, min(lo + rows, n))
+        teacher = (dict(teacher_logits=teacher_logits[sl]) if teacher_logits is not None
+                   else dict(teacher_topk_ids=ids[sl], teacher_topk_logprobs=logprobs[sl]))
+        log_p, log_q = reference.category_log_probs(s[sl], **teacher, temperature=temperature)
+        w_head[sl], w_tail[sl] = reference.akl_weights(log_p, log_q)
+    return w_head, w_tail
+
+
 def _rows_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -600,6 +621,12 @@ def triton_divergence_and_grad(
     for buf in (loss, norm):
         if buf.shape != (n,) or buf.dtype != torch.float32 or not buf.is_contiguous():
             raise ValueError("loss_out / norm_out must be contiguous float32 [N]")
+    if sparse and (teacher_topk_ids is None or teacher_topk_logprobs is None):
+        raise ValueError("a sparse teacher needs both teacher_topk_ids and teacher_topk_logprobs")
+    if sparse and schedule != "row":
+        raise ValueError(f"schedule {schedule!r} needs a dense teacher; the top-k kernel is row-scheduled")
+    if not sparse and teacher_logits.shape != s.shape:
+        raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} != student {tuple(s.shape)}")
     if n == 0:
         return loss, grad, norm
     code = _kind_code(kind, beta)
@@ -607,22 +634,13 @@ def triton_divergence_and_grad(
     mask_t = row_mask.reshape(-1).to(device=dev, dtype=torch.int8) if has_mask else loss
     w_head = w_tail = loss
     if code == _AKL:  # detached weights need a sort: torch, see the module docstring
-        log_p, log_q = reference.category_log_probs(
-            s,
-            teacher_logits=teacher_logits,
-            teacher_topk_ids=teacher_topk_ids,
-            teacher_topk_logprobs=teacher_topk_logprobs,
-            temperature=temperature,
-        )
-        w_head, w_tail = (w.float().contiguous() for w in reference.akl_weights(log_p, log_q))
-        del log_p, log_q
+        w_head, w_tail = _akl_weights_by_rows(s, teacher_logits, teacher_topk_ids, teacher_topk_logprobs,
+                                              temperature)
     log_b, log_1mb = _log_weights(beta)
     block = block_size or default_block_size(v)
     num_warps = 8 if block >= 2048 else 4
     if not sparse:
         t = _rows_contiguous(teacher_logits.detach())
-        if t.shape != s.shape:
-            raise ValueError(f"teacher_logits {tuple(t.shape)} != student {tuple(s.shape)}")
         scalars = (1.0 / float(temperature), beta, log_b, log_1mb)
         if schedule == "pipelined":
             _launch_pipelined(
@@ -637,10 +655,6 @@ def triton_divergence_and_grad(
             LAST_REVERSED=code in (_FKL, _RKL, _AKL),  # two passes: the last one runs backwards
         )
         return loss, grad, norm
-    if teacher_topk_ids is None or teacher_topk_logprobs is None:
-        raise ValueError("a sparse teacher needs both teacher_topk_ids and teacher_topk_logprobs")
-    if schedule != "row":
-        raise ValueError(f"schedule {schedule!r} needs a dense teacher; the top-k kernel is row-scheduled")
     ids, order = torch.sort(teacher_topk_ids.detach().reshape(n, -1).long(), dim=-1)
     lps = torch.gather(teacher_topk_logprobs.detach().reshape(n, -1), -1, order).contiguous()
     ids = ids.to(torch.int32).contiguous() if v < 2**31 else ids.contiguous()

@@ -283,6 +283,27 @@ def test_fused_linear_triton_backend_matches_reference():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_akl_weights_in_row_blocks(monkeypatch, sparse):
+    """AKL's torch pass walks the rows in blocks (here 3 rows of 200): same result as the reference."""
+    monkeypatch.setattr(TD, "AKL_BLOCK_ELEMS", 600)
+    s, t = _inputs(8, 200, torch.float32, seed=13)
+    teacher = dict(teacher_logits=t)
+    if sparse:
+        ids, lp = _topk(t, 6)
+        teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp)
+    got, want = _run_both(s, teacher=teacher, kind="akl", beta=0.5, block_size=64)
+    _check(got, want, torch.float32)
+
+
+def test_teacher_errors_come_before_any_work():
+    s, t = _inputs(4, 50, torch.float32)
+    with pytest.raises(ValueError, match="needs both"):
+        TD.triton_divergence_and_grad(s, teacher_topk_ids=t[:, :3].long(), kind="akl")
+    with pytest.raises(ValueError, match="!= student"):
+        TD.triton_divergence_and_grad(s, teacher_logits=t[:3], kind="akl")
+
+
 def test_fused_linear_bf16_sparse_teacher_as_the_train_stage_calls_it():
     """bf16 hidden and lm_head, top-k teacher, token weights, bias, target log-probs: the Triton
     path (gradient written over each chunk's logits, float32 weight-gradient sum) against the
