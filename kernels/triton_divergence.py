@@ -551,8 +551,9 @@ def _log_weights(beta: float) -> tuple[float, float]:
 
 
 # AKL's torch pass holds ~a dozen [rows, V] float32 temporaries (log-probs, probs, the sort's
-# values and int64 indices, the cumulative sum, ...): over all rows at once that is ~100 GB at
-# 16384 x 151936, so it walks the rows in blocks of about this many elements (~1.5 GB).
+# values and int64 indices, the cumulative sum, ...): over all rows at once that is 102 GB at
+# 16384 x 151936, so it walks the rows in blocks of about this many elements (1.4 GB at
+# V = 151936; both counted by replaying the pass on meta tensors).
 AKL_BLOCK_ELEMS = 1 << 25
 
 
