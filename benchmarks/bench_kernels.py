@@ -56,10 +56,13 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "kernels.jsonl"
@@ -67,6 +70,7 @@ ISSUE_SIZES = [(4096, 32768), (4096, 131072), (4096, 151936),
                (16384, 32768), (16384, 131072), (16384, 151936)]
 ANCHOR_SIZES = [(8192, 151936), (8192, 128256)]
 TARGET_SIZE = (16384, 151936)  # where the issue's bandwidth and Liger targets are set
+FUSED_SIZES = [(4096, 151936), (16384, 151936)]  # the fused linear's memory target, at H = --hidden
 CPU_SIZES = [(32, 1000)]
 KIND_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
 PROVIDERS = ("opdflow", "opdflow_pipelined", "naive", "compiled", "liger_jsd", "liger_kldiv")
@@ -228,7 +232,7 @@ def bench_fused(rec: Recorder, device, hidden_dim, dtype) -> None:
         return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
 
     # 1. Top-k teacher (what the train stage feeds), H = hidden_dim, reverse KL.
-    for n, v in [(4096, 151936), (16384, 151936)]:
+    for n, v in FUSED_SIZES:
         h, w = randn(n, hidden_dim), randn(v, hidden_dim, std=0.02)
         lp, ids = torch.topk(torch.randn(n, v, generator=g, device=device).log_softmax(-1), 64, -1)
         cases = {
@@ -264,6 +268,85 @@ def bench_fused(rec: Recorder, device, hidden_dim, dtype) -> None:
         del hh, ww
 
 
+# --- allocation counts on meta tensors (no GPU needed) ---------------------------------------------
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages created inside the mode while a tensor still refers to them.
+
+    Run on meta tensors, this counts what a path allocates (what ``max_memory_allocated`` reports
+    on a GPU, less the caching allocator's rounding) without a GPU or any arithmetic. Views of
+    memory made outside the mode are not counted; a storage is freed with its last tensor.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        outside = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs or {}))[0]
+                   if isinstance(a, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage()._cdata
+            if key not in self.refs:
+                if key in outside:
+                    continue
+                self.refs[key] = [t.untyped_storage().nbytes(), 0]
+                self.live += self.refs[key][0]
+                self.peak = max(self.peak, self.live)
+            self.refs[key][1] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        ref = self.refs[key]
+        ref[1] -= 1
+        if ref[1] == 0:
+            self.live -= ref[0]
+            del self.refs[key]
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel on meta tensors: the kernel itself allocates nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def count_fused(rec: Recorder, sizes, hidden_dim: int, topk: int = 64) -> None:
+    """Peak extra bytes of the fused linear (Triton backend, launches stubbed) and of the naive
+    path, forward + backward, counted on meta tensors: the issue's memory target without a GPU."""
+    from opdflow.kernels import fused_linear_distillation_loss, reference
+    from opdflow.kernels import triton_divergence as TD
+
+    cases = {
+        "naive_linear": lambda hh, ww, ids, lp: reference.per_token_divergence(
+            hh @ ww.t(), teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl").mean(),
+        "fused_linear": lambda hh, ww, ids, lp: fused_linear_distillation_loss(
+            hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl", backend="triton")[0],
+    }
+    kernels = TD._sparse_kernel, TD._dense_kernel
+    TD._sparse_kernel = TD._dense_kernel = _NoLaunch()
+    try:
+        for n, v in sizes:
+            for name, fn in cases.items():
+                meta = torch.device("meta")
+                hh = torch.empty(n, hidden_dim, dtype=torch.bfloat16, device=meta, requires_grad=True)
+                ww = torch.empty(v, hidden_dim, dtype=torch.bfloat16, device=meta, requires_grad=True)
+                ids = torch.empty(n, topk, dtype=torch.long, device=meta)
+                lp = torch.empty(n, topk, dtype=torch.float32, device=meta)
+                with LiveBytes() as live:
+                    fn(hh, ww, ids, lp).backward()
+                rec.record(_row("fused_linear", kind="reverse_kl", N=n, V=v, H=hidden_dim, topk=topk,
+                                dtype="bfloat16", provider=name, measure="meta_count",
+                                peak_extra_bytes=live.peak))
+    finally:
+        TD._sparse_kernel, TD._dense_kernel = kernels
+
+
 # --- the markdown tables kernels/README.md shows ------------------------------------------------
 
 def _cell(row: dict | None) -> str:
@@ -277,6 +360,8 @@ def _cell(row: dict | None) -> str:
 
 def render_table(rows: list[dict], include_cpu: bool = False) -> str:
     """Markdown tables from result rows: the latest row wins for each (device, bench, shape, provider)."""
+    counted = _counted_table(rows)
+    rows = [r for r in rows if r.get("measure") != "meta_count"]
     latest: dict[tuple, dict] = {}
     for r in sorted(rows, key=lambda r: r.get("timestamp", "")):
         if not (r.get("gpu_figure") or include_cpu):
@@ -287,7 +372,7 @@ def render_table(rows: list[dict], include_cpu: bool = False) -> str:
     for r in latest.values():
         by_device[r["device"]].append(r)
     if not by_device:
-        return "No GPU results yet: run `python benchmarks/bench_kernels.py` on a CUDA machine.\n"
+        return "No GPU results yet: run `python benchmarks/bench_kernels.py` on a CUDA machine.\n" + counted
     out = []
     for device, rs in sorted(by_device.items()):
         copy = next((r for r in rs if r["bench"] == "copy"), None)
@@ -328,6 +413,26 @@ def render_table(rows: list[dict], include_cpu: bool = False) -> str:
                 h = f"{r['H']}" + (f" ({r['teacher_H']})" if r.get("teacher_H") else "")
                 out.append(f"| {r['kind']} | {r['N']} × {r['V']} | {h} | {r['provider']} | {_cell(r)} | {ratio} |")
             out.append("")
+    return "\n".join(out) + "\n" + counted
+
+
+def _counted_table(rows: list[dict]) -> str:
+    """The fused-linear allocation counts (``--count-memory``), latest row per case."""
+    latest = {}
+    for r in sorted((r for r in rows if r.get("measure") == "meta_count"), key=lambda r: r.get("timestamp", "")):
+        latest[(r["N"], r["V"], r["H"], r["provider"])] = r
+    if not latest:
+        return ""
+    ref = max(latest.values(), key=lambda r: r.get("timestamp", ""))
+    out = [f"\nFused linear, peak bytes allocated beyond the inputs, forward + backward, counted on meta tensors "
+           f"(no GPU: `--count-memory`; torch {ref.get('versions', {}).get('torch')}, commit "
+           f"{str(ref.get('git_commit'))[:12]}). Reverse KL, top-{ref.get('topk')} teacher, bf16.\n",
+           "| N × V | H | naive (GB) | fused (GB) | fused / naive |", "|---|---|---|---|---|"]
+    for n, v, h in sorted({k[:3] for k in latest}):
+        naive, fused = latest.get((n, v, h, "naive_linear")), latest.get((n, v, h, "fused_linear"))
+        if naive and fused:
+            out.append(f"| {n} × {v} | {h} | {naive['peak_extra_bytes'] / GB:.2f} | {fused['peak_extra_bytes'] / GB:.2f} "
+                       f"| {100 * fused['peak_extra_bytes'] / naive['peak_extra_bytes']:.0f}% |")
     return "\n".join(out) + "\n"
 
 
@@ -349,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--table", type=Path, default=None, help="print the tables of a results file and exit")
     parser.add_argument("--include-cpu", action="store_true", help="with --table: CPU smoke rows too")
+    parser.add_argument("--count-memory", action="store_true",
+                        help="count the fused linear's allocations on meta tensors (no GPU) and exit")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no measurement after this many seconds (rows are written as they come)")
     args = parser.parse_args(argv)
@@ -368,7 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         "git_commit": git_commit(),
         "gpu_figure": cuda,
     }
-    if not cuda:
+    if args.count_memory:
+        meta.update(device="meta (allocation count)", gpu_figure=False)
+        rec = Recorder(args.out or DEFAULT_OUT, meta)
+        count_fused(rec, args.sizes or FUSED_SIZES, args.hidden)
+    elif not cuda:
         print("No CUDA device: tiny CPU smoke run. These are NOT GPU figures.", file=sys.stderr)
         rec = Recorder(args.out, meta, args.budget_s)
         bench_losses(rec, args.sizes or CPU_SIZES, args.kinds, args.providers, torch.float32,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "bench_kernels.py"
@@ -82,3 +83,31 @@ def test_table_floor_arithmetic_and_latest_row_wins():
     assert "| reverse_kl | 1 × 2 | 2.00 | 2.50 · 2.0 | out of memory | 80% | – |" in table
     assert "| fused_linear | 12.00 · 1.0 | 12% memory |" in table
     assert "device-to-device copy 3,000 GB/s" in table
+
+
+def test_live_bytes_counts_new_storages_not_views_and_frees_them():
+    bench = _module()
+    with bench.LiveBytes() as live:
+        a = torch.empty(1000, 1000, device="meta")  # 4 MB
+        b, c = a.t(), a[:10]                        # views: nothing new
+        d = a + 1                                   # 8 MB
+        del a, b, c                                 # a's storage goes: 4 MB
+        e = torch.empty(500, 1000, device="meta")   # 6 MB
+    assert (live.peak, live.live) == (8_000_000, 6_000_000)
+    del d, e
+
+
+def test_count_memory_writes_fused_and_naive_rows_and_their_table(tmp_path):
+    out = tmp_path / "count.jsonl"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--count-memory", "--sizes", "4096x1000", "--hidden", "16",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["provider"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"naive_linear", "fused_linear"}
+    assert all(r["measure"] == "meta_count" and r["gpu_figure"] is False for r in rows.values())
+    naive, fused = rows["naive_linear"]["peak_extra_bytes"], rows["fused_linear"]["peak_extra_bytes"]
+    # naive: [4096, 1000] logits and their float32 log-softmax, gradients...; fused: one 1024-row chunk
+    assert naive > 4096 * 1000 * 6 and fused < naive / 4
+    table = subprocess.run([sys.executable, str(SCRIPT), "--table", str(out)], capture_output=True, text=True,
+                           check=True).stdout
+    assert "counted on meta tensors" in table and "| 4096 × 1000 | 16 |" in table
