@@ -240,6 +240,9 @@ def bench_fused(rec: Recorder, device, hidden_dim, dtype) -> None:
                 hh @ ww.t(), teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl").mean(),
             "fused_linear": lambda hh, ww: fused_linear_distillation_loss(
                 hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl")[0],
+            "fused_linear_16bit_sum": lambda hh, ww: fused_linear_distillation_loss(
+                hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl",
+                grad_weight_dtype=ww.dtype)[0],
         }
         for name, fn in cases.items():
             hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
@@ -327,6 +330,9 @@ def count_fused(rec: Recorder, sizes, hidden_dim: int, topk: int = 64) -> None:
             hh @ ww.t(), teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl").mean(),
         "fused_linear": lambda hh, ww, ids, lp: fused_linear_distillation_loss(
             hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl", backend="triton")[0],
+        "fused_linear_16bit_sum": lambda hh, ww, ids, lp: fused_linear_distillation_loss(
+            hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl", backend="triton",
+            grad_weight_dtype=ww.dtype)[0],
     }
     kernels = TD._sparse_kernel, TD._dense_kernel
     TD._sparse_kernel = TD._dense_kernel = _NoLaunch()
@@ -427,12 +433,17 @@ def _counted_table(rows: list[dict]) -> str:
     out = [f"\nFused linear, peak bytes allocated beyond the inputs, forward + backward, counted on meta tensors "
            f"(no GPU: `--count-memory`; torch {ref.get('versions', {}).get('torch')}, commit "
            f"{str(ref.get('git_commit'))[:12]}). Reverse KL, top-{ref.get('topk')} teacher, bf16.\n",
-           "| N × V | H | naive (GB) | fused (GB) | fused / naive |", "|---|---|---|---|---|"]
+           "| N × V | H | naive (GB) | fused, float32 sum (default) | fused, 16-bit sum |", "|---|---|---|---|---|"]
     for n, v, h in sorted({k[:3] for k in latest}):
-        naive, fused = latest.get((n, v, h, "naive_linear")), latest.get((n, v, h, "fused_linear"))
-        if naive and fused:
-            out.append(f"| {n} × {v} | {h} | {naive['peak_extra_bytes'] / GB:.2f} | {fused['peak_extra_bytes'] / GB:.2f} "
-                       f"| {100 * fused['peak_extra_bytes'] / naive['peak_extra_bytes']:.0f}% |")
+        naive = latest.get((n, v, h, "naive_linear"))
+        if not naive:
+            continue
+        cells = []
+        for name in ("fused_linear", "fused_linear_16bit_sum"):
+            r = latest.get((n, v, h, name))
+            cells.append(f"{r['peak_extra_bytes'] / GB:.2f} GB ({100 * r['peak_extra_bytes'] / naive['peak_extra_bytes']:.0f}%)"
+                         if r else "–")
+        out.append(f"| {n} × {v} | {h} | {naive['peak_extra_bytes'] / GB:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -103,11 +103,13 @@ def test_count_memory_writes_fused_and_naive_rows_and_their_table(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r["provider"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {"naive_linear", "fused_linear"}
+    assert set(rows) == {"naive_linear", "fused_linear", "fused_linear_16bit_sum"}
     assert all(r["measure"] == "meta_count" and r["gpu_figure"] is False for r in rows.values())
-    naive, fused = rows["naive_linear"]["peak_extra_bytes"], rows["fused_linear"]["peak_extra_bytes"]
+    naive, fused, fused16 = (rows[p]["peak_extra_bytes"] for p in ("naive_linear", "fused_linear",
+                                                                 "fused_linear_16bit_sum"))
     # naive: [4096, 1000] logits and their float32 log-softmax, gradients...; fused: one 1024-row chunk
     assert naive > 4096 * 1000 * 6 and fused < naive / 4
+    assert fused16 < fused  # no float32 [V, H] sum
     table = subprocess.run([sys.executable, str(SCRIPT), "--table", str(out)], capture_output=True, text=True,
                            check=True).stdout
     assert "counted on meta tensors" in table and "| 4096 × 1000 | 16 |" in table

@@ -90,3 +90,34 @@ def test_target_logprobs_from_the_same_chunks():
     torch.testing.assert_close(out, want)
     with pytest.raises(ValueError, match="go together"):
         fused_linear_distillation_loss(hidden, weight, teacher_hidden=th, teacher_weight=tw, target_ids=targets)
+
+
+def test_grad_weight_dtype_is_float32_or_the_weights_own():
+    hidden, weight, _, th, tw, _, _ = _setup(dtype=torch.float32)
+    with pytest.raises(ValueError, match="grad_weight_dtype"):
+        fused_linear_distillation_loss(hidden, weight, teacher_logits=th @ tw.t(), grad_weight_dtype=torch.bfloat16)
+
+
+def test_bf16_weight_gradient_summed_in_bf16_stays_close_to_the_float32_sum():
+    hidden, weight, _, th, tw, _, weights = _setup(n=64, h=16, v=50, dtype=torch.float32)
+    t_logits = th @ tw.t()
+    grads = []
+    for dtype in (None, torch.bfloat16):
+        w = weight.bfloat16().requires_grad_(True)
+        loss, _ = fused_linear_distillation_loss(hidden.bfloat16(), w, teacher_logits=t_logits, weights=weights,
+                                                 chunk_size=8, backend="reference", grad_weight_dtype=dtype)
+        loss.backward()
+        assert w.grad.dtype == torch.bfloat16
+        grads.append(w.grad.float())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-3, rtol=3e-2)
+
+
+def test_the_graph_backpropagates_once_and_says_so_the_second_time():
+    hidden, weight, _, th, tw, _, _ = _setup(dtype=torch.float32)
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = fused_linear_distillation_loss(h, weight, teacher_logits=th @ tw.t(), backend="reference")
+    (loss * 3).backward(retain_graph=True)
+    first = h.grad.clone()
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()
+    torch.testing.assert_close(h.grad, first)

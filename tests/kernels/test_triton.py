@@ -304,10 +304,11 @@ def test_teacher_errors_come_before_any_work():
         TD.triton_divergence_and_grad(s, teacher_logits=t[:3], kind="akl")
 
 
-def test_fused_linear_bf16_sparse_teacher_as_the_train_stage_calls_it():
+@pytest.mark.parametrize("grad_weight_dtype", [None, torch.bfloat16])
+def test_fused_linear_bf16_sparse_teacher_as_the_train_stage_calls_it(grad_weight_dtype):
     """bf16 hidden and lm_head, top-k teacher, token weights, bias, target log-probs: the Triton
-    path (gradient written over each chunk's logits, float32 weight-gradient sum) against the
-    float64 unfused reference."""
+    path (gradient written over each chunk's logits; weight-gradient sum in float32, or in bf16
+    when asked) against the float64 unfused reference."""
     from opdflow.kernels import distillation_loss, fused_linear_distillation_loss
 
     g = torch.Generator().manual_seed(11)
@@ -324,7 +325,8 @@ def test_fused_linear_bf16_sparse_teacher_as_the_train_stage_calls_it():
     leaves = [x.to(DEVICE, torch.bfloat16).requires_grad_(True) for x in (hidden, weight, bias)]
     target_lp = torch.full((n,), float("nan"), device=DEVICE)
     loss, per_token = fused_linear_distillation_loss(*leaves, **teacher, chunk_size=4, backend="triton",
-                                                     target_ids=targets.to(DEVICE), target_logprobs_out=target_lp)
+                                                     target_ids=targets.to(DEVICE), target_logprobs_out=target_lp,
+                                                     grad_weight_dtype=grad_weight_dtype)
     loss.backward()
 
     ref = [x.to(DEVICE, torch.bfloat16).double().requires_grad_(True) for x in (hidden, weight, bias)]
