@@ -222,9 +222,24 @@ def bench_losses(rec: Recorder, sizes, kinds, providers, dtype, device, scale, r
         del s, t
 
 
+def _topk_fused_cases(ids, lp, backend: str = "auto") -> dict:
+    """The fused-linear memory comparison with a top-k teacher (the train stage's case), reverse
+    KL: ``name -> loss(hidden, weight)`` for the naive path, the fused default and the fused
+    16-bit weight-gradient sum."""
+    from opdflow.kernels import fused_linear_distillation_loss, reference
+
+    teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl")
+    return {
+        "naive_linear": lambda hh, ww: reference.per_token_divergence(hh @ ww.t(), **teacher).mean(),
+        "fused_linear": lambda hh, ww: fused_linear_distillation_loss(hh, ww, **teacher, backend=backend)[0],
+        "fused_linear_16bit_sum": lambda hh, ww: fused_linear_distillation_loss(
+            hh, ww, **teacher, backend=backend, grad_weight_dtype=ww.dtype)[0],
+    }
+
+
 def bench_fused(rec: Recorder, device, hidden_dim, dtype) -> None:
     """Fused linear vs the unfused path: the issue's memory target and ANCHORS' Liger row."""
-    from opdflow.kernels import fused_linear_distillation_loss, reference
+    from opdflow.kernels import fused_linear_distillation_loss
 
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -235,16 +250,7 @@ def bench_fused(rec: Recorder, device, hidden_dim, dtype) -> None:
     for n, v in FUSED_SIZES:
         h, w = randn(n, hidden_dim), randn(v, hidden_dim, std=0.02)
         lp, ids = torch.topk(torch.randn(n, v, generator=g, device=device).log_softmax(-1), 64, -1)
-        cases = {
-            "naive_linear": lambda hh, ww: reference.per_token_divergence(
-                hh @ ww.t(), teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl").mean(),
-            "fused_linear": lambda hh, ww: fused_linear_distillation_loss(
-                hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl")[0],
-            "fused_linear_16bit_sum": lambda hh, ww: fused_linear_distillation_loss(
-                hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl",
-                grad_weight_dtype=ww.dtype)[0],
-        }
-        for name, fn in cases.items():
+        for name, fn in _topk_fused_cases(ids, lp).items():
             hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
             row = _row("fused_linear", kind="reverse_kl", N=n, V=v, H=hidden_dim, topk=64,
                        dtype=str(dtype).removeprefix("torch."), provider=name)
@@ -322,30 +328,20 @@ class _NoLaunch:
 def count_fused(rec: Recorder, sizes, hidden_dim: int, topk: int = 64) -> None:
     """Peak extra bytes of the fused linear (Triton backend, launches stubbed) and of the naive
     path, forward + backward, counted on meta tensors: the issue's memory target without a GPU."""
-    from opdflow.kernels import fused_linear_distillation_loss, reference
     from opdflow.kernels import triton_divergence as TD
 
-    cases = {
-        "naive_linear": lambda hh, ww, ids, lp: reference.per_token_divergence(
-            hh @ ww.t(), teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl").mean(),
-        "fused_linear": lambda hh, ww, ids, lp: fused_linear_distillation_loss(
-            hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl", backend="triton")[0],
-        "fused_linear_16bit_sum": lambda hh, ww, ids, lp: fused_linear_distillation_loss(
-            hh, ww, teacher_topk_ids=ids, teacher_topk_logprobs=lp, kind="reverse_kl", backend="triton",
-            grad_weight_dtype=ww.dtype)[0],
-    }
+    meta = torch.device("meta")
     kernels = TD._sparse_kernel, TD._dense_kernel
     TD._sparse_kernel = TD._dense_kernel = _NoLaunch()
     try:
         for n, v in sizes:
-            for name, fn in cases.items():
-                meta = torch.device("meta")
+            ids = torch.empty(n, topk, dtype=torch.long, device=meta)
+            lp = torch.empty(n, topk, dtype=torch.float32, device=meta)
+            for name, fn in _topk_fused_cases(ids, lp, backend="triton").items():
                 hh = torch.empty(n, hidden_dim, dtype=torch.bfloat16, device=meta, requires_grad=True)
                 ww = torch.empty(v, hidden_dim, dtype=torch.bfloat16, device=meta, requires_grad=True)
-                ids = torch.empty(n, topk, dtype=torch.long, device=meta)
-                lp = torch.empty(n, topk, dtype=torch.float32, device=meta)
                 with LiveBytes() as live:
-                    fn(hh, ww, ids, lp).backward()
+                    fn(hh, ww).backward()
                 rec.record(_row("fused_linear", kind="reverse_kl", N=n, V=v, H=hidden_dim, topk=topk,
                                 dtype="bfloat16", provider=name, measure="meta_count",
                                 peak_extra_bytes=live.peak))

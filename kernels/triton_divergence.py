@@ -57,7 +57,7 @@ the host (N x K, cheap) so each vocab chunk finds its top-k members with a short
 ids falling inside it (no N x V membership mask).
 
 AKL's head/tail weights need a sort of the teacher distribution; they are computed with torch
-(``reference.akl_weights``, detached, in blocks of rows so its temporaries stay ~1.5 GB) and
+(``reference.akl_weights``, detached, in blocks of rows so its temporaries stay ~1.4 GB) and
 passed to the kernel as per-row weights: correct but not fused, so AKL costs an extra
 full-vocab torch pass.
 

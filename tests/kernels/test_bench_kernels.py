@@ -26,7 +26,6 @@ def _module():
 
 
 def _cpu_only():
-    import torch
     if torch.cuda.is_available():
         pytest.skip("the smoke mode is the CPU run; on a GPU the script runs the full benchmark")
 
