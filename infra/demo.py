@@ -43,7 +43,6 @@ import hashlib
 import json
 import math
 import random
-import re
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -78,7 +77,6 @@ SPLITS = ("train", "probe", "eval")
 # Share of the problem space (by hash, in percent) that each split owns.
 _SPLIT_BOUNDS = {"train": (0, 80), "probe": (80, 90), "eval": (90, 100)}
 ANSWER_PATTERN = r"answer:\s*(-?\d+)"  # evals/tasks/opdflow_arith.yaml uses the same regex
-_ANSWER_RE = re.compile(ANSWER_PATTERN)
 MAX_RESPONSE_TOKENS = 47  # longest solution incl. <eos>; see format_problem
 
 
@@ -193,8 +191,8 @@ def make_examples(split: str, n: int, seed: int) -> list[dict]:
 
 def extract_answer(text: str) -> str | None:
     """The number on the last ``answer: N`` in ``text`` (special tokens ignored), or None."""
-    found = _ANSWER_RE.findall(text)
-    return found[-1] if found else None
+    from opdflow.evals.answers import extract_answer as extract
+    return extract(text, ANSWER_PATTERN)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,11 +23,11 @@ response, whether it is correct, how many of its tokens were patched).
 from __future__ import annotations
 
 import json
-import re
 
 import pyarrow as pa
 import torch
 
+from opdflow.evals.answers import is_correct
 from opdflow.infra.config import DEMO, Config
 from opdflow.infra.lm import left_padded, load_model, load_tokenizer
 from opdflow.infra.manifest import Run, StageContext
@@ -85,11 +85,6 @@ def patched_greedy(student, teacher, prompts: list[list[int]], patch_ids: set[in
         cut = row.index(eos_id) + 1 if eos_id in row else len(row)
         responses.append(row[:cut])
     return responses, n_patched.cpu().tolist()
-
-
-def is_correct(text: str, answer: str, pattern: str) -> bool:
-    m = re.search(pattern, text)
-    return bool(m) and m.group(1).strip() == str(answer).strip()
 
 
 def arm_summary(rows: list[dict]) -> dict:

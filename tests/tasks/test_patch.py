@@ -6,7 +6,7 @@ import torch
 
 from opdflow.infra import demo
 from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, sample
-from opdflow.tasks.patch import arm_summary, is_correct, patched_greedy
+from opdflow.tasks.patch import arm_summary, is_correct, patched_greedy  # is_correct: opdflow.evals.answers
 
 
 @pytest.fixture(scope="module")
