@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow, tags, unmapped
 
 from opdflow.infra.config import Config, ConfigError, load_config, parse_config
 from opdflow.infra.manifest import Run
 from opdflow.infra.preflight import preflight
 from opdflow.infra.store import open_store
-from opdflow.tasks.common import publish_markdown
+from opdflow.tasks.common import config_name, publish_markdown, quiet_console_tracebacks
 from opdflow.tasks.evaluate import eval_shard_task, eval_task
 from opdflow.tasks.models import models_task
 from opdflow.tasks.patch import patch_shard_task, patch_task
@@ -172,14 +172,67 @@ def with_runner(run: Run, stage: str | None = None) -> dict | None:
     return on_runner.with_options(task_runner=runner)(run.store.uri, run.run_id, stage)
 
 
+def _model_name(m) -> str:
+    return m.path if m.path in ("demo", "planted") else Path(m.path.rstrip("/")).name
+
+
+def run_tags(run: Run) -> list[str]:
+    """The tags a flow run of `run` carries (Prefect's filters and the run list show them)."""
+    c = run.config
+    return ["opdflow", f"config:{config_name(run.run_id)}", f"run:{run.run_id}",
+            f"teacher:{_model_name(c.teacher)}", f"student:{_model_name(c.student)}"]
+
+
+def label_flow_run(run: Run, stage: str | None = None) -> None:
+    """Name the current flow run after the opdflow run id (`<run id>.<stage>` for one stage)
+    and add `run_tags`, through the API: the run id is only known once the config is read."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    name = run.run_id if stage is None else f"{run.run_id}.{stage}"
+    tags = sorted(set(ctx.flow_run.tags or []) | set(run_tags(run)))
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(ctx.flow_run.id, name=name, tags=tags)
+
+
+def finish(run: Run, t0: float, failed: BaseException | None = None) -> None:
+    """When a flow ends, completed, failed or cancelled: log the curves to MLflow (if a
+    tracking URI is set) and publish the run-summary. Never raises: the run's own outcome
+    (and its exception) is what the caller reports."""
+    from prefect.logging import get_run_logger
+    logger = get_run_logger()
+    mlflow = None
+    try:
+        from opdflow.infra.tracking import log_mlflow
+        mlflow = log_mlflow(run)
+    except Exception as e:  # noqa: BLE001 - a tracking server down must not hide the run's result
+        logger.warning(f"MLflow logging failed ({type(e).__name__}: {e}); the curves are in the store's "
+                       "tensorboard/ outputs")
+    try:
+        publish_markdown("run-summary", summary_markdown(run, flow_seconds=round(time.time() - t0, 1), mlflow=mlflow),
+                         f"run {run.run_id}: headline, wall time, curves, links"
+                         + (" (FAILED)" if failed is not None else ""), run_id=run.run_id)
+    except Exception as e:  # noqa: BLE001
+        logger.warning(f"could not publish the run-summary: {type(e).__name__}: {e}")
+
+
 @flow(name="opdflow-lifecycle")
 def lifecycle(config_path: str | None = None, store: str | None = None, run_id: str | None = None,
               overrides: dict[str, Any] | None = None) -> dict:
     """The whole OPD lifecycle on one run id; committed stages are skipped."""
+    quiet_console_tracebacks()
     t0 = time.time()
     run = start_run(config_path, store, run_id or deployment_run_id(config_path), overrides)
-    with_runner(run)
-    publish_markdown("run-summary", summary_markdown(run), f"stages of run {run.run_id}")
+    label_flow_run(run)
+    try:
+        with tags(*run_tags(run)):
+            with_runner(run)
+    except BaseException as e:  # failed or cancelled: the summary still says where it stopped
+        finish(run, t0, e)
+        raise
+    finish(run, t0)
     return {**run_status(run), "flow_seconds": round(time.time() - t0, 1)}
 
 
@@ -193,10 +246,48 @@ def rerun_stage(run: Run, name: str) -> dict:
     return stage(run, name, force=True)
 
 
-@flow(name="opdflow-stage")
+@flow(name="opdflow-stage", flow_run_name="{run_id}.{stage}")
 def stage_flow(stage: str, run_id: str, store: str) -> dict:
     """Rerun one stage of an existing run from its stored inputs (always runs it)."""
+    quiet_console_tracebacks()
+    t0 = time.time()
     run = Run.open(store, run_id)
-    result = with_runner(run, stage)
-    publish_markdown("run-summary", summary_markdown(run), f"stages of run {run_id}")
+    label_flow_run(run, stage)
+    try:
+        with tags(*run_tags(run)):
+            result = with_runner(run, stage)
+    except BaseException as e:
+        finish(run, t0, e)
+        raise
+    finish(run, t0)
     return result
+
+
+def repair(run: Run, names: list[str]) -> list[str]:
+    """Recompute exactly the stages `opdflow verify` found damaged (`infra.verify.repair_stages`),
+    in plan order: a shard alone (forced); a sharded stage's own outputs from its committed
+    shards (no shard reruns); any other stage forced; then every stage linking a repaired
+    shard, recommitted if that shard's part changed. Returns what ran."""
+    order = {n: i for i, n in enumerate(plan(run.config))}
+    base = lambda n: (split_shard_name(n) or (n,))[0]  # noqa: E731
+    parents: list[str] = []
+    for name in sorted(names, key=lambda n: (order.get(base(n), len(order)), n)):
+        shard = split_shard_name(name)
+        if shard:
+            rerun_stage(run, name)
+            if shard[0] not in names and shard[0] not in parents:
+                parents.append(shard[0])
+        elif parse(name).kind in SHARDED:
+            SHARDED[parse(name).kind][1](run.store.uri, run.run_id, name, force=True)
+        else:
+            rerun_stage(run, name)
+    for parent in parents:
+        stage(run, parent)
+    return sorted(names, key=lambda n: (order.get(base(n), len(order)), n)) + parents
+
+
+@flow(name="opdflow-repair")
+def repair_flow(stages: list[str], run_id: str, store: str) -> list[str]:
+    """Rerun the damaged stages of an existing run (`opdflow verify --repair`)."""
+    run = Run.open(store, run_id)
+    return repair(run, stages)

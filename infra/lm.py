@@ -11,6 +11,13 @@ depend on batch composition, shard boundaries, worker count or device, which is 
 lets stages shard without changing results. The logprob we report for each sampled
 token is under the distribution actually sampled from (temperature applied, top-p
 renormalized); with temperature 1 and top-p 1 that is the model's own distribution.
+
+Padded vocabularies: real checkpoints often have more lm_head rows than tokenizer tokens
+(Qwen: 151,936 rows, 151,665 tokens); the rows beyond the tokenizer are no tokens at all. The
+tokenizer's size (`real_vocab`) is the vocabulary everywhere: `SampleSettings.vocab_size` cuts
+the logits to it before sampling (`pick_tokens`, shared by every local backend), and the
+teacher-forced helpers here, the scorer (`infra.scoring`), the train step and the rock analysis
+cut their logits (or the lm_head's rows) the same way (`real_logits`, `real_head`).
 """
 from __future__ import annotations
 
@@ -48,7 +55,15 @@ def load_tokenizer(model_dir: str | Path):
 def load_model(model_dir: str | Path, dtype: str = "float32", dev: torch.device | None = None):
     offline()
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[dtype])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[dtype])
+    except Exception as e:
+        if "SafetensorError" not in {c.__name__ for c in type(e).__mro__}:
+            raise
+        from opdflow.infra.failures import WEIGHTS_HINT, PermanentFailure, check_weights_dir
+        bad = "; ".join(f"{f}: {why}" for f, why in check_weights_dir(model_dir)) or f"a *.safetensors file in {model_dir}"
+        raise PermanentFailure(f"cannot load the weights of {model_dir}: {bad} (SafetensorError: {e}) -- "
+                               f"{WEIGHTS_HINT}") from e
     return model.to(dev or device())
 
 
@@ -57,6 +72,32 @@ def save_model(model, tokenizer, out_dir: Path) -> Path:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def real_vocab(tokenizer) -> int:
+    """The vocabulary as the tokenizer defines it (regular + added tokens): ids at or beyond it
+    are padded lm_head rows, never tokens."""
+    return len(tokenizer)
+
+
+def real_logits(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """`logits[..., :vocab]`: the padded lm_head rows cut off (a view; `None` keeps all)."""
+    return logits if vocab is None or vocab >= logits.shape[-1] else logits[..., :vocab]
+
+
+def real_head(head, vocab: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of an lm_head, its padded rows cut off (views, so
+    gradients reach the head's parameters)."""
+    w, b = head.weight, getattr(head, "bias", None)
+    if vocab is not None and vocab < w.shape[0]:
+        w, b = w[:vocab], (None if b is None else b[:vocab])
+    return w, b
+
+
+def model_rows(model) -> int:
+    """The number of lm_head rows (logits per position) a causal LM produces."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def context_length(model_dir: str | Path) -> int:
@@ -122,6 +163,7 @@ class SampleSettings:
     max_new_tokens: int = 48
     batch_size: int = 64
     top_k: int = 0  # keep only the k most likely tokens before top-p; 0 = off
+    vocab_size: int | None = None  # the tokenizer's size: logits beyond it (padded rows) are never sampled
 
 
 @dataclass
@@ -135,7 +177,10 @@ def pick_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.Ten
                 st: SampleSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The token each row picks at `step` (argmax at temperature 0, else Gumbel-max with the
     seeded noise) and the log-probs [B, V] of the distribution it was picked from. Shared by
-    every backend, so they pick the same tokens from the same logits."""
+    every backend, so they pick the same tokens from the same logits. Columns at or beyond
+    `st.vocab_size` (padded lm_head rows) are cut off first; the noise of a token id does not
+    depend on the width, so an unpadded model samples the same tokens either way."""
+    logits = real_logits(logits, st.vocab_size)
     if st.temperature == 0.0:
         logp = torch.log_softmax(logits.float(), dim=-1)
         return logp.argmax(-1), logp

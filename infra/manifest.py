@@ -15,7 +15,12 @@ Rules (DESIGN.md, "Contracts between stages"):
 * A stage commits by writing its manifest entry last. Objects without a committed entry
   (a crashed attempt) are never read: readers only follow manifest entries.
 * Every read of a stage output goes through `Run.read(ref)`, which checks the sha256 the
-  manifest recorded and raises `ChecksumError` naming the object on a mismatch.
+  manifest recorded and raises `ChecksumError` naming the object on a mismatch. A local
+  cache copy (`materialize_refs`) is checked too, once per process per file: a bad copy is
+  evicted and fetched again, with a warning naming it.
+* Manifest entries, run.json, execution.json and attempt records that do not parse raise
+  `CorruptObject` naming the file; a committed entry whose outputs are gone is recomputed
+  with a warning naming the missing object. `opdflow verify` (`infra/verify.py`) checks it all.
 
 One file per stage (rather than one manifest file per run) means commits never
 read-modify-write a shared object, which S3 could not make atomic.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -37,13 +43,42 @@ from typing import Any, Callable
 
 from opdflow.infra.config import Config, parse_config
 from opdflow.infra.provenance import code_version, stack
-from opdflow.infra.store import ChecksumError, ObjectMissing, Store, StoreError, open_store, validate_run_id
+from opdflow.infra.config import ConfigError
+from opdflow.infra.failures import explain
+from opdflow.infra.store import (ChecksumError, CorruptObject, ObjectMissing, Store, StoreError, open_store,
+                                 sha256_file, validate_run_id)
 
 Ref = dict  # {"key": str, "sha256": str, "size": int}
 
 
 class RunError(RuntimeError):
     """A run-level problem that retrying cannot fix (unknown run, config mismatch, missing input)."""
+
+
+def warn(message: str) -> None:
+    """A warning in the Prefect task's log when one is running (the UI shows it), else on stderr."""
+    try:
+        from prefect.context import TaskRunContext
+        if TaskRunContext.get() is not None:
+            from prefect.logging import get_run_logger
+            get_run_logger().warning(message)
+            return
+    except Exception:  # noqa: BLE001 - logging must never fail a stage
+        pass
+    logging.getLogger("opdflow").warning(message)
+
+
+class StoredBytes(bytes):
+    """Bytes read from the store that remember where they came from, so that a reader whose
+    parse fails (Parquet, JSON) can name the file (`tables.parquet_to_table` does)."""
+
+    where: str = "<bytes>"
+
+
+def _stored(data: bytes, where: str) -> StoredBytes:
+    out = StoredBytes(data)
+    out.where = where
+    return out
 
 
 def _now() -> str:
@@ -81,7 +116,8 @@ class Run:
             run = cls.open(store, run_id)
             if run.config.identity() != config.identity():
                 raise RunError(f"run {run_id!r} already exists in {store.uri} with a different config; "
-                               "use a new --run-id (or rerun with the stored config: opdflow run --run-id ID)")
+                               f"use a new --run-id, or resume it with its stored config: "
+                               f"opdflow run --run-id {run_id} --store {store.uri}")
             if run.config.execution() != config.execution():  # more GPUs, another cluster: same run
                 store.put_bytes(f"runs/{run_id}/execution.json", json.dumps(config.execution(), indent=2).encode())
                 run = cls(store, run_id, config.model_copy(update={"store": run.config.store}))
@@ -94,45 +130,67 @@ class Run:
     def open(cls, store: Store | str, run_id: str) -> "Run":
         store = open_store(store) if isinstance(store, str) else store
         validate_run_id(run_id)
+        key = f"runs/{run_id}/run.json"
         try:
-            meta = json.loads(store.get_bytes(f"runs/{run_id}/run.json"))
+            meta = store.get_json(key)
         except ObjectMissing:
             raise RunError(f"no run {run_id!r} in store {store.uri}") from None
-        config = parse_config(meta["config"])
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise CorruptObject(key, store.describe(key), "not a run record (no 'config' mapping)")
+        try:
+            config = parse_config(meta["config"])
+        except ConfigError as e:  # the stored record, not the user's YAML
+            raise CorruptObject(key, store.describe(key), f"the stored config is invalid ({e}): the file was "
+                                "edited or damaged; restore it from a backup, or start a new run") from None
+        ex_key = f"runs/{run_id}/execution.json"
         try:  # the execution settings of the run's latest start, if they changed since its creation
-            config = config.with_execution(json.loads(store.get_bytes(f"runs/{run_id}/execution.json")))
+            ex = store.get_json(ex_key)
         except ObjectMissing:
-            pass
+            return cls(store, run_id, config)
+        try:
+            config = config.with_execution(ex)
+        except (ConfigError, TypeError, AttributeError) as e:
+            raise CorruptObject(ex_key, store.describe(ex_key), f"invalid execution settings ({e}): the file was "
+                                "edited or damaged; delete it to use the run's original settings") from None
         return cls(store, run_id, config)
 
     def meta(self) -> dict:
-        return json.loads(self.store.get_bytes(f"{self.prefix}/run.json"))
+        return self.store.get_json(f"{self.prefix}/run.json")
 
     # -- manifest ----------------------------------------------------------------------
     def entry(self, stage: str) -> dict | None:
         """The committed manifest entry of a stage, or None."""
+        key = f"{self.prefix}/manifest/{stage}.json"
         try:
-            return json.loads(self.store.get_bytes(f"{self.prefix}/manifest/{stage}.json"))
+            entry = self.store.get_json(key)
         except ObjectMissing:
             return None
+        if not isinstance(entry, dict) or not isinstance(entry.get("outputs"), dict) or "key" not in entry:
+            raise CorruptObject(key, self.store.describe(key), "not a manifest entry (no 'key' and 'outputs')")
+        return entry
 
     def require(self, stage: str) -> dict:
         e = self.entry(stage)
         if e is None:
             raise RunError(f"stage {stage!r} of run {self.run_id!r} is not committed; run it first "
-                           f"(opdflow stage {stage} --run-id {self.run_id})")
+                           f"(opdflow stage {stage} --run-id {self.run_id} --store {self.store.uri})")
         return e
 
     def attempts(self, stage: str) -> list[dict]:
         keys = self.store.list(f"{self.prefix}/attempts/{stage}/")
-        return [json.loads(self.store.get_bytes(k)) for k in keys]
+        return [self.store.get_json(k) for k in keys]
 
     def outputs_present(self, entry: dict) -> bool:
-        return all(self.store.exists(ref["key"]) for ref in entry["outputs"].values())
+        return not self.missing_outputs(entry)
+
+    def missing_outputs(self, entry: dict) -> list[str]:
+        """The names of a committed entry's outputs that are not in the store."""
+        return [name for name, ref in entry["outputs"].items() if not self.store.exists(ref["key"])]
 
     # -- reading committed outputs ------------------------------------------------------
     def read(self, ref: Ref) -> bytes:
-        return self.store.get_bytes(ref["key"], sha256=ref["sha256"])
+        """A committed object's bytes, verified against its sha256 (a StoredBytes naming the file)."""
+        return _stored(self.store.get_bytes(ref["key"], sha256=ref["sha256"]), self.store.describe(ref["key"]))
 
     def output(self, stage: str, name: str) -> Ref:
         e = self.require(stage)
@@ -145,7 +203,8 @@ class Run:
         return self.read(self.output(stage, name))
 
     def read_json(self, stage: str, name: str) -> Any:
-        return json.loads(self.read_output(stage, name))
+        ref = self.output(stage, name)
+        return self.store.get_json(ref["key"], sha256=ref["sha256"])
 
     def outputs_under(self, stage: str, prefix: str, as_name: str | None = None) -> dict[str, Ref]:
         """A stage's outputs `prefix/*` (a model dir, a table's parts), renamed `as_name/*`."""
@@ -183,6 +242,21 @@ class Run:
         return materialize_refs(self.store, refs)
 
 
+def file_inputs(name: str, path: str | os.PathLike) -> dict[str, Ref]:
+    """Files a stage reads by a config path (a dataset, an lm-eval include dir), as stage inputs:
+    `{name: ref}` for a file, `{name/rel: ref}` for every file under a dir, each with its content
+    sha256, so editing one changes the key of exactly the stages that read it. The `key` is the
+    local path (not a store key); `verify` and readers never follow it."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return {name: {"key": f"file:{p.resolve()}", "sha256": sha256_file(p), "size": p.stat().st_size}}
+    if p.is_dir():
+        return {f"{name}/{f.relative_to(p).as_posix()}": {"key": f"file:{f.resolve()}", "sha256": sha256_file(f),
+                                                           "size": f.stat().st_size}
+                for f in sorted(p.rglob("*")) if f.is_file() and "__pycache__" not in f.parts}
+    return {}
+
+
 def _under(entry: dict, stage: str, prefix: str, name: str) -> dict[str, Ref]:
     """An entry's outputs `prefix/*` renamed `name/*`; a user's own model dir (`external`) has none."""
     refs = {f"{name}/{n[len(prefix) + 1:]}": r for n, r in entry["outputs"].items() if n.startswith(prefix + "/")}
@@ -192,23 +266,66 @@ def _under(entry: dict, stage: str, prefix: str, name: str) -> dict[str, Ref]:
 
 
 def cache_root() -> Path:
-    import os
     root = Path(os.environ.get("OPDFLOW_CACHE", Path.home() / ".cache" / "opdflow"))
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
+# cache files whose sha256 this process has checked: path -> (size, mtime_ns, sha256)
+_VERIFIED: dict[str, tuple[int, int, str]] = {}
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _cache_fault(path: Path, ref: Ref) -> str | None:
+    """Why a cached copy of `ref` cannot be used (None: it matches). Hashes a file once per
+    process; later calls compare its size and mtime with the verified ones."""
+    if not path.is_file():
+        return "missing"
+    sig = _signature(path)
+    if _VERIFIED.get(str(path)) == (*sig, ref["sha256"]):
+        return None
+    actual = sha256_file(path)
+    if actual != ref["sha256"]:
+        return f"sha256 {actual}, expected {ref['sha256']}"
+    _VERIFIED[str(path)] = (*sig, actual)
+    return None
+
+
 def materialize_refs(store: Store, refs: dict[str, Ref]) -> Path:
-    """Verified local copy of a set of objects, as a directory named by their content."""
+    """Verified local copy of a set of objects, as a directory named by their content.
+
+    A copy already in the cache is checked against the refs' sha256 (once per process per
+    file); a bad one is evicted and fetched again from the store. If the store's copy is bad
+    too, the ChecksumError names both paths."""
     digest = hashlib.sha256(_canonical({k: r["sha256"] for k, r in sorted(refs.items())})).hexdigest()[:24]
     dest = cache_root() / "objects" / digest
+    evicted = ""
     if (dest / ".complete").exists():
-        return dest
+        faults = {rel: f for rel, ref in refs.items() if (f := _cache_fault(dest / rel, ref)) is not None}
+        if not faults:
+            return dest
+        rel, why = next(iter(faults.items()))
+        warn(f"cache copy {dest / rel} of {refs[rel]['key']} is bad ({why}"
+             + (f"; {len(faults) - 1} more files" if len(faults) > 1 else "")
+             + f"): evicted {dest}, fetching again from {store.describe(refs[rel]['key'])}")
+        evicted = str(dest / rel)
+        shutil.rmtree(dest, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
     try:
         for rel, ref in refs.items():
-            store.get_file(ref["key"], tmp / rel, sha256=ref["sha256"])
+            try:
+                store.get_file(ref["key"], tmp / rel, sha256=ref["sha256"])
+            except ChecksumError as e:
+                if not evicted:
+                    raise
+                raise ChecksumError(e.key, f"{e.location}; the cache copy {evicted} was bad too and was evicted",
+                                    e.expected, e.actual) from None
+            _VERIFIED[str(dest / rel)] = (*_signature(tmp / rel), ref["sha256"])  # rename keeps size and mtime
         (tmp / ".complete").write_text("ok")
         if dest.exists():  # a concurrent materialization won, or a stale incomplete copy
             shutil.rmtree(dest, ignore_errors=True)
@@ -282,9 +399,20 @@ def run_stage(run: Run, name: str, *, params: dict, inputs: dict[str, Ref],
     last. On failure the attempt record says why and the exception propagates.
     """
     key = stage_key(name, params, inputs)
-    existing = run.entry(name)
-    if existing and not force and existing["key"] == key and run.outputs_present(existing):
-        return existing, False
+    try:
+        existing = run.entry(name)
+    except CorruptObject as e:  # a forced rerun replaces an entry that does not parse
+        if not force:
+            raise
+        warn(f"stage {name}: recomputing: its manifest entry does not parse ({e})")
+        existing = None
+    if existing and not force and existing["key"] == key:
+        missing = run.missing_outputs(existing)
+        if not missing:
+            return existing, False
+        ref = existing["outputs"][missing[0]]
+        warn(f"stage {name}: recomputing: its committed output {missing[0]!r} is missing from the store "
+             f"({run.store.describe(ref['key'])})" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
 
     n = len(run.store.list(f"{run.prefix}/attempts/{name}/")) + 1
     attempt_key = f"{run.prefix}/attempts/{name}/{n:03d}.json"
@@ -299,12 +427,16 @@ def run_stage(run: Run, name: str, *, params: dict, inputs: dict[str, Ref],
     try:
         body(ctx)
     except BaseException as e:
+        explained = explain(e) if isinstance(e, Exception) else None  # says what to change, fails at once
         record.update(status="failed", finished_at=_now(), seconds=round(time.time() - started, 3),
-                      error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=20))
+                      error=str(explained) if explained else f"{type(e).__name__}: {e}",
+                      traceback=traceback.format_exc(limit=20))
         try:
             run.store.put_bytes(attempt_key, json.dumps(record).encode())
         except StoreError:
             pass  # the store itself is what failed; the exception below says so
+        if explained is not None:
+            raise explained from e
         raise
     seconds = round(time.time() - started, 3)
     entry = {"stage": name, "key": key, "status": "committed", "attempt": n,
@@ -319,4 +451,4 @@ def run_stage(run: Run, name: str, *, params: dict, inputs: dict[str, Ref],
 
 
 __all__ = ["Run", "RunError", "StageContext", "run_stage", "stage_key", "materialize_refs", "ChecksumError",
-           "Ref", "cache_root"]
+           "CorruptObject", "Ref", "cache_root", "file_inputs", "warn"]

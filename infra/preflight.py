@@ -15,9 +15,9 @@ from opdflow.infra.lm import context_length, load_tokenizer
 
 def _tokenizer_and_context(config: Config, role: str):
     m = getattr(config, role)
-    if m.is_demo:
-        from opdflow.infra.demo import build_tokenizer
-        return build_tokenizer(), config.demo.max_position_embeddings
+    if m.is_builtin:  # demo or planted: the tokenizer is built, not read
+        from opdflow.infra.builtin import builtin
+        return builtin(m.path).load().build_tokenizer(), getattr(config, m.path).max_position_embeddings
     try:
         tok = load_tokenizer(m.path)
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, the dir is at fault
@@ -32,6 +32,8 @@ def preflight(config: Config) -> list[dict]:
         raise ConfigError("data.source", "no prompts left for training after the probe and eval splits")
     t_tok, t_ctx = _tokenizer_and_context(config, "teacher")
     s_tok, s_ctx = _tokenizer_and_context(config, "student")
+    for role in ("teacher", "student"):
+        _check_weights(config, role)
     if t_tok.get_vocab() != s_tok.get_vocab():
         tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
         diff = sum(1 for k in set(tv) | set(sv) if tv.get(k) != sv.get(k))
@@ -54,9 +56,44 @@ def preflight(config: Config) -> list[dict]:
     if config.rollout.backend == "vllm":
         _require_vllm()
     _check_scale(config)
-    if config.eval.include_path and not Path(config.eval.include_path).is_dir():
-        raise ConfigError("eval.include_path", f"{config.eval.include_path!r} is not a directory")
+    _check_eval_tasks(config)
     return rows
+
+
+def _check_eval_tasks(config: Config) -> None:
+    """Every `eval.tasks` name resolves in lm-eval (its built-in tasks, `eval.include_path`,
+    and the demo's `opdflow_arith`, which the eval stage writes at run time from the template
+    under evals/tasks/): an unknown name fails here, in seconds, not at `eval.teacher`."""
+    from opdflow.evals.harness import TASK_TEMPLATE, unknown_tasks
+    inc = config.eval.include_path
+    if inc and not Path(inc).is_dir():
+        raise ConfigError("eval.include_path", f"{inc!r} is not a directory")
+    includes = [Path(inc)] if inc else []
+    if "opdflow_arith" in config.eval.tasks:
+        includes.append(TASK_TEMPLATE.parent)
+    missing = unknown_tasks(list(config.eval.tasks), includes or None)
+    if missing:
+        where = f"lm-eval's tasks or {inc!r}" if inc else "lm-eval's tasks (set eval.include_path for your own)"
+        said = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(map(repr, m))}?)" if m else "")
+                         for t, m in missing.items())
+        raise ConfigError("eval.tasks", f"not found in {where}: {said}")
+
+
+def _check_weights(config: Config, role: str) -> None:
+    """A user's model dir: its *.safetensors headers parse and every tensor lies inside its file
+    (a truncated download fails here, in seconds, naming the file), and it has weights at all."""
+    m = getattr(config, role)
+    if m.is_builtin:
+        return
+    from opdflow.infra.failures import WEIGHTS_HINT, check_weights_dir
+    bad = check_weights_dir(m.path)
+    if bad:
+        f, why = bad[0]
+        raise ConfigError(f"{role}.path", f"{f}: {why}; {WEIGHTS_HINT}"
+                          + (f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""))
+    p = Path(m.path)
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise ConfigError(f"{role}.path", f"{m.path!r} has no weights (no *.safetensors or *.bin file)")
 
 
 def _require_vllm() -> None:

@@ -49,9 +49,30 @@ Differences from vLLM, on purpose:
 
 One model per process; requests are handled one at a time (a lock around the model), and the
 prompts and choices of one request are sampled as one batch.
+
+Guards (`Limits`, each a `opdflow serve` flag), so that a server reachable from other hosts
+can be neither used without the key nor made to exhaust memory or hold the model for long:
+- an API key (`--api-key`, or the environment variable OPDFLOW_SERVE_API_KEY), compared in
+  constant time (`hmac.compare_digest`) with the `Authorization: Bearer KEY` header on every
+  route but `/health` (401 otherwise, as vLLM's `--api-key`); required to bind a
+  non-loopback address;
+- `n` <= --max-n (64), prompts per request <= --max-prompts (64), `max_tokens` <= --max-tokens
+  (default: the model's context), `logprobs` and `prompt_logprobs` <= --max-logprobs (vLLM's
+  default, 20; -1 for the whole vocabulary is counted as the vocabulary size, as vLLM does;
+  `--max-logprobs -1` lifts the cap), the estimated response size <= --max-response-mb (64),
+  the request body <= --max-request-mb (8);
+- NaN and infinite numbers rejected (400); a request that waits for the model longer than
+  --request-timeout-s (300) is answered 503, one whose answer takes longer 504 (the batch it
+  started runs to its end: the limits above bound it);
+- no filesystem path in any response (`/v1/models` gives the served name as `root`).
 """
 from __future__ import annotations
 
+import asyncio
+import hmac
+import json
+import ipaddress
+import os
 import secrets
 import threading
 import time
@@ -64,6 +85,36 @@ import pydantic
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI / vLLM default when a request does not say
 LOGPROB_FLOOR = -9999.0  # what vLLM sends instead of -inf (not valid JSON)
+API_KEY_ENV = "OPDFLOW_SERVE_API_KEY"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (see the module docstring); each is an `opdflow serve` flag."""
+
+    max_n: int = 64
+    max_prompts: int = 64
+    max_tokens: int | None = None        # None: the model's context length
+    max_logprobs: int = 20               # vLLM's --max-logprobs default; -1: no cap
+    max_response_mb: float = 64.0
+    max_request_mb: float = 8.0
+    request_timeout_s: float = 300.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def key_matches(header: str | None, api_key: str) -> bool:
+    """`Authorization: Bearer KEY`, compared in constant time."""
+    scheme, _, given = (header or "").partition(" ")
+    ok_scheme = hmac.compare_digest(scheme.lower().encode(), b"bearer")
+    return hmac.compare_digest(given.strip().encode(), api_key.encode()) and ok_scheme
 
 
 class ApiError(Exception):
@@ -81,7 +132,7 @@ def error_body(status: int, message: str, err_type: str, param: str | None = Non
 class CompletionRequest(pydantic.BaseModel):
     """The fields of vLLM's CompletionRequest that this server honours (others are ignored)."""
 
-    model_config = pydantic.ConfigDict(extra="ignore")
+    model_config = pydantic.ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     prompt: list[int] | list[list[int]] | str | list[str]
@@ -124,12 +175,13 @@ class Served:
     lock: threading.Lock  # one request at a time on the model
     tok_lock: threading.Lock  # a fast tokenizer's encode is not safe from several threads at once
     token_texts: dict[int, str]  # id -> decoded text, filled as tokens are named
+    limits: Limits = Limits()
 
 
 # -- loading --------------------------------------------------------------------------------
 
 def load_served(model_dir: str | Path, dtype: str = "float32", model_name: str | None = None,
-                sampler: Callable | None = None) -> Served:
+                sampler: Callable | None = None, limits: Limits | None = None) -> Served:
     from opdflow.infra import lm
     model = lm.load_model(model_dir, dtype)
     model.eval()
@@ -138,7 +190,7 @@ def load_served(model_dir: str | Path, dtype: str = "float32", model_name: str |
     return Served(model=model, tokenizer=tok, name=model_name or Path(model_dir).resolve().name,
                   root=str(model_dir), max_model_len=max_len, vocab_size=int(model.config.vocab_size),
                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, sampler=sampler or lm.sample,
-                  lock=threading.Lock(), tok_lock=threading.Lock(), token_texts={})
+                  lock=threading.Lock(), tok_lock=threading.Lock(), token_texts={}, limits=limits or Limits())
 
 
 def encode(served: Served, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -178,6 +230,41 @@ def normalize_prompts(prompt, served: Served) -> tuple[list[list[int]], list[str
             ids.append(list(p))
             texts.append(None)
     return ids, texts
+
+
+def check_limits(req: CompletionRequest, lim: Limits, vocab_size: int, max_model_len: int) -> None:
+    """What one request may ask for (Limits); vLLM's messages where vLLM has the same check."""
+    if req.n > lim.max_n:
+        raise ApiError(400, f"n={req.n} is more than this server allows per request ({lim.max_n}; "
+                            "opdflow serve --max-n)", param="n")
+    cap = lim.max_tokens or max_model_len
+    if cap and req.max_tokens is not None and req.max_tokens > cap:
+        raise ApiError(400, f"max_tokens={req.max_tokens} is more than this server allows ({cap}; "
+                            "opdflow serve --max-tokens)", param="max_tokens")
+    for field, what in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+        k = getattr(req, field)
+        if k is None or lim.max_logprobs == -1:
+            continue
+        k = vocab_size if k == -1 else k
+        if k > lim.max_logprobs:
+            raise ApiError(400, f"Requested {what} logprobs of {k}, which is greater than max allowed: "
+                                f"{lim.max_logprobs} (opdflow serve --max-logprobs)", param=field)
+
+
+def response_bytes_estimate(n_choices: int, prompt_lens: list[int], n: int, max_tokens: int,
+                            k_out: int | None, k_prompt: int | None, echo: bool) -> int:
+    """An upper-bound-ish size of the JSON answer, computed before any work: ~40 bytes per
+    top-logprob entry, ~90 per prompt-logprob entry, ~16 per token otherwise."""
+    total = 0
+    for p in prompt_lens:
+        tokens = max_tokens + (p if echo else 0)
+        per = 300 + 16 * tokens
+        if k_out is not None:
+            per += 40 * tokens * (k_out + 1)
+        if k_prompt is not None:
+            per += 90 * p * (k_prompt + 1)
+        total += per * n
+    return total
 
 
 def check_sampling(req: CompletionRequest) -> None:
@@ -388,21 +475,38 @@ def logprobs_block(steps: list[Step], served: Served, as_ids: bool) -> dict:
 # -- the completion -------------------------------------------------------------------------
 
 def complete(served: Served, req: CompletionRequest) -> dict:
+    lim = served.limits
     check_model(served, req.model)
     check_sampling(req)
+    check_limits(req, lim, served.vocab_size, served.max_model_len)
+    n_prompts = 1 if isinstance(req.prompt, str) or all(isinstance(t, int) for t in req.prompt) else len(req.prompt)
+    if n_prompts > lim.max_prompts:  # before tokenizing any of them
+        raise ApiError(400, f"{n_prompts} prompts in one request; this server allows {lim.max_prompts} "
+                            "(opdflow serve --max-prompts)", param="prompt")
     prompts, texts = normalize_prompts(req.prompt, served)
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     check_prompts(prompts, served.vocab_size, served.max_model_len, max_tokens)
     k_out = top_k_of(req.logprobs, served.vocab_size)
     k_prompt = top_k_of(req.prompt_logprobs if req.prompt_logprobs is not None
                         else (req.logprobs if req.echo else None), served.vocab_size)
+    est = response_bytes_estimate(len(prompts) * req.n, [len(p) for p in prompts], req.n, max_tokens, k_out,
+                                  k_prompt, bool(req.echo))
+    if est > lim.max_response_mb * 2**20:
+        raise ApiError(400, f"the response would be about {est / 2**20:.0f} MB, more than this server sends "
+                            f"({lim.max_response_mb:g} MB; opdflow serve --max-response-mb): ask for fewer "
+                            "choices, tokens or logprobs")
     settings = sample_settings(req, max_tokens, len(prompts) * req.n)
     seeds = sequence_seeds(req.seed, len(prompts), req.n)
-    with served.lock:
+    if not served.lock.acquire(timeout=lim.request_timeout_s):
+        raise ApiError(503, f"the model was busy for {lim.request_timeout_s:g} s; retry later",
+                       "ServiceUnavailableError")
+    try:
         gens = generate(served, prompts, seeds, req, settings)
         need_forward = k_prompt is not None or bool(k_out)
         full = [prompts[i // req.n] + g.ids for i, g in enumerate(gens)]
         rows = position_logprobs(served, full) if need_forward else [None] * len(gens)
+    finally:
+        served.lock.release()
     choices = []
     for i, g in enumerate(gens):
         p, text = prompts[i // req.n], texts[i // req.n]
@@ -441,15 +545,36 @@ def build_choice(served: Served, req: CompletionRequest, index: int, prompt: lis
 # -- the app --------------------------------------------------------------------------------
 
 def make_app(model_dir: str | Path, dtype: str = "float32", model_name: str | None = None,
-             sampler: Callable | None = None):
-    """The FastAPI app serving `model_dir`. `sampler` has `infra.lm.sample`'s signature (the default)."""
+             sampler: Callable | None = None, api_key: str | None = None, limits: Limits | None = None):
+    """The FastAPI app serving `model_dir`. `sampler` has `infra.lm.sample`'s signature (the default);
+    with `api_key`, every route but /health needs `Authorization: Bearer <api_key>`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
 
-    served = load_served(model_dir, dtype, model_name, sampler)
-    app = FastAPI(title=f"opdflow serve {served.name}")
+    served = load_served(model_dir, dtype, model_name, sampler, limits)
+    lim = served.limits
+    app = FastAPI(title=f"opdflow serve {served.name}", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served = served
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if api_key and request.url.path != "/health" and not key_matches(request.headers.get("authorization"),
+                                                                          api_key):
+            return JSONResponse(error_body(401, "Unauthorized: send the server's API key as "
+                                                "'Authorization: Bearer KEY'", "AuthenticationError"),
+                                status_code=401)
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return JSONResponse(error_body(411, "a POST needs a Content-Length header", "BadRequestError"),
+                                    status_code=411)
+            if int(length) > lim.max_request_mb * 2**20:
+                return JSONResponse(error_body(413, f"request body of {int(length)} bytes is more than this server "
+                                                    f"accepts ({lim.max_request_mb:g} MB; opdflow serve "
+                                                    "--max-request-mb)", "BadRequestError"), status_code=413)
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
@@ -467,7 +592,7 @@ def make_app(model_dir: str | Path, dtype: str = "float32", model_name: str | No
     @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "opdflow", "root": served.root, "parent": None,
+                                            "owned_by": "opdflow", "root": served.name, "parent": None,
                                             "max_model_len": served.max_model_len}]}
 
     @app.post("/tokenize")
@@ -477,17 +602,42 @@ def make_app(model_dir: str | Path, dtype: str = "float32", model_name: str | No
         return {"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids, "token_strs": None}
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
-        return JSONResponse(complete(served, req))  # plain JSON: skips FastAPI's slow re-encoding
+    async def completions(req: CompletionRequest):
+        try:
+            body = await asyncio.wait_for(run_in_threadpool(complete, served, req), lim.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the request took longer than {lim.request_timeout_s:g} s (opdflow serve "
+                                "--request-timeout-s); ask for less", "TimeoutError") from None
+        data = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()  # no re-encoding
+        if len(data) > lim.max_response_mb * 2**20:
+            raise ApiError(400, f"the response is {len(data) / 2**20:.1f} MB, more than this server sends "
+                                f"({lim.max_response_mb:g} MB; opdflow serve --max-response-mb)")
+        return Response(data, media_type="application/json")
 
     return app
 
 
+class ServeRefused(ValueError):
+    """`opdflow serve` will not start as asked (e.g. a public address without an API key)."""
+
+
+def resolve_api_key(host: str, api_key: str | None) -> str | None:
+    """The key from --api-key or OPDFLOW_SERVE_API_KEY; refuses a non-loopback host without one."""
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    if key is None and not is_loopback(host):
+        raise ServeRefused(f"--host {host} is reachable from other machines: set an API key "
+                           f"({API_KEY_ENV}=... in the environment, or --api-key) and give it to the clients "
+                           f"(rollout/scoring.openai.api_key_env names the variable that holds it)")
+    return key
+
+
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
-          model_name: str | None = None) -> None:
+          model_name: str | None = None, api_key: str | None = None, limits: Limits | None = None) -> None:
     """Run the server in the foreground (uvicorn) until interrupted."""
     import uvicorn
-    app = make_app(model_dir, dtype, model_name)
+    key = resolve_api_key(host, api_key)
+    app = make_app(model_dir, dtype, model_name, api_key=key, limits=limits)
     name = app.state.served.name
-    print(f"opdflow serve: `{name}` from {model_dir} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    print(f"opdflow serve: `{name}` from {model_dir} on http://{host}:{port}/v1"
+          + (" (API key required)" if key else " (no API key: loopback only)"), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=5)

@@ -53,6 +53,10 @@ class StoreError(Exception):
     """Any store failure; the message always names the key or location."""
 
 
+class StoreMissing(StoreError):
+    """A local store directory that does not exist, opened by a command that only reads."""
+
+
 class ObjectMissing(StoreError):
     """The object does not exist."""
 
@@ -68,6 +72,14 @@ class ChecksumError(StoreError):
         super().__init__(f"checksum mismatch for {key!r} ({location}): "
                          f"expected sha256 {expected}, actual sha256 {actual}")
         self.key, self.location, self.expected, self.actual = key, location, expected, actual
+
+
+class CorruptObject(StoreError):
+    """An object that is present but cannot be parsed (truncated JSON, garbage Parquet): names its file."""
+
+    def __init__(self, key: str, location: str, detail: str):
+        super().__init__(f"cannot parse {key!r} ({location}): {detail}")
+        self.key, self.location, self.detail = key, location, detail
 
 
 class InvalidKey(StoreError, ValueError):
@@ -208,6 +220,24 @@ class Store(ABC):
     def check(self) -> None:
         """Raise StoreError naming the uri unless the store is reachable and writable."""
 
+    def get_json(self, key: str, sha256: str | None = None):
+        """Read and parse a JSON object; a parse error raises CorruptObject naming the file."""
+        import json
+        data = self.get_bytes(key, sha256=sha256)
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptObject(key, self.describe(key), f"not valid JSON ({e}; {len(data)} bytes)") from None
+
+    def sha256(self, key: str) -> str:
+        """The object's sha256, streamed (not held in memory). Raises ObjectMissing."""
+        with self.open_stream(key) as f:
+            return _hash_stream(f)
+
+    @abstractmethod
+    def open_stream(self, key: str):
+        """A context manager giving a binary file-like object reading `key`. Raises ObjectMissing."""
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key starting with `prefix`; return how many. '' is refused."""
         if not prefix:
@@ -240,8 +270,10 @@ class Store(ABC):
 class LocalStore(Store):
     """A directory; objects are files at `root/<key>`."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, create: bool = True):
         self.root = Path(root).expanduser().resolve()
+        if not create and not self.root.is_dir():  # reading commands never create a store to say "no run"
+            raise StoreMissing(f"no store at {self.root} (the directory does not exist)")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -281,6 +313,14 @@ class LocalStore(Store):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    @contextmanager
+    def open_stream(self, key: str):
+        path = self._path(key)
+        with self._errors(key, "read"):
+            f = open(path, "rb")
+        with f:
+            yield f
 
     def list(self, prefix: str = "") -> list[str]:
         _validate_prefix(prefix)
@@ -425,6 +465,18 @@ class S3Store(Store):
             tmp.unlink(missing_ok=True)
         return dest
 
+    @contextmanager
+    def open_stream(self, key: str):
+        full = self._key(key)
+        client = self._client_checked()
+        with self._errors(key, "read"):
+            body = client.get_object(Bucket=self.bucket, Key=full)["Body"]
+        try:
+            with self._errors(key, "read"):
+                yield body
+        finally:
+            body.close()
+
     def exists(self, key: str) -> bool:
         full = self._key(key)
         client = self._client_checked()
@@ -506,10 +558,11 @@ class S3Store(Store):
 
 # ----------------------------------------------------------------------------- opening
 
-def open_store(uri: str | os.PathLike) -> Store:
-    """`s3://bucket/prefix` -> S3Store; `file:///abs/path` or a plain path -> LocalStore."""
+def open_store(uri: str | os.PathLike, create: bool = True) -> Store:
+    """`s3://bucket/prefix` -> S3Store; `file:///abs/path` or a plain path -> LocalStore.
+    `create=False`: a local directory that does not exist raises StoreMissing (nothing is created)."""
     if isinstance(uri, os.PathLike):
-        return LocalStore(uri)
+        return LocalStore(uri, create)
     if not isinstance(uri, str) or not uri:
         raise StoreError(f"invalid store URI {uri!r}")
     if uri.startswith("s3://"):
@@ -519,7 +572,7 @@ def open_store(uri: str | os.PathLike) -> Store:
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
             raise StoreError(f"invalid store URI {uri!r}: use file:///absolute/path")
-        return LocalStore(unquote(parsed.path))
+        return LocalStore(unquote(parsed.path), create)
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", uri):
         raise StoreError(f"unsupported store URI {uri!r}: use s3://bucket/prefix, file:///path or a path")
-    return LocalStore(uri)
+    return LocalStore(uri, create)

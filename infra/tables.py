@@ -18,5 +18,12 @@ def table_to_parquet(table) -> bytes:
     return buf.getvalue()
 
 
-def parquet_to_table(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
+def parquet_to_table(data: bytes, where: str | None = None) -> pa.Table:
+    """Parse Parquet bytes; an unreadable table raises CorruptObject naming its file (`where`,
+    or the path that `Run.read` attached to the bytes)."""
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        from opdflow.infra.store import CorruptObject
+        loc = where or getattr(data, "where", "<bytes not read from the store>")
+        raise CorruptObject(loc.rsplit("/", 1)[-1], loc, f"not a readable Parquet table ({e})") from None

@@ -14,6 +14,8 @@ pair into a Prefect task that:
 """
 from __future__ import annotations
 
+import logging
+import os
 import re
 from typing import Callable
 
@@ -21,15 +23,19 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from opdflow.infra.config import ConfigError
+from opdflow.infra.failures import PermanentFailure, permanent_cause
 from opdflow.infra.manifest import Run, RunError
-from opdflow.infra.store import ChecksumError, InvalidKey
+from opdflow.infra.store import ChecksumError, CorruptObject, InvalidKey
 
-PERMANENT = (ConfigError, RunError, ChecksumError, InvalidKey, ValueError, TypeError, KeyError,
-             NotImplementedError, ImportError)
+PERMANENT = (ConfigError, RunError, ChecksumError, CorruptObject, InvalidKey, PermanentFailure, ValueError, TypeError,
+             KeyError, NotImplementedError, ImportError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    return not isinstance(exc, PERMANENT)
+    """Worth retrying? No for the PERMANENT types, and no for causes recognised whatever the
+    type (corrupt weights, no hub access, out of memory, a failed training subprocess:
+    `infra/failures.py`)."""
+    return not isinstance(exc, PERMANENT) and permanent_cause(exc) is None
 
 
 def _retry_condition(task, task_run, state) -> bool:
@@ -45,9 +51,26 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
+def config_name(run_id: str) -> str:
+    """The config a run id was made from: its stem before the 8-hex suffix that default and
+    deployment run ids carry (`demo-1a2b3c4d` -> `demo`); a run id without one is its own
+    name. Artifact keys start with it, so one key's history is one config's runs."""
+    return re.sub(r"-[0-9a-f]{8}$", "", run_id) or run_id
+
+
 def in_prefect_run() -> bool:
     from prefect.context import TaskRunContext
     return TaskRunContext.get() is not None
+
+
+def _publish_context(run_id: str | None) -> str | None:
+    """The run id whose namespace an artifact goes under, if there is a Prefect run to attach
+    it to (a task run: its `run_id` parameter; a flow run: `run_id` must be given)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    t = TaskRunContext.get()
+    if t is not None:
+        return run_id or (t.parameters or {}).get("run_id")
+    return run_id if FlowRunContext.get() is not None else None
 
 
 def prefect_progress(stage: str) -> Callable[[float, str], None]:
@@ -94,16 +117,58 @@ def progress_for(stage: str) -> Callable[[float, str], None]:
     return update
 
 
-def publish_markdown(key: str, markdown: str, description: str) -> None:
-    if in_prefect_run():
+def publish_markdown(key: str, markdown: str, description: str, run_id: str | None = None) -> None:
+    """A markdown artifact keyed `<config name>-<key>` on the current task or flow run."""
+    rid = _publish_context(run_id)
+    if rid is not None:
         from prefect.artifacts import create_markdown_artifact
-        create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+        create_markdown_artifact(key=artifact_key(config_name(rid), key), markdown=markdown, description=description)
 
 
-def publish_table(key: str, rows: list[dict], description: str) -> None:
-    if in_prefect_run() and rows:
+def publish_table(key: str, rows: list[dict], description: str, run_id: str | None = None) -> None:
+    rid = _publish_context(run_id)
+    if rid is not None and rows:
         from prefect.artifacts import create_table_artifact
-        create_table_artifact(key=artifact_key(key), table=rows, description=description)
+        create_table_artifact(key=artifact_key(config_name(rid), key), table=rows, description=description)
+
+
+def failure_line(stage: str, run_id: str, store_uri: str, exc: BaseException) -> str:
+    """What failed and what to do, in one line: the reason, whether it is retried, the rerun command."""
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if len(reason) > 400:
+        reason = reason[:400] + " ... (full message and traceback in the task run's log)"
+    what = "retrying" if is_transient(exc) else "not retried (a retry cannot fix it)"
+    return (f"stage {stage} failed, {what}: {reason} | after fixing: opdflow stage {stage} --run-id {run_id} "
+            f"--store {store_uri}")
+
+
+class _NoTraceback(logging.Formatter):
+    """A console formatter that prints a record's message without its traceback (the API
+    log handler, i.e. the Prefect UI's Logs tab, still gets the traceback)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def quiet_console_tracebacks() -> None:
+    """Prefect's console handlers print one line per failed task/flow run, not the traceback
+    (set OPDFLOW_TRACEBACKS=1 to keep them). Idempotent."""
+    if os.environ.get("OPDFLOW_TRACEBACKS") == "1":
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for h in logging.getLogger(name).handlers:
+            if isinstance(h, PrefectConsoleHandler) and not isinstance(h.formatter, _NoTraceback):
+                h.setFormatter(_NoTraceback(h.formatter))
 
 
 def entry_summary(entry: dict) -> dict:
@@ -120,7 +185,12 @@ def stage_task(kind: str, run_fn: Callable[..., tuple[dict, bool]],
           retry_condition_fn=_retry_condition, cache_policy=NONE, persist_result=False)
     def _task(store_uri: str, run_id: str, stage: str, force: bool = False) -> dict:
         run = Run.open(store_uri, run_id)
-        entry, ran = run_fn(run, stage, force=force, progress=progress_for(stage))
+        try:
+            entry, ran = run_fn(run, stage, force=force, progress=progress_for(stage))
+        except Exception as e:
+            from prefect.logging import get_run_logger
+            get_run_logger().error(failure_line(stage, run_id, store_uri, e))
+            raise
         if report_fn is not None:
             publish_markdown(stage, report_fn(run, entry),
                              f"{stage} of run {run_id}" + ("" if ran else " (committed earlier, skipped)"))

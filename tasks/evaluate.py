@@ -28,8 +28,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from opdflow.evals.harness import evaluate, merge_sample_scores, task_documents, write_arith_task
+from opdflow.infra.builtin import builtin
 from opdflow.infra.config import ConfigError
-from opdflow.infra.manifest import Run, StageContext
+from opdflow.infra.manifest import Run, StageContext, file_inputs
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import checkpoint_of, parse
@@ -42,9 +43,11 @@ SAMPLE_SCHEMA = pa.schema([("task", pa.string()), ("doc_id", pa.int64()), ("reco
 def _includes(run: Run, tmp: Path) -> list[Path]:
     c = run.config
     includes = [Path(c.eval.include_path)] if c.eval.include_path else []
-    if ARITH in c.eval.tasks:
+    b = builtin(c.data.source)  # demo -> opdflow_arith, planted -> opdflow_planted
+    if b and b.eval_task in c.eval.tasks:
         rows = [r for r in prompts_stage.load(run) if r["split"] == "eval"]
-        includes.append(write_arith_task(tmp, [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]))
+        includes.append(write_arith_task(tmp, [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows],
+                                         task_name=b.eval_task, template=b.template))
     return includes
 
 
@@ -64,6 +67,8 @@ def _stage(run: Run, stage: str):
     src_stage, prefix = checkpoint_of(c, label)
     dtype = c.teacher.dtype if label == "teacher" else c.student.dtype
     inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, prefix, "model")}
+    if c.eval.include_path:  # the task definitions are read by path: their content is part of the identity
+        inputs.update(file_inputs("eval.include_path", c.eval.include_path))
     params = {"eval": c.section("eval"), "label": label, "dtype": dtype}
 
     def shard_body(ctx: StageContext, i: int, n: int) -> None:

@@ -10,9 +10,10 @@ import collections
 
 import pyarrow as pa
 
+from opdflow.infra.config import BUILTINS
 from opdflow.infra.data import load_prompts
 from opdflow.infra.lm import encode_prompt, load_tokenizer
-from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.manifest import Run, StageContext, file_inputs, run_stage
 from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks.common import stage_task
 
@@ -22,6 +23,8 @@ def run(run: Run, stage: str = "prompts", force: bool = False, progress=None) ->
     tok_inputs = {n: r for n, r in run.model_inputs("models", "student").items()
                   if "token" in n or n.endswith("/external")}
     params = {"data": c.section("data"), "seed": c.seed}
+    if c.data.source not in BUILTINS and not c.data.source.startswith("hf:"):
+        tok_inputs.update(file_inputs("data.source", c.data.source))  # read by path: its content is identity
 
     def body(ctx: StageContext) -> None:
         rows = load_prompts(c)

@@ -7,10 +7,23 @@ the round's rollouts, `train.batch_size` sequences each, in a seeded order. The 
 student's full-vocabulary logits and the teacher's stored top-k, averaged over response
 tokens. Triton kernels on CUDA, the PyTorch reference elsewhere (`train.kernel`).
 
-Ablation arms (`ablate-rock.*`, `ablate-random.*`) are this same stage with the loss
-weight of some token ids set to zero: the rock tokens found by the `rock` stage, or a
-frequency-matched random set. Zero-weighted tokens drop out of the sum; the mean is
-still over all response tokens, so the other tokens' gradients are unchanged.
+Ablation arms (`ablate-uniform.sN.*`, `ablate-rock.sN.*`, `ablate-random.sN.*`, one
+run per arm and seed N) are this same stage with the loss weight of some token ids set
+to zero: none (uniform), the rock tokens found by the `rock` stage, or a random control
+set. Zero-weighted tokens drop out of the sum; the mean is still over all response
+tokens, so the other tokens' gradients are unchanged. Which position is zeroed is
+`ablation.position` (`train_worker.zeroed_ids`): `target` (default), the position whose
+generated token is in the set, as the paper's equation charges the KL to the generated
+token; `input`, the position whose input id is in the set (one later), as the paper's
+reference code does.
+
+The bypass set is fixed in an arm's round 1 and written as `bypass.json` (rounds 2..R
+copy it). The random control is drawn there, once per seed, from ids that are not rocks,
+controls, dropped or special, to match the share of the round's trained positions that
+the rock set takes (`rock.matched_random`, within `ablation.random_share_tolerance`):
+round 1 trains every arm of a seed on the same rollouts, so that share is exactly what the
+rock arm bypasses in its first round. Later rounds' realised shares are in each round's
+`bypassed_fraction`, shown side by side in the report.
 
 Outputs: `model/*` (safetensors + config + tokenizer), `optimizer.safetensors` and
 `optimizer.json` (the state the next round resumes), `token_losses.parquet` (every
@@ -41,6 +54,7 @@ batches are a fixed seeded sequence, so the data position is just the step numbe
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -55,22 +69,43 @@ from opdflow.infra.manifest import Run, RunError, StageContext, run_stage
 from opdflow.tasks import rollout as rollout_stage
 from opdflow.tasks import score as score_stage
 from opdflow.tasks.common import stage_task
-from opdflow.tasks.plan import parse, round_stage, student_before
-from opdflow.tasks.train_worker import PROGRESS, train_round
+from opdflow.infra.lm import derive_seed
+from opdflow.tasks.plan import ARMS, parse, rollout_of, round_stage, seed_tag, student_before
+from opdflow.tasks.train_worker import PROGRESS, train_round, zeroed_ids
 
 
-def bypass_tokens(run: Run, arm: str) -> list[int]:
-    if arm == "main":
-        return []
-    sets = json.loads(run.read_output("rock", "rock_sets.json"))
-    return sorted(sets["rock" if arm == "ablate-rock" else "random_matched"])
+def zeroed_counts(rows: pa.Table, position: str) -> dict[int, int]:
+    """How often each id decides a position's weight in these rows (`train_worker.zeroed_ids`)."""
+    counts: dict[int, int] = {}
+    for p, r in zip(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist()):
+        for t in zeroed_ids(p, r, position):
+            counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def draw_bypass(c, name, rock_sets: dict, rows: pa.Table) -> dict:
+    """An arm's bypass set for its seed (bypass.json), chosen in round 1 on that round's rows."""
+    from opdflow.tasks.rock import matched_random, token_share
+    counts = zeroed_counts(rows, c.ablation.position)
+    rock = sorted(rock_sets["rock"])
+    out = {"arm": name.arm, "seed": name.seed, "position": c.ablation.position,
+           "rock_share": token_share(counts, rock)}
+    if name.arm == ARMS["uniform"]:
+        return {**out, "ids": [], "share": 0.0}
+    if name.arm == ARMS["rock"]:
+        return {**out, "ids": rock, "share": out["rock_share"]}
+    excluded = set(rock) | set(rock_sets["control"]) | set(rock_sets["dropped"]) | set(rock_sets.get("special", []))
+    draw = matched_random(counts, rock, excluded, derive_seed(c.seed, *seed_tag(name), "random-control"),
+                          c.ablation.random_share_tolerance)
+    return {**out, **draw}
 
 
 def round_rows(run: Run, ro_stage: str, sc_stage: str) -> pa.Table:
-    """The round's rollouts with the teacher's top-k beside each response."""
+    """The round's rollouts with the teacher's top-k and tail log-mass beside each response."""
     ro, sc = rollout_stage.load(run, ro_stage), score_stage.load(run, sc_stage)
     return ro.select(["prompt_id", "sample_idx", "prompt_ids", "response_ids", "logprobs"]).append_column(
-        "topk_ids", sc["topk_ids"]).append_column("topk_logprobs", sc["topk_logprobs"])
+        "topk_ids", sc["topk_ids"]).append_column("topk_logprobs", sc["topk_logprobs"]).append_column(
+        score_stage.TAIL_COLUMN, sc[score_stage.TAIL_COLUMN])
 
 
 def latest_partial(store, prefix: str, dest: Path) -> Path | None:
@@ -100,24 +135,31 @@ def launch(spec_path: Path, nproc: int, progress) -> None:
         else:
             tail = (tail + [line.rstrip()])[-60:]
     if proc.wait() != 0:
-        raise RuntimeError(f"torchrun ({nproc} processes) failed with exit code {proc.returncode}:\n" + "\n".join(tail))
+        from opdflow.infra.failures import SubprocessFailed
+        raise SubprocessFailed(f"torchrun ({nproc} processes) failed with exit code {proc.returncode}:\n"
+                               + "\n".join(tail))
 
 
 def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict, bool]:
     c = run.config
     name = parse(stage)
-    src_stage, src_prefix = student_before(c, name.arm, name.round)
+    src_stage, src_prefix = student_before(c, name.arm, name.round, name.seed)
     src = run.require(src_stage)
-    ro_stage, sc_stage = round_stage("rollout", name.round, name.arm), round_stage("score", name.round, name.arm)
+    ro_stage, sc_stage = rollout_of(name)
     inputs = {**run.outputs_under(ro_stage, "rollouts"), **run.outputs_under(sc_stage, "scores"),
               **run.model_inputs(src_stage, src_prefix, "student")}
     if name.round > 1:
         inputs.update({n: src["outputs"][n] for n in ("optimizer.safetensors", "optimizer.json")})
-    if name.arm != "main":
+    if name.arm != "main" and name.round == 1:
         inputs["rock_sets"] = run.output("rock", "rock_sets.json")
+    elif name.arm != "main":
+        inputs["bypass.json"] = run.output(round_stage("train", 1, name.arm, name.seed), "bypass.json")
     train_params = {k: v for k, v in c.section("train").items() if k not in c.EXECUTION_TRAIN}
     params = {"train": train_params, "seed": c.seed, "round": name.round, "arm": name.arm,
               "student": c.section("student")}
+    if name.arm != "main":
+        params.update(ablation_seed=name.seed, position=c.ablation.position,
+                      random_share_tolerance=c.ablation.random_share_tolerance)
 
     def body(ctx: StageContext) -> None:
         with tempfile.TemporaryDirectory(prefix="opdflow-train-") as tmp:
@@ -130,7 +172,13 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
             else:
                 launch(spec_path, c.train.nproc_per_node, ctx.progress)
             commit_outputs(ctx, Path(spec["out"]))
+            if name.arm != "main":
+                ctx.put_json("bypass.json", spec["bypass_record"])
+                ctx.metrics["bypass"] = {**{k: v for k, v in spec["bypass_record"].items() if k != "ids"},
+                                         "n_ids": len(spec["bypass_record"]["ids"])}
             record_mismatch(ctx, c, Path(spec["rows"]), Path(spec["out"]) / "token_losses.parquet")
+            from opdflow.infra.tracking import train_scalars, write_events  # per-step curves for TensorBoard
+            ctx.put_dir("tensorboard", write_events(work / "tensorboard", train_scalars(ctx.metrics.get("step_log", []))))
 
     entry, ran = run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
     if ran:  # in-round checkpoints are only for resuming this attempt; the commit supersedes them
@@ -142,10 +190,18 @@ def prepare(run: Run, ctx: StageContext, work: Path, name, src_stage, src_prefix
             inputs) -> dict:
     """The work directory a round trains from: everything local, verified, no store reads
     left for the (possibly many) training processes except their checkpoint uploads."""
-    pq.write_table(round_rows(run, ro_stage, sc_stage), work / "rows.parquet")
+    rows = round_rows(run, ro_stage, sc_stage)
+    pq.write_table(rows, work / "rows.parquet")
+    record = None
+    if name.arm != "main" and name.round == 1:
+        record = draw_bypass(run.config, name, json.loads(run.read(inputs["rock_sets"])), rows)
+    elif name.arm != "main":
+        record = json.loads(run.read(inputs["bypass.json"]))
     spec = {"config": json.loads(run.config.to_json()), "arm": name.arm, "round": name.round,
+            "seed_tag": list(seed_tag(name)),
             "src_model": str(run.materialize(src_stage, src_prefix)), "rows": str(work / "rows.parquet"),
-            "bypass": bypass_tokens(run, name.arm), "store": run.store.uri, "work": str(work),
+            "bypass": sorted(record["ids"]) if record else [], "bypass_record": record,
+            "store": run.store.uri, "work": str(work),
             "partial_prefix": f"{ctx.out_prefix}/partial", "out": str(work / "out"), "optimizer": None,
             "resume": None}
     if name.round > 1:
@@ -208,11 +264,15 @@ def mismatch_section(run: Run, entry: dict) -> list[str]:
 
 def report(run: Run, entry: dict) -> str:
     m = dict(entry["metrics"])
-    losses = m.pop("losses", [])
+    m.pop("losses", [])
     m.pop("mismatch", None)
+    from opdflow.infra.tracking import curves_png, train_scalars
+    png = curves_png({entry["stage"]: train_scalars(m.pop("step_log", []))},
+                     tags=("train/loss", "train/divergence", "train/grad_norm", "train/mismatch_k3"))
+    curves = ["## Per step", "", f"![curves](data:image/png;base64,{base64.b64encode(png).decode()})",
+              "", "The same curves: this stage's `tensorboard/` output (TensorBoard event files)."] if png else []
     return "\n".join([f"# {entry['stage']} — run `{run.run_id}`", "", "| metric | value |", "|---|---|",
-                      *[f"| {k} | {v} |" for k, v in m.items()], "",
-                      f"Loss per step: {', '.join(f'{x:.4f}' for x in losses)}", "",
+                      *[f"| {k} | {v} |" for k, v in m.items()], "", *curves, "",
                       f"Kernel/device: `{entry['backend']}`", *mismatch_section(run, entry)])
 
 

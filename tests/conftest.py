@@ -243,12 +243,14 @@ class PrefectServer(ServerProcess):
 class OpdflowServe(ServerProcess):
     """`opdflow serve MODEL_DIR` as a subprocess on a loopback port; `url` is its root."""
 
-    def __init__(self, model_dir, name: str = "tiny", start_timeout: float = 120.0):
+    # the tests score with k up to the whole (tiny) vocabulary: no logprobs cap unless a test sets one
+    def __init__(self, model_dir, name: str = "tiny", start_timeout: float = 120.0,
+                 args: tuple[str, ...] = ("--max-logprobs", "-1"), env: dict | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
         super().__init__([sys.executable, "-m", "opdflow.flows.cli", "serve", str(model_dir), "--host", "127.0.0.1",
-                          "--port", str(self.port), "--name", name], f"{self.url}/health", env, start_timeout)
+                          "--port", str(self.port), "--name", name, *args], f"{self.url}/health", env, start_timeout)
 
 
 @pytest.fixture(scope="session")
@@ -257,8 +259,8 @@ def opdflow_serve():
     any still running are stopped at the end of the session."""
     started: list[OpdflowServe] = []
 
-    def start(model_dir, name: str = "tiny") -> OpdflowServe:
-        started.append(OpdflowServe(model_dir, name))
+    def start(model_dir, name: str = "tiny", **kw) -> OpdflowServe:
+        started.append(OpdflowServe(model_dir, name, **kw))
         return started[-1]
     yield start
     for srv in started:
