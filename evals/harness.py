@@ -36,13 +36,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["TASK_TEMPLATE", "write_arith_task", "evaluate", "flatten_metrics"]
+__all__ = ["TASK_TEMPLATE", "write_arith_task", "evaluate", "flatten_metrics", "unknown_tasks"]
 
 TASK_TEMPLATE = Path(__file__).parent / "tasks" / "opdflow_arith.yaml"
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def write_arith_task(dest_dir: Path, examples: list[dict], task_name: str = "opdflow_arith") -> Path:
+def write_arith_task(dest_dir: Path, examples: list[dict], task_name: str = "opdflow_arith",
+                     template: Path = TASK_TEMPLATE) -> Path:
     """Write ``<task_name>.jsonl`` and ``<task_name>.yaml`` into ``dest_dir``; return ``dest_dir``.
 
     Each example is a demo example dict (``prompt``, ``answer``, ``solution``). The YAML points at
@@ -54,7 +55,7 @@ def write_arith_task(dest_dir: Path, examples: list[dict], task_name: str = "opd
     dest_dir.mkdir(parents=True, exist_ok=True)
     data = dest_dir / f"{task_name}.jsonl"
     data.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in examples))
-    config = yaml.safe_load(TASK_TEMPLATE.read_text())
+    config = yaml.safe_load(Path(template).read_text())  # opdflow_arith.yaml, or a built-in task's
     config["task"] = task_name
     config["dataset_kwargs"] = {
         "data_files": {"test": str(data)},
@@ -214,6 +215,19 @@ def _task_manager(tasks: list[str], include_path):
     local = set().union(*(_local_task_names(Path(p)) for p in
                           ([include] if isinstance(include, str) else include or [])))
     return TaskManager(include_path=include, include_defaults=not set(tasks) <= local)
+
+
+def unknown_tasks(tasks: list[str], include_path=None) -> dict[str, list[str]]:
+    """The names in ``tasks`` that lm-eval cannot resolve (as task, group or tag) with
+    ``include_path``, each with up to three close matches. Reads task YAMLs only (no data,
+    no model): lm-eval's own index, so what passes here is what ``evaluate`` will find."""
+    import difflib
+    import logging
+    _force_offline()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its index warns about tasks it skips
+    manager = _task_manager(tasks, include_path)
+    known = set(manager.all_tasks)
+    return {t: difflib.get_close_matches(t, known, n=3, cutoff=0.6) for t in tasks if t not in known}
 
 
 def task_documents(tasks: list[str], include_path=None, limit: int | None = None) -> dict[str, dict]:

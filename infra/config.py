@@ -25,8 +25,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opdflow.infra.demo import DemoSpec
+from opdflow.infra.planted import PlantedSpec
 
 DEMO = "demo"
+PLANTED = "planted"
+BUILTINS = (DEMO, PLANTED)  # the built-in tasks (infra/builtin.py): data source and model pair
 
 
 class ConfigError(ValueError):
@@ -42,16 +45,23 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str = Field(DEMO, description="a Hugging Face model dir, or 'demo' for the embedded demo model")
+    path: str = Field(DEMO, description="a Hugging Face model dir, or 'demo' / 'planted' for a built-in task's "
+                                        "model (the embedded demo, the planted-rock testbed)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @property
     def is_demo(self) -> bool:
         return self.path == DEMO
 
+    @property
+    def is_builtin(self) -> bool:
+        """A built-in task's model (demo or planted), built by the models stage."""
+        return self.path in BUILTINS
+
 
 class DataConfig(_Section):
-    source: str = Field(DEMO, description="'demo', a local .jsonl/.json/.parquet file, or 'hf:NAME[:SPLIT]'")
+    source: str = Field(DEMO, description="'demo', 'planted' (the planted-rock testbed, infra/planted.py), a local "
+                                          ".jsonl/.json/.parquet file, or 'hf:NAME[:SPLIT]'")
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     n_train: int = Field(512, gt=0, description="prompts available to OPD rounds")
@@ -77,14 +87,34 @@ class OpenAIConfig(_Section):
         return v
 
 
+class VllmConfig(_Section):
+    """A `vllm serve` that opdflow starts and stops itself, in vLLM's own environment (vLLM's FastAPI
+    pin cannot sit beside Prefect's): see infra/vllm_backend.py and `make vllm-env`."""
+    python: str = Field(".venv-vllm/bin/python", description="the Python of the environment vLLM is installed in "
+                        "(a relative path is taken from the working directory; `make vllm-env` builds "
+                        ".venv-vllm with vLLM's CPU build)")
+    command: list[str] = Field([], description="instead of `python -m vllm.entrypoints.cli.main serve`: the "
+                               "command that starts vLLM's server, e.g. ['/opt/vllm/bin/vllm', 'serve']; "
+                               "opdflow appends the model dir and its flags")
+    extra_args: list[str] = Field([], description="more `vllm serve` flags, passed as they are (e.g. "
+                                  "['--gpu-memory-utilization', '0.8']); recorded with the result")
+    max_model_len: int | None = Field(None, ge=2, description="--max-model-len; unset: the model's context")
+    kv_cache_gib: float | None = Field(1.0, gt=0.0, description="KV-cache size in GiB (--kv-cache-memory-bytes); "
+                                       "null: vLLM sizes it (a share of the GPU's memory, or on its CPU build of "
+                                       "the machine's RAM)")
+    startup_timeout_s: float = Field(600.0, gt=0.0, description="how long to wait for the server's /health")
+    concurrency: int = Field(16, ge=1, description="requests in flight to the server")
+
+
 RolloutBackend = Literal["auto", "transformers", "native", "vllm", "openai"]
 
 
 class RolloutConfig(_Section):
-    backend: RolloutBackend = Field("auto", description="auto (native on CUDA, transformers elsewhere) | "
-                                    "transformers | native (static KV cache, CUDA graphs) | vllm (needs CUDA and "
-                                    "vLLM) | openai (a completions server that serves the current student; see "
-                                    "rollout.openai)")
+    backend: RolloutBackend = Field("auto", description="auto (transformers; native is picked on CUDA only once "
+                                    "its CUDA-graph path has passed its GPU tests) | transformers | native (static "
+                                    "KV cache, CUDA graphs) | vllm (a `vllm serve` opdflow starts per round in "
+                                    "vLLM's own environment; see rollout.vllm) | openai (a completions server that "
+                                    "serves the current student; see rollout.openai)")
     samples_per_prompt: int = Field(4, ge=1)
     prompts_per_round: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
@@ -93,17 +123,23 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(64, ge=1)
     openai: OpenAIConfig = OpenAIConfig()
+    vllm: VllmConfig = Field(VllmConfig(), description="rollout.backend: vllm: the server opdflow starts on "
+                             "each round's student checkpoint")
 
 
 class ScoringConfig(_Section):
-    backend: Literal["transformers", "openai"] = Field("transformers", description="transformers (in process, "
-                                                       "chunked LM head) | openai (a server serving the teacher; "
-                                                       "see scoring.openai)")
+    backend: Literal["transformers", "vllm", "openai"] = Field("transformers", description="transformers (in "
+                                                               "process, chunked LM head) | vllm (a `vllm serve` "
+                                                               "opdflow starts on the teacher; see scoring.vllm) | "
+                                                               "openai (a server serving the teacher; see "
+                                                               "scoring.openai)")
     top_k: int = Field(64, ge=1, description="teacher top-k kept per position; k >= vocab size is exact")
     batch_size: int = Field(64, ge=1)
     chunk_tokens: int = Field(4096, ge=1, description="transformers backend: LM-head rows computed at once "
                                                       "(bounds the logits' memory)")
     openai: OpenAIConfig = OpenAIConfig()
+    vllm: VllmConfig = Field(VllmConfig(), description="scoring.backend: vllm: the server opdflow starts on the "
+                             "teacher (--max-logprobs = top_k)")
 
 
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "akl"]
@@ -159,7 +195,20 @@ class RockConfig(_Section):
     n_control: int = Field(100, ge=0, description="the next n_control ranks are control tokens")
     drop_top: int = Field(5, ge=0, description="most frequent token ids dropped before ranking")
     samples_per_prompt: int = Field(1, ge=1)
-    checkpoints: list[str] = Field(["initial", "middle", "final"], min_length=1)
+    checkpoints: list[str] = Field(["initial", "middle", "final"], min_length=1,
+                                   description="student checkpoints compared (initial, middle, final or rN); the "
+                                               "rock set is always selected on the latest of them in training "
+                                               "order, whatever order they are listed in")
+    min_freq: int = Field(2, ge=1, description="token ids seen fewer times than this on the probe set are not "
+                                               "ranked (the reference code's minimum frequency is 2)")
+    probe_decoding: Literal["sampled", "greedy"] = Field(
+        "sampled", description="how the final student answers the probe prompts: sampled (default: with the "
+                               "rollout settings, i.e. the on-policy distribution training sees) or greedy (as "
+                               "the paper's reference code probes)")
+    special_eligible: bool = Field(False, description="whether special ids (BOS/EOS/pad, the tokenizer's special "
+                                                      "tokens) can be rock or control tokens; default false: "
+                                                      "bypassing EOS changes when answers stop, not what they say. "
+                                                      "They are never in the random control either way")
 
     @field_validator("checkpoints")
     @classmethod
@@ -171,11 +220,35 @@ class RockConfig(_Section):
 
 
 class AblationConfig(_Section):
-    enabled: bool = True
-    rounds: int = Field(2, ge=1, description="OPD rounds per ablation arm, from the initial student")
-    arms: list[Literal["rock", "random"]] = ["rock", "random"]
-    patching: bool = Field(True, description="inference-time patching at rock positions (stage `patch`): needs "
-                                             "answers it can score: demo data, or patch_answer_regex")
+    enabled: bool = Field(True, description="run the causal ablation: uniform, rocks bypassed, random bypassed")
+    rounds: int = Field(2, ge=1, description="OPD rounds per ablation arm and seed, from the initial student; "
+                                             "every round's checkpoint is evaluated (learning curves)")
+    arms: list[Literal["rock", "random"]] = Field(["rock", "random"], description="the bypass arms; the uniform "
+                                                  "arm (nothing bypassed) always runs, as their baseline")
+    seeds: list[int] = Field([1, 2, 3], min_length=1, description="training seeds: every arm runs once per seed "
+                             "from the initial student, with that seed's prompt order, rollout sampling and batch "
+                             "order (the arms of one seed share them: a paired design)")
+    margin: float = Field(0.05, gt=0.0, lt=1.0, description="equivalence margin, absolute accuracy: the verdict is "
+                          "'equivalent' only when the 95% CI of the difference lies within +-margin (TOST)")
+    random_share_tolerance: float = Field(0.02, gt=0.0, lt=1.0, description="the random control's share of trained "
+                                          "tokens must be within this (absolute) of the rock set's share")
+    position: Literal["target", "input"] = Field("target", description="where a bypassed token's loss weight is "
+                                                 "zeroed: target (default, the paper's equation: the position that "
+                                                 "generates the token) or input (the reference code: the position "
+                                                 "whose input id is the token, one later)")
+    n_resamples: int = Field(4000, ge=100, description="bootstrap resamples and sign-flip permutations of the "
+                                                       "verdict's statistics")
+    patching: bool = Field(True, description="inference-time interventions at rock positions (stage `patch`: "
+                                             "teacher patching and knockout): needs answers it can score: a "
+                                             "built-in task's data (demo, planted), or patch_answer_regex")
+    patch_match_share: bool = Field(True, description="match the patching arms on the share of positions "
+                                    "substituted: the arm that substitutes more is decoded again keeping each "
+                                    "substitution with probability (lower share / higher share)")
+    knockout: bool = Field(True, description="in stage `patch`, also knock tokens out (logit -inf, the reference "
+                                             "code's intervention): one at a time and cumulatively over the ranked "
+                                             "rock set, against as many random tokens")
+    knockout_single: int = Field(4, ge=0, description="top rock ranks knocked out one at a time (and as many "
+                                                      "random tokens); the cumulative curve covers every rank")
     patch_answer_regex: str | None = Field(None, description="regex with one group capturing the answer in a "
                                                               "response (compared with data.answer_field)")
 
@@ -220,6 +293,8 @@ class Config(_Section):
     teacher: ModelConfig = ModelConfig()
     student: ModelConfig = ModelConfig()
     demo: DemoSpec = DemoSpec()
+    planted: PlantedSpec = Field(PlantedSpec(), description="the planted-rock testbed's models (used when "
+                                 "teacher.path / student.path are 'planted'): sizes, steps, calibration")
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     scoring: ScoringConfig = ScoringConfig()
@@ -233,17 +308,20 @@ class Config(_Section):
     def _cross_checks(self) -> "Config":
         for role in ("teacher", "student"):
             m: ModelConfig = getattr(self, role)
-            if not m.is_demo:
+            if not m.is_builtin:
                 p = Path(m.path).expanduser()
                 if not p.is_dir():
                     raise ValueError(f"{role}.path: model dir {m.path!r} does not exist")
                 if not (p / "config.json").is_file():
                     raise ValueError(f"{role}.path: {m.path!r} has no config.json (not a Hugging Face model dir)")
-        if self.teacher.is_demo != self.student.is_demo:
-            raise ValueError("teacher.path: the demo teacher and student go together (both 'demo' or neither)")
-        if self.ablation.enabled and self.ablation.rounds > self.train.rounds:
-            raise ValueError(f"ablation.rounds: {self.ablation.rounds} exceeds train.rounds "
-                             f"({self.train.rounds}); the uniform arm is the main run's first rounds")
+        if (self.teacher.is_builtin or self.student.is_builtin) and self.teacher.path != self.student.path:
+            raise ValueError(f"teacher.path: a built-in teacher and student go together (both 'demo', both "
+                             f"'planted', or neither); got {self.teacher.path!r} and {self.student.path!r}")
+        if self.teacher.is_builtin and self.data.source in BUILTINS and self.data.source != self.teacher.path:
+            raise ValueError(f"data.source: {self.data.source!r} prompts need the {self.data.source!r} models' "
+                             f"vocabulary; teacher.path is {self.teacher.path!r}")
+        if len(set(self.ablation.seeds)) != len(self.ablation.seeds) or min(self.ablation.seeds) < 0:
+            raise ValueError(f"ablation.seeds: {self.ablation.seeds} must be distinct non-negative integers")
         if self.train.nproc_per_node > self.train.batch_size:
             raise ValueError(f"train.nproc_per_node: {self.train.nproc_per_node} processes for a global batch of "
                              f"{self.train.batch_size} sequences would leave processes idle; lower it")
@@ -259,6 +337,9 @@ class Config(_Section):
                              "distribution; use rollout.temperature 1, top_p 1 and top_k 0")
         if "opdflow_arith" in self.eval.tasks and self.data.source != DEMO:
             raise ValueError("eval.tasks: opdflow_arith is the demo benchmark; it needs data.source: demo")
+        if "opdflow_planted" in self.eval.tasks and self.data.source != PLANTED:
+            raise ValueError("eval.tasks: opdflow_planted is the planted testbed's benchmark; it needs "
+                             "data.source: planted")
         return self
 
     def samples_the_model(self) -> bool:

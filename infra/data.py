@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from opdflow.infra.config import DEMO, Config, ConfigError
+from opdflow.infra.config import BUILTINS, Config, ConfigError
 
 SPLITS = ("train", "probe", "eval")
 
@@ -49,8 +49,9 @@ def _read_rows(source: str) -> list[dict]:
 def load_prompts(config: Config) -> list[dict]:
     """All prompt rows as dicts {prompt_id, split, prompt, answer}, validated."""
     d = config.data
-    if d.source == DEMO:
-        from opdflow.infra.demo import make_examples
+    if d.source in BUILTINS:  # a built-in task: demo or planted (infra/builtin.py)
+        from opdflow.infra.builtin import builtin
+        make_examples = builtin(d.source).load().make_examples
         rows, pid = [], 0
         for split, n in (("train", d.n_train), ("probe", d.n_probe), ("eval", d.n_eval)):
             for ex in make_examples(split, n, config.seed):

@@ -200,21 +200,24 @@ def extract_answer(text: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _vocab() -> list[str]:
+def _vocab(words: tuple[str, ...] | list[str] = tuple(WORDS)) -> list[str]:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     digits = [str(d) for d in range(10)]
-    return SPECIAL_TOKENS + digits + WHITESPACE + SYMBOLS + WORDS + letters
+    return SPECIAL_TOKENS + digits + WHITESPACE + SYMBOLS + list(words) + letters
 
 
-def build_tokenizer():
-    """A small exact-round-trip ``PreTrainedTokenizerFast`` (see the module docstring)."""
+def build_tokenizer(words: tuple[str, ...] | list[str] = tuple(WORDS)):
+    """A small exact-round-trip ``PreTrainedTokenizerFast`` (see the module docstring).
+
+    ``words``: the whole-word tokens (the demo's by default; the planted testbed,
+    infra/planted.py, adds its connectives)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(_vocab())}
+    vocab = {tok: i for i, tok in enumerate(_vocab(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Whole words first (longest first), else one character: every piece is a vocabulary entry.
-    words = "|".join(sorted(WORDS, key=len, reverse=True))
+    words = "|".join(sorted(words, key=len, reverse=True))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(rf"{words}|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(
@@ -397,7 +400,8 @@ def _save(model, tokenizer, path: Path, summary: dict) -> None:
 
 
 def _build_one(role: str, ms: ModelSpec, spec: DemoSpec, tokenizer, pool, train: list[dict],
-               check: list[dict], progress: Callable[[str, float], None] | None):
+               check: list[dict], progress: Callable[[str, float], None] | None,
+               max_new_tokens: int = MAX_RESPONSE_TOKENS + 1):
     """Initialise and train one model; returns it with its summary."""
     t0 = time.perf_counter()
     seed = spec.seed * 1000 + (0 if role == "teacher" else 1)
@@ -407,12 +411,12 @@ def _build_one(role: str, ms: ModelSpec, spec: DemoSpec, tokenizer, pool, train:
     stop_check = train[: ms.n_check]
     stats = train_model(
         model, ms, pool, seed=seed, progress=report,
-        check=lambda: greedy_accuracy(model, tokenizer, stop_check, MAX_RESPONSE_TOKENS + 1),
+        check=lambda: greedy_accuracy(model, tokenizer, stop_check, max_new_tokens),
     )
     summary = {
         "role": role,
         **stats,
-        "eval_greedy_accuracy": greedy_accuracy(model, tokenizer, check, MAX_RESPONSE_TOKENS + 1),
+        "eval_greedy_accuracy": greedy_accuracy(model, tokenizer, check, max_new_tokens),
         "eval_examples": len(check),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "model_spec": ms.model_dump(),

@@ -1,9 +1,13 @@
 """Stage `models`: resolve the teacher and the initial student.
 
-* Demo models (`path: demo`): built once per demo spec and code version, then reused
-  from the store under `demo/<hash>/` (committed by a `manifest.json` written last,
-  like a stage). The stage records those objects as its outputs `teacher/*`,
-  `student/*`, so every later stage reads them through the checksummed manifest.
+* Built-in models (`path: demo`, or `path: planted` for the planted-rock testbed, see
+  infra/builtin.py): built once per spec and code version, then reused from the store
+  under `demo/<hash>/` (committed by a `manifest.json` written last, like a stage). The
+  stage records those objects as its outputs `teacher/*`, `student/*`, so every later
+  stage reads them through the checksummed manifest. Its metrics are the models'
+  training summaries and, for the planted testbed, the calibration check
+  (`calibration`: planted-position accuracy of the teacher, the student and the student
+  architecture trained long with cross-entropy), measured before any distillation.
 * A user's Hugging Face model dir is not copied into the store (a 7B teacher is many
   GB): the stage records its path and a fingerprint (file names and sizes, full
   sha256 of the small files) under `external`, and readers check the fingerprint.
@@ -16,17 +20,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from opdflow.infra.builtin import builtin
 from opdflow.infra.config import Config
 from opdflow.infra.manifest import Ref, Run, StageContext, cache_root, run_stage
-from opdflow.infra.provenance import ROOT, dir_fingerprint
+from opdflow.infra.provenance import dir_fingerprint
 from opdflow.infra.store import Store
 from opdflow.tasks.common import stage_task
 
 
 def demo_prefix(config: Config) -> str:
+    """The store prefix of the built-in models: a hash of their spec and code."""
+    b = builtin(config.teacher.path)
     h = hashlib.sha256()
-    h.update(config.demo.model_dump_json().encode())
-    h.update((ROOT / "infra" / "demo.py").read_bytes())
+    if b.name != "demo":
+        h.update(b.name.encode())
+    h.update(getattr(config, b.name).model_dump_json().encode())
+    for f in b.files:
+        h.update(f.read_bytes())
     return f"demo/{h.hexdigest()[:16]}"
 
 
@@ -54,14 +64,14 @@ def demo_models(store: Store, config: Config, progress=lambda f, m="": None) -> 
 def local_demo_build(config: Config, progress=lambda f, m="": None) -> Path:
     """The demo models built on this machine, cached by spec and code (a second store, or
     a second test session, uploads them instead of training them again)."""
-    from opdflow.infra.demo import build_demo
+    b = builtin(config.teacher.path)
     dest = cache_root() / demo_prefix(config)
     if (dest / ".complete").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
     try:
-        build_demo(config.demo, tmp, progress=lambda msg, frac: progress(frac, msg))
+        b.build_models(getattr(config, b.name), tmp, progress=lambda msg, frac: progress(frac, msg))
         (tmp / ".complete").write_text("ok")
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
@@ -72,8 +82,9 @@ def local_demo_build(config: Config, progress=lambda f, m="": None) -> Path:
 
 def run(run: Run, stage: str = "models", force: bool = False, progress=None) -> tuple[dict, bool]:
     c = run.config
-    if c.teacher.is_demo:
-        params = {"demo": c.section("demo"), "teacher": c.section("teacher"), "student": c.section("student")}
+    if c.teacher.is_builtin:
+        params = {c.teacher.path: c.section(c.teacher.path), "teacher": c.section("teacher"),
+                  "student": c.section("student")}
         inputs: dict[str, Ref] = {}
 
         def body(ctx: StageContext) -> None:
@@ -96,6 +107,8 @@ def _demo_summaries(run: Run, outputs: dict[str, Ref]) -> dict:
     for name, ref in outputs.items():
         if name.endswith("/demo_summary.json"):
             out[name.split("/")[0]] = json.loads(run.read(ref))
+        elif name == "teacher/calibration.json":  # the planted testbed's calibration check
+            out["calibration"] = json.loads(run.read(ref))
     return out
 
 
@@ -105,9 +118,26 @@ def report(run: Run, entry: dict) -> str:
         for role, ext in entry["external"].items():
             lines.append(f"- **{role}**: `{ext['path']}` (fingerprint `{ext['fingerprint'][:16]}`)")
     else:
-        lines.append("Embedded demo models (built once, reused from the store):")
+        lines.append(f"Built-in `{run.config.teacher.path}` models (built once, reused from the store):")
         for role, summary in entry["metrics"].items():
-            lines.append(f"- **{role}**: `{json.dumps(summary)}`")
+            if role != "calibration":
+                lines.append(f"- **{role}**: `{json.dumps(summary)}`")
+        if "calibration" in entry["metrics"]:
+            lines += ["", calibration_markdown(entry["metrics"]["calibration"])]
+    return "\n".join(lines)
+
+
+def calibration_markdown(cal: dict) -> str:
+    """The planted testbed's calibration check as a table (models stage, run report)."""
+    lines = ["Calibration of the planted testbed, before any distillation (teacher-forced accuracy at the "
+             f"planted connective; chance without the lookup {cal['chance_planted_accuracy']:.2f}):", "",
+             "| model | planted-position accuracy | picks a connective the prompt shows | greedy answer accuracy | n |",
+             "|---|---|---|---|---|"]
+    for name in ("teacher", "student", "student_long_ce"):
+        m = cal[name]
+        label = {"student_long_ce": f"student architecture, {m.get('steps', '?')} CE steps"}.get(name, name)
+        lines.append(f"| {label} | {m['planted_accuracy']:.3f} | {m['planted_in_prompt']:.3f} | "
+                     f"{m['answer_accuracy']:.3f} | {m['n']} |")
     return "\n".join(lines)
 
 

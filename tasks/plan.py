@@ -1,58 +1,91 @@
 """The lifecycle as a list of stage names, and what each name means.
 
     models, prompts                                   inputs, resolved and recorded
-    rollout.r01  score.r01  train.r01  ...            OPD rounds (the main, uniform arm)
+    rollout.r01  score.r01  train.r01  ...            OPD rounds (the main run)
     rock-probe  rock-directions  rock                 rock-token analysis
     patch                                             inference-time patching at rock positions
-    ablate-rock.rollout.r01 ... ablate-rock.train.rNN  causal ablation arms, from the
-    ablate-random.rollout.r01 ...                      initial student, same compute
+    ablate-uniform.s1.rollout.r01 ...                 causal ablation: per training seed s (`ablation.seeds`)
+    ablate-rock.s1.train.r01 ...                      and arm (uniform, rocks bypassed, random bypassed), the
+    ablate-random.s1.rollout.r02 ...                  rounds from the initial student, same compute
     eval.teacher  eval.initial_student  ...           lm-eval per model
+    eval.rock_bypass.s1.r01 ...                       lm-eval per arm, seed and round (learning curves)
     report                                            evaluation table + ablation verdict
 
-The ablation's uniform arm is the main run's own first `ablation.rounds` rounds: same
-start, same prompts, same seeds, same steps; only the loss weights differ.
+This module is the one place that knows the names: `StageName` / `parse` / `str()`
+round-trip, and `plan` lists a run's stages in order.
+
+An ablation seed's arms share everything but the loss weights: the same prompts per
+round, the same sampling seeds (`seed_tag`), the same batch order. Round 1 starts every
+arm from the initial student with those seeds, so its rollouts are identical across the
+arms: the plan samples and scores them once, in the uniform arm
+(`ablate-uniform.sN.rollout.r01`), and the bypass arms' first round trains on them
+(`rollout_of`). Later rounds sample from each arm's own checkpoint.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opdflow.infra.config import Config
+from opdflow.infra.config import BUILTINS, Config
 
-ARMS = {"rock": "ablate-rock", "random": "ablate-random"}
-LABEL_OF_ARM = {"ablate-rock": "rock_bypass", "ablate-random": "random_bypass"}
+ARMS = {"uniform": "ablate-uniform", "rock": "ablate-rock", "random": "ablate-random"}
+LABEL_OF_ARM = {"ablate-uniform": "uniform", "ablate-rock": "rock_bypass", "ablate-random": "random_bypass"}
+ARM_OF_LABEL = {v: k for k, v in LABEL_OF_ARM.items()}
+UNIFORM = ARMS["uniform"]
+SINGLE = ("models", "prompts", "rock-probe", "rock-directions", "rock", "patch", "report")
+ROUND_KINDS = ("rollout", "score", "train")
 
 
 @dataclass(frozen=True)
 class StageName:
-    arm: str    # "main" or an ablation arm prefix
-    kind: str   # models, prompts, rollout, score, train, rock-probe, rock-directions, rock, eval, report
+    arm: str    # "main" or an ablation arm prefix (ablate-uniform, ablate-rock, ablate-random)
+    kind: str   # models, prompts, rollout, score, train, rock-probe, rock-directions, rock, patch, eval, report
     round: int = 0
-    label: str = ""  # eval's model label
+    label: str = ""  # eval's model label (an arm's eval: "rock_bypass.s1.r01")
+    seed: int | None = None  # the ablation seed of an arm's stage
 
     def __str__(self) -> str:
         if self.kind == "eval":
             return f"eval.{self.label}"
         if self.round:
-            head = "" if self.arm == "main" else f"{self.arm}."
+            head = "" if self.arm == "main" else f"{self.arm}.s{self.seed}."
             return f"{head}{self.kind}.r{self.round:02d}"
         return self.kind
 
 
-def round_stage(kind: str, r: int, arm: str = "main") -> str:
-    return str(StageName(arm, kind, r))
+def round_stage(kind: str, r: int, arm: str = "main", seed: int | None = None) -> str:
+    return str(StageName(arm, kind, r, seed=seed))
+
+
+def arm_label(arm: str, seed: int, r: int) -> str:
+    """The model label of an arm's checkpoint after round r of seed `seed`: `rock_bypass.s1.r01`."""
+    return f"{LABEL_OF_ARM[arm]}.s{seed}.r{r:02d}"
+
+
+def _seed_part(p: str) -> int | None:
+    return int(p[1:]) if p[:1] == "s" and p[1:].isdigit() else None
+
+
+def _round_part(p: str) -> int | None:
+    return int(p[1:]) if p[:1] == "r" and p[1:].isdigit() and int(p[1:]) > 0 else None
 
 
 def parse(stage: str) -> StageName:
     parts = stage.split(".")
-    if parts[0] == "eval" and len(parts) == 2:
+    if parts[0] == "eval" and len(parts) == 2 and parts[1]:
         return StageName("main", "eval", label=parts[1])
-    if len(parts) == 1 and parts[0] in ("models", "prompts", "rock-probe", "rock-directions", "rock", "patch", "report"):
+    if parts[0] == "eval" and len(parts) == 4 and parts[1] in ARM_OF_LABEL:
+        seed, r = _seed_part(parts[2]), _round_part(parts[3])
+        if seed is not None and r is not None:
+            return StageName(ARM_OF_LABEL[parts[1]], "eval", r, label=".".join(parts[1:]), seed=seed)
+    if len(parts) == 1 and parts[0] in SINGLE:
         return StageName("main", parts[0])
-    arm = "main"
-    if parts[0] in LABEL_OF_ARM:
-        arm, parts = parts[0], parts[1:]
-    if len(parts) == 2 and parts[0] in ("rollout", "score", "train") and parts[1][:1] == "r" and parts[1][1:].isdigit():
-        return StageName(arm, parts[0], int(parts[1][1:]))
+    arm, seed = "main", None
+    if parts[0] in LABEL_OF_ARM and len(parts) == 4:
+        arm, seed, parts = parts[0], _seed_part(parts[1]), parts[2:]
+        if seed is None:
+            parts = []
+    if len(parts) == 2 and parts[0] in ROUND_KINDS and _round_part(parts[1]) is not None:
+        return StageName(arm, parts[0], _round_part(parts[1]), seed=seed)
     raise ValueError(f"unknown stage name {stage!r}; see `opdflow status --run-id ID` for this run's stages")
 
 
@@ -61,22 +94,41 @@ def arm_rounds(config: Config, arm: str) -> int:
 
 
 def ablation_arms(config: Config) -> list[str]:
-    return [ARMS[a] for a in config.ablation.arms] if config.ablation.enabled else []
+    """The arms of each ablation seed: uniform first (the baseline), then the bypass arms."""
+    if not config.ablation.enabled:
+        return []
+    return [UNIFORM] + [ARMS[a] for a in config.ablation.arms if ARMS[a] != UNIFORM]
+
+
+def seed_tag(name: StageName) -> tuple:
+    """What an arm's seed adds in front of every seed derivation (prompt order, sampling
+    seeds, batch order, torch's seed): () for the main run, ("ablation-seed", s) for seed s.
+    Not the arm: a seed's arms share their randomness (paired)."""
+    return () if name.seed is None else ("ablation-seed", name.seed)
+
+
+def rollout_of(name: StageName) -> tuple[str, str]:
+    """(rollout stage, score stage) a train stage trains on: its own round's, except an
+    ablation arm's round 1, which is the same for every arm of the seed (same start, same
+    seeds) and so sampled once, in the uniform arm."""
+    arm = UNIFORM if name.arm != "main" and name.round == 1 else name.arm
+    return round_stage("rollout", name.round, arm, name.seed), round_stage("score", name.round, arm, name.seed)
 
 
 def patching_enabled(config: Config) -> bool:
     """The `patch` stage runs with the ablation when it can score answers (demo data, or a regex)."""
     a = config.ablation
-    return a.enabled and a.patching and (config.data.source == "demo" or a.patch_answer_regex is not None)
+    return a.enabled and a.patching and (config.data.source in BUILTINS or a.patch_answer_regex is not None)
+
+
+def arm_eval_labels(config: Config) -> list[str]:
+    """Every arm x seed x round checkpoint's eval label, in plan order."""
+    return [arm_label(arm, s, r) for s in config.ablation.seeds for arm in ablation_arms(config)
+            for r in range(1, config.ablation.rounds + 1)]
 
 
 def eval_labels(config: Config) -> list[str]:
-    labels = ["teacher", "initial_student", "final_student"]
-    if config.ablation.enabled:
-        if config.ablation.rounds < config.train.rounds:
-            labels.append(f"uniform_r{config.ablation.rounds:02d}")
-        labels += [LABEL_OF_ARM[a] for a in ablation_arms(config)]
-    return labels
+    return ["teacher", "initial_student", "final_student"] + (arm_eval_labels(config) if config.ablation.enabled else [])
 
 
 def checkpoint_of(config: Config, label: str) -> tuple[str, str]:
@@ -87,27 +139,31 @@ def checkpoint_of(config: Config, label: str) -> tuple[str, str]:
         return "models", "student"
     if label == "final_student":
         return round_stage("train", config.train.rounds), "model"
-    if label.startswith("uniform_r"):
-        return round_stage("train", int(label[len("uniform_r"):])), "model"
-    for arm, lab in LABEL_OF_ARM.items():
-        if label == lab:
-            return round_stage("train", config.ablation.rounds, arm), "model"
+    try:
+        name = parse(f"eval.{label}")
+    except ValueError:
+        name = None
+    if name is not None and name.seed is not None:
+        return round_stage("train", name.round, name.arm, name.seed), "model"
     raise ValueError(f"unknown model label {label!r}")
 
 
-def student_before(config: Config, arm: str, r: int) -> tuple[str, str]:
+def student_before(config: Config, arm: str, r: int, seed: int | None = None) -> tuple[str, str]:
     """The student checkpoint a round starts from: the previous round's, or the initial one."""
-    return ("models", "student") if r == 1 else (round_stage("train", r - 1, arm), "model")
+    return ("models", "student") if r == 1 else (round_stage("train", r - 1, arm, seed), "model")
 
 
 def plan(config: Config) -> list[str]:
     stages = ["models", "prompts"]
     for r in range(1, config.train.rounds + 1):
-        stages += [round_stage(k, r) for k in ("rollout", "score", "train")]
+        stages += [round_stage(k, r) for k in ROUND_KINDS]
     stages += ["rock-probe", "rock-directions", "rock"] + (["patch"] if patching_enabled(config) else [])
-    for arm in ablation_arms(config):
-        for r in range(1, config.ablation.rounds + 1):
-            stages += [round_stage(k, r, arm) for k in ("rollout", "score", "train")]
-    stages += [f"eval.{label}" for label in eval_labels(config)]
+    for s in (config.ablation.seeds if config.ablation.enabled else []):
+        for arm in ablation_arms(config):
+            for r in range(1, config.ablation.rounds + 1):
+                name = StageName(arm, "train", r, seed=s)
+                own = [round_stage(k, r, arm, s) for k in ("rollout", "score")]
+                stages += [st for st in own if st in rollout_of(name)] + [str(name), f"eval.{arm_label(arm, s, r)}"]
+    stages += [f"eval.{label}" for label in ("teacher", "initial_student", "final_student")]
     stages.append("report")
     return stages

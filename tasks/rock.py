@@ -51,7 +51,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from opdflow.infra.config import Config
-from opdflow.infra.lm import derive_seed, load_model, load_tokenizer, response_logits
+from opdflow.infra.lm import derive_seed, load_model, load_tokenizer, real_logits, response_logits
 from opdflow.infra.manifest import Run, StageContext, materialize_refs
 from opdflow.infra.streaming import aggregate_dataset, token_dataset
 from opdflow.infra.tables import parquet_to_table
@@ -78,11 +78,16 @@ def aggregate(token_ids: list[int], kls: list[float], grad_norms: list[float]) -
     return dict(agg)
 
 
-def select(agg: dict[int, dict], n_rock: int, n_control: int, drop_top: int) -> dict[str, list[int]]:
-    """Rock and control sets: drop the most frequent ids, rank by freq x mean KL."""
-    by_freq = sorted(agg, key=lambda t: (-agg[t]["freq"], t))
+def select(agg: dict[int, dict], n_rock: int, n_control: int, drop_top: int, min_freq: int = 1,
+           ineligible: frozenset[int] | set[int] = frozenset()) -> dict[str, list[int]]:
+    """Rock and control sets, as the reference code selects: ids in `ineligible` (the special
+    ids unless `rock.special_eligible`) are set aside first; the `drop_top` most frequent of
+    the rest are dropped; ids seen fewer than `min_freq` times are not ranked; the others are
+    ranked by freq x mean KL (= cumulative KL)."""
+    by_freq = sorted((t for t in agg if t not in ineligible), key=lambda t: (-agg[t]["freq"], t))
     dropped = by_freq[:drop_top]
-    rest = sorted(by_freq[drop_top:], key=lambda t: (-agg[t]["freq"] * agg[t]["kl_mean"], t))
+    rest = sorted((t for t in by_freq[drop_top:] if agg[t]["freq"] >= min_freq),
+                  key=lambda t: (-agg[t]["freq"] * agg[t]["kl_mean"], t))
     return {"rock": rest[:n_rock], "control": rest[n_rock:n_rock + n_control], "dropped": dropped,
             "ranked": rest}
 
@@ -104,10 +109,17 @@ def set_mean_kl(agg: dict[int, dict], ids: list[int] | None) -> float:
 
 
 def stagnation(aggs: dict[str, dict[int, dict]], sets: dict[str, list[int]]) -> dict[str, dict[str, float]]:
-    """Mean KL of each set at each checkpoint, and the change first -> last checkpoint."""
+    """Mean KL of each set at each checkpoint, and the change first -> last checkpoint.
+
+    Rows: each given set, `non_rock` (every token id seen at any checkpoint that is not in
+    `sets["rock"]`, when a rock set is given) and `all` (every token, rocks included)."""
     labels = list(aggs)
     out = {}
-    for name, ids in {**sets, "all": None}.items():
+    extra: dict[str, list[int] | None] = {}
+    if "rock" in sets:
+        rock = set(sets["rock"])
+        extra["non_rock"] = sorted({t for a in aggs.values() for t in a} - rock)
+    for name, ids in {**sets, **extra, "all": None}.items():
         row = {lab: set_mean_kl(aggs[lab], ids) for lab in labels}
         first, last = row[labels[0]], row[labels[-1]]
         row["change"] = last - first
@@ -119,6 +131,50 @@ def stagnation(aggs: dict[str, dict[int, dict]], sets: dict[str, list[int]]) -> 
 def jaccard(a: list[int], b: list[int]) -> float:
     sa, sb = set(a), set(b)
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+# -- stagnation without selection bias ---------------------------------------------------
+# Selecting rocks for high KL at the last checkpoint and then reading their KL trajectory
+# off the same sequences favours "stays high" by construction (the selection picked the
+# tokens whose noise was high there). Cross-fitting selects on one half of the probe
+# prompts and measures the trajectories on the other half, then the reverse.
+
+
+def probe_halves(prompt_ids: list[int], seed: int) -> tuple[list[int], list[int]]:
+    """The probe prompts cut in two halves at random (seeded), each sorted."""
+    ids = sorted(set(prompt_ids))
+    random.Random(derive_seed(seed, "cross-fit")).shuffle(ids)
+    mid = len(ids) // 2
+    return sorted(ids[:mid]), sorted(ids[mid:])
+
+
+def cross_fitted_stagnation(half_aggs: dict[str, dict[str, dict[int, dict]]], choose) -> dict[str, dict]:
+    """`half_aggs[half][checkpoint]`: per-token aggregates of the two probe halves ("a", "b")
+    at each compared checkpoint, in training order. For each fold, `choose(agg)` (the rock
+    selection, returning {"rock": [...], "control": [...]}) runs on one half's last checkpoint
+    and `stagnation` measures those sets on the other half. Returns
+    {"select_a_measure_b": {"rock": [...], "control": [...], "stagnation": {...}}, "select_b_measure_a": ...}."""
+    halves = list(half_aggs)
+    if len(halves) != 2:
+        raise ValueError(f"cross-fitting needs two halves, got {halves}")
+    out = {}
+    for sel_half, meas_half in (halves, halves[::-1]):
+        last = list(half_aggs[sel_half])[-1]
+        chosen = choose(half_aggs[sel_half][last])
+        sets = {"rock": list(chosen["rock"]), "control": list(chosen["control"])}
+        out[f"select_{sel_half}_measure_{meas_half}"] = {**sets, "stagnation": stagnation(half_aggs[meas_half], sets)}
+    return out
+
+
+def selection_persistence(aggs: dict[str, dict[int, dict]], choose) -> dict:
+    """The rock set selected at every compared checkpoint, and the Jaccard overlap of each
+    pair (persistence of the set across training is the paper's stagnation claim in its
+    sharpest form: the same tokens stay the worst)."""
+    labels = list(aggs)
+    sets = {lab: list(choose(aggs[lab])["rock"]) for lab in labels}
+    pairs = {f"{a}~{b}": jaccard(sets[a], sets[b]) for i, a in enumerate(labels) for b in labels[i + 1:]}
+    return {"rock_sets": sets, "jaccard": pairs,
+            "jaccard_with_last": {lab: jaccard(sets[lab], sets[labels[-1]]) for lab in labels}}
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -143,10 +199,12 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / math.sqrt(vx * vy) if vx and vy else float("nan")
 
 
-def stability(records: dict[str, list], fractions: list[float], rc, seed: int) -> list[dict]:
+def stability(records: dict[str, list], fractions: list[float], rc, seed: int,
+              ineligible: frozenset[int] | set[int] = frozenset()) -> list[dict]:
     """Re-select on random subsets of the probe prompts; compare with the full selection."""
     full = aggregate(records["token_id"], records["kl"], records["grad_norm"])
-    full_sel = select(full, rc.n_rock, rc.n_control, rc.drop_top)
+    min_freq = getattr(rc, "min_freq", 1)
+    full_sel = select(full, rc.n_rock, rc.n_control, rc.drop_top, min_freq, ineligible)
     prompts = sorted(set(records["prompt_id"]))
     out = []
     for frac in fractions:
@@ -154,27 +212,65 @@ def stability(records: dict[str, list], fractions: list[float], rc, seed: int) -
         idx = [i for i, p in enumerate(records["prompt_id"]) if p in keep]
         sub = aggregate([records["token_id"][i] for i in idx], [records["kl"][i] for i in idx],
                         [records["grad_norm"][i] for i in idx])
-        sel = select(sub, rc.n_rock, rc.n_control, rc.drop_top)
+        sel = select(sub, rc.n_rock, rc.n_control, rc.drop_top, min_freq, ineligible)
         common = [t for t in full if t in sub]
         out.append({"fraction": frac, "prompts": len(keep), "jaccard_rock": jaccard(sel["rock"], full_sel["rock"]),
                     "spearman_score": spearman([full[t]["kl_sum"] for t in common], [sub[t]["kl_sum"] for t in common])})
     return out
 
 
-def matched_random(agg: dict[int, dict], rock: list[int], seed: int, pool: int = 3) -> list[int]:
-    """For each rock token, a random non-rock token among the `pool` closest in log frequency."""
+def token_share(counts: dict[int, int], ids) -> float:
+    """The share of all counted positions whose id is in `ids`."""
+    total = sum(counts.values())
+    keep = set(ids)
+    return sum(n for t, n in counts.items() if t in keep) / total if total else 0.0
+
+
+def matched_random(counts: dict[int, int], rock: list[int], excluded: set[int], seed: int, tolerance: float,
+                   attempts: int = 2000) -> dict:
+    """A random control set that takes the same share of `counts` (positions per id) as the
+    rock set, within `tolerance` (absolute).
+
+    Candidates: ids with a count that are neither rocks nor in `excluded` (the caller's
+    controls, dropped and special ids). Each attempt walks a seeded random permutation of
+    the candidates and adds an id when the share stays below target + tolerance, until the
+    share reaches target - tolerance; the first attempt inside the window wins. Returns
+    {ids, share, target_share, within_tolerance, n_candidates}; when no attempt lands inside
+    (the candidates cannot reach the rocks' share), the closest one, with
+    within_tolerance false: the report shows both shares, so that is visible, not hidden."""
+    target = token_share(counts, rock)
+    total = sum(counts.values())
+    cands = sorted(t for t, n in counts.items() if n > 0 and t not in set(rock) and t not in excluded)
     rng = random.Random(derive_seed(seed, "matched-random"))
-    free = [t for t in agg if t not in set(rock)]
-    out = []
-    for t in sorted(rock, key=lambda t: (-agg[t]["freq"], t)):
-        if not free:
+    best: tuple[float, list[int], float] | None = None
+    for _ in range(attempts if cands and total else 0):
+        order = cands[:]
+        rng.shuffle(order)
+        picked, share = [], 0.0
+        for t in order:
+            if share >= target - tolerance:
+                break
+            s = counts[t] / total
+            if share + s <= target + tolerance:
+                picked.append(t)
+                share += s
+        gap = abs(share - target)
+        if best is None or gap < best[0]:
+            best = (gap, sorted(picked), share)
+        if gap <= tolerance:
             break
-        lf = math.log(agg[t]["freq"])
-        near = sorted(free, key=lambda c: (abs(math.log(agg[c]["freq"]) - lf), c))[:pool]
-        pick = rng.choice(near)
-        free.remove(pick)
-        out.append(pick)
-    return out
+    gap, ids, share = best if best else (target, [], 0.0)
+    return {"ids": ids, "share": share, "target_share": target, "within_tolerance": gap <= tolerance,
+            "n_candidates": len(cands)}
+
+
+def special_ids(tok) -> list[int]:
+    """The tokenizer's special ids (BOS, EOS, pad, unk, ...)."""
+    ids = set(getattr(tok, "all_special_ids", []) or [])
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        if getattr(tok, name, None) is not None:
+            ids.add(getattr(tok, name))
+    return sorted(ids)
 
 
 DISCOURSE = {"so", "then", "thus", "therefore", "because", "but", "and", "first", "next", "now", "wait", "hence"}
@@ -199,28 +295,31 @@ def category(s: str) -> str:
 
 
 def checkpoint_labels(config: Config) -> list[tuple[str, str, str]]:
-    """(label, stage, prefix) of each compared checkpoint, in training order."""
+    """(label, stage, prefix) of each compared checkpoint, in training order whatever the
+    order of `rock.checkpoints`: the last one is where the rock set is selected."""
     r = config.train.rounds
     named = {"initial": 0, "middle": (r + 1) // 2, "final": r}
-    out = []
-    for c in config.rock.checkpoints:
-        rr = named[c] if c in named else int(c[1:])
-        stage, prefix = ("models", "student") if rr == 0 else (round_stage("train", min(rr, r)), "model")
-        label = "initial" if rr == 0 else f"r{min(rr, r):02d}"
-        if label not in [o[0] for o in out]:
-            out.append((label, stage, prefix))
-    return out
+    rounds = sorted({min(named[c] if c in named else int(c[1:]), r) for c in config.rock.checkpoints})
+    return [("initial", "models", "student") if rr == 0 else (f"r{rr:02d}", round_stage("train", rr), "model")
+            for rr in rounds]
+
+
+def selection_checkpoint(config: Config) -> str:
+    """The label of the checkpoint the rock set is selected on: the latest compared one."""
+    return checkpoint_labels(config)[-1][0]
 
 
 @torch.no_grad()
 def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int, counts: torch.Tensor,
-            refs: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
+            refs: dict[str, torch.Tensor] | None = None,
+            vocab: int | None = None) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
     """Per position: reverse KL, its logit-space gradient norm, both top-1s; plus this
     table's share of the two corpus-level gradient directions (sums over positions:
     frequency-weighted, and weighted 1/frequency of the token id, i.e. each token id counts
     once; `counts` are the token frequencies over the whole probe set, so shards' sums add
     up to the corpus sums). With `refs`, also each position's gradient cosine to each
-    reference direction."""
+    reference direction. `vocab` (the tokenizer's size) cuts padded lm_head rows off both
+    models' logits: the divergence, gradients and top-1s are over the real vocabulary."""
     prompts, responses = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
     tokens = torch.tensor([t for r in responses for t in r], dtype=torch.long)
     inv_freq = 1.0 / counts.double()[tokens]
@@ -230,6 +329,7 @@ def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int, count
     t_iter = response_logits(teacher, prompts, responses, pad_id, batch_size)
     pos = 0
     for (_, s_logits, _), (_, t_logits, _) in zip(response_logits(model, prompts, responses, pad_id, batch_size), t_iter):
+        s_logits, t_logits = real_logits(s_logits, vocab), real_logits(t_logits, vocab)
         kl, grad, gnorm = per_token_divergence_and_grad(s_logits.float(), teacher_logits=t_logits.float(), kind="reverse_kl")
         w = inv_freq[pos:pos + len(kl)].to(grad.device)
         pos += len(kl)
@@ -299,6 +399,16 @@ def _teacher(run: Run):
     return load_model(tdir, run.config.teacher.dtype).eval(), load_tokenizer(tdir)
 
 
+def probe_settings(config: Config):
+    """The probe's sampling: the rollout settings (`rock.probe_decoding: sampled`, the default,
+    so the probe sees the on-policy distribution training sees) or greedy decoding (as the
+    paper's reference code probes)."""
+    from dataclasses import replace
+    from opdflow.tasks.rollout import settings
+    base = settings(config)
+    return base if config.rock.probe_decoding == "sampled" else replace(base, temperature=0.0, top_p=1.0, top_k=0)
+
+
 def _probe_stage(run: Run):
     c = run.config
     final_stage, final_prefix = checkpoint_of(c, "final_student")
@@ -310,7 +420,7 @@ def _probe_stage(run: Run):
         jobs = [(r, j) for r in probe for j in range(c.rock.samples_per_prompt)]
         lo, hi = shard_bounds(len(jobs), n, c.rollout.batch_size)[i]
         ctx.put_table("part.parquet", generate(run, run.materialize(final_stage, final_prefix), jobs[lo:hi],
-                                               ("probe",), ctx))
+                                               ("probe",), ctx, sample=probe_settings(c)))
     return params, inputs, shard_body
 
 
@@ -325,7 +435,7 @@ def _directions_stage(run: Run):
         teacher, tok = _teacher(run)
         model = load_model(run.materialize(final_stage, final_prefix), c.student.dtype).eval()
         _, sums = measure(model, teacher, tok.pad_token_id, _probe_part(run, i), c.scoring.batch_size,
-                          token_counts(run, teacher.config.vocab_size))
+                          token_counts(run, len(tok)), vocab=len(tok))
         ctx.put_table("part.parquet", pa.table({"direction": list(sums), "sum": [v.tolist() for v in sums.values()]}))
     return params, inputs, shard_body
 
@@ -337,12 +447,13 @@ def _rock_stage(run: Run):
               "directions": run.output(DIRECTIONS, "directions.safetensors"), **run.model_inputs("models", "teacher")}
     for label, st, prefix in ckpts:
         inputs.update(run.model_inputs(st, prefix, label))
-    params = {"rock": c.section("rock"), "scoring": c.section("scoring"), "seed": c.seed}
+    params = {"rock": c.section("rock"), "scoring": c.section("scoring"), "seed": c.seed,
+              "random_share_tolerance": c.ablation.random_share_tolerance}
 
     def shard_body(ctx: StageContext, i: int, n: int) -> None:
         seqs = _probe_part(run, i)
         teacher, tok = _teacher(run)
-        counts = token_counts(run, teacher.config.vocab_size)
+        counts = token_counts(run, len(tok))
         refs = st_load(run.read(inputs["directions"]))
         lens = [len(r) for r in seqs["response_ids"].to_pylist()]
         base = {"prompt_id": [p for p, k in zip(seqs["prompt_id"].to_pylist(), lens) for _ in range(k)],
@@ -354,7 +465,7 @@ def _rock_stage(run: Run):
             model = load_model(run.materialize(st, prefix), c.student.dtype).eval()
             final = j == len(ckpts) - 1  # the final checkpoint: cosines to the corpus directions
             m, _ = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size, counts,
-                           refs=refs if final else None)
+                           refs=refs if final else None, vocab=len(tok))
             if not final:
                 m.update({f"cos_{name}": [None] * len(m["kl"]) for name in refs})
             table = pa.table({"checkpoint": [label] * len(base["token_id"]), **base, **m})
@@ -417,20 +528,32 @@ def analyse(run: Run, ctx: StageContext, records_dir: Path) -> None:
     tok = load_tokenizer(run.materialize("models", "teacher"))
     dataset = token_dataset(records_dir)
     aggs = {label: aggregate_dataset(dataset, filter=pc.field("checkpoint") == label).to_dict() for label, _, _ in ckpts}
-    final_label = ckpts[-1][0]
+    final_label = selection_checkpoint(c)  # the latest compared checkpoint in training order
     final = dataset.to_table(filter=pc.field("checkpoint") == final_label).to_pydict()
     agg = aggs[final_label]
-    sel = select(agg, c.rock.n_rock, c.rock.n_control, c.rock.drop_top)
-    rand = matched_random(agg, sel["rock"], c.seed)
+    special = special_ids(tok)
+    ineligible = frozenset() if c.rock.special_eligible else frozenset(special)
+    sel = select(agg, c.rock.n_rock, c.rock.n_control, c.rock.drop_top, c.rock.min_freq, ineligible)
+    # the probe-set control (the share table, patching); each ablation seed draws its own on its trained tokens
+    draw = matched_random({t: a["freq"] for t, a in agg.items()}, sel["rock"],
+                          set(sel["control"]) | set(sel["dropped"]) | set(special), c.seed,
+                          c.ablation.random_share_tolerance)
+    rand = draw["ids"]
     sets = {"rock": sel["rock"], "control": sel["control"], "dropped": sel["dropped"], "random_matched": rand,
-            "checkpoint": final_label}
+            "special": special, "checkpoint": final_label,
+            "selection": {"min_freq": c.rock.min_freq, "drop_top": c.rock.drop_top,
+                          "special_eligible": c.rock.special_eligible, "probe_decoding": c.rock.probe_decoding},
+            "random_matched_share": {k: draw[k] for k in ("share", "target_share", "within_tolerance")}}
     summary = {
         "checkpoints": [lab for lab, _, _ in ckpts],
         "n_positions": len(final["token_id"]), "n_token_ids": len(agg),
         "rock": shares(agg, sel["rock"]), "control": shares(agg, sel["control"]),
         "random_matched": shares(agg, rand),
         "stagnation": stagnation(aggs, {"rock": sel["rock"], "control": sel["control"]}),
-        "stability": stability(final, [0.25, 0.5, 0.75], c.rock, c.seed),
+        **unbiased_stagnation(dataset, [lab for lab, _, _ in ckpts], final["prompt_id"], aggs, c.seed,
+                              lambda a: select(a, c.rock.n_rock, c.rock.n_control, c.rock.drop_top, c.rock.min_freq,
+                                               ineligible)),
+        "stability": stability(final, [0.25, 0.5, 0.75], c.rock, c.seed, ineligible),
         "categories": _categories(tok, sel["rock"]),
         "prevalence": _prevalence(final, set(sel["rock"])),
         "gradient_cosine": mean_cosines(final["token_id"], {k[4:]: v for k, v in final.items() if k.startswith("cos_")},
@@ -447,6 +570,22 @@ def analyse(run: Run, ctx: StageContext, records_dir: Path) -> None:
                        rock_token_share=round(summary["rock"]["token_share"], 4),
                        rock_kl_share=round(summary["rock"]["kl_share"], 4),
                        rock_grad_norm_share=round(summary["rock"]["grad_norm_share"], 4))
+
+
+def unbiased_stagnation(dataset, labels: list[str], probe_prompt_ids: list[int], aggs: dict, seed: int,
+                        choose) -> dict:
+    """`cross_fitted` (select with `choose` on one probe half's latest checkpoint, trajectories
+    on the other half, both folds), `probe_halves` (prompts per half) and `persistence` (the
+    rock set selected at every checkpoint, Jaccard overlaps); checkpoints in training order."""
+    labels = sorted(labels, key=lambda lab: 0 if lab == "initial" else int(lab[1:]))
+    halves = dict(zip("ab", probe_halves(probe_prompt_ids, seed)))
+    half_aggs = {h: {lab: aggregate_dataset(dataset, filter=(pc.field("checkpoint") == lab)
+                                            & pc.field("prompt_id").isin(ids)).to_dict()
+                     for lab in labels}
+                 for h, ids in halves.items()}
+    return {"cross_fitted": cross_fitted_stagnation(half_aggs, choose),
+            "probe_halves": {h: len(ids) for h, ids in halves.items()},
+            "persistence": selection_persistence({lab: aggs[lab] for lab in labels}, choose)}
 
 
 def _categories(tok, ids: list[int]) -> dict[str, int]:
@@ -597,6 +736,7 @@ def render_report(run_id, tok, agg, sel, summary, plots) -> str:
     for name, row in summary["stagnation"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in summary["checkpoints"])
                      + f" | {row['change']:+.4f} |")
+    lines += unbiased_stagnation_markdown(summary, tok)
     lines += ["", _img(plots["trajectories"], "trajectories"), "",
               "## Gradient share and direction", "", _img(plots["shares"], "shares"), "",
               "Mean cosine of each position's reverse-KL gradient (logit space) to the corpus-level direction: "
@@ -616,6 +756,31 @@ def render_report(run_id, tok, agg, sel, summary, plots) -> str:
     return "\n".join(lines)
 
 
+def unbiased_stagnation_markdown(summary: dict, tok=None) -> list[str]:
+    """The cross-fitted stagnation table and the persistence of the rock set (report lines)."""
+    if "cross_fitted" not in summary:
+        return []
+    labels = summary["checkpoints"]
+    halves = summary.get("probe_halves", {})
+    lines = ["", "### Cross-fitted (selection and trajectories on disjoint probe prompts)", "",
+             f"Rocks selected on one half of the probe prompts ({', '.join(f'{h}: {n}' for h, n in halves.items())} "
+             "prompts), mean KL measured on the other half; `non_rock` is every other token. The table above "
+             "selects and measures on the same sequences, which favours a flat rock curve.", "",
+             "| fold | set | " + " | ".join(labels) + " | change | relative |", "|---|---|" + "---|" * (len(labels) + 2)]
+    for fold, res in summary["cross_fitted"].items():
+        for name, row in res["stagnation"].items():
+            lines.append(f"| {fold} | {name} | " + " | ".join(f"{row[lab]:.4f}" for lab in labels)
+                         + f" | {row['change']:+.4f} | {row['relative_change']:+.1%} |")
+    per = summary["persistence"]
+    lines += ["", "### Persistence of the rock set across checkpoints", "",
+              "The rock set selected at each compared checkpoint (same probe sequences) and its Jaccard overlap "
+              "with the last checkpoint's set.", "", "| checkpoint | Jaccard with last | rock set |", "|---|---|---|"]
+    for lab, ids in per["rock_sets"].items():
+        shown = ", ".join(repr(tok.decode([t])) for t in ids) if tok is not None else ", ".join(map(str, ids))
+        lines.append(f"| {lab} | {per['jaccard_with_last'][lab]:.2f} | {shown} |")
+    return lines
+
+
 def report(run: Run, entry: dict) -> str:
     md = run.read_output("rock", "report.md").decode()
     tokens = parquet_to_table(run.read_output("rock", "tokens.parquet")).to_pylist()
@@ -630,5 +795,6 @@ rock_probe_task = stage_task("rock-probe", run_probe)
 rock_directions_task = stage_task("rock-directions", run_directions)
 rock_shard_task = stage_task("rock-shard", shard_runner(lambda run, stage: _STAGES[stage](run)))
 
-__all__ = ["aggregate", "select", "shares", "stagnation", "stability", "matched_random", "category", "jaccard",
+__all__ = ["aggregate", "select", "shares", "stagnation", "stability", "matched_random", "token_share", "special_ids",
+           "checkpoint_labels", "selection_checkpoint", "probe_settings", "category", "jaccard",
            "spearman", "run", "report", "rock_task"]

@@ -2,9 +2,11 @@
 
 On-policy: round r samples from the checkpoint that round r-1 produced (the initial
 student for r = 1). Each round takes the next `prompts_per_round` prompts of a seeded
-permutation of the train split (wrapping around), identical for every ablation arm.
-Each sequence's sampling seed derives from (run seed, round, prompt_id, sample index)
-only, so sharding the stage never changes its output.
+permutation of the train split (wrapping around). An ablation seed
+(`ablate-<arm>.sN.rollout.rNN`) has its own permutation and sampling seeds, shared by
+that seed's arms (`plan.seed_tag`). Each sequence's sampling seed derives from (run
+seed, ablation seed, round, prompt_id, sample index) only, so sharding the stage never
+changes its output.
 
 Output `rollouts/part-NNNNN.parquet`, one part per shard (`scale.shards`, see
 `opdflow.tasks.shards`): prompt_id, sample_idx, seed, prompt_ids, response_ids,
@@ -15,24 +17,30 @@ that sample in this process (transformers, native).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import time
 
 import pyarrow as pa
 
 from opdflow.infra import backends
-from opdflow.infra.config import DEMO, Config
+from opdflow.evals.answers import is_correct
+from opdflow.infra.builtin import answer_pattern
+from opdflow.infra.config import Config
 from opdflow.infra.lm import SampleSettings, derive_seed, load_model, load_tokenizer
 from opdflow.infra.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
-from opdflow.tasks.plan import parse, student_before
+from opdflow.tasks.plan import parse, seed_tag, student_before
 from opdflow.tasks.shards import read_parts, run_sharded, shard_bounds, shard_runner
 
 
-def round_prompt_ids(config: Config, train_ids: list[int], r: int) -> list[int]:
+def round_prompt_ids(config: Config, train_ids: list[int], r: int, tag: tuple = ()) -> list[int]:
+    """Round r's prompts: the next `prompts_per_round` of a seeded permutation of the train
+    split; `tag` is an ablation seed's `plan.seed_tag` (its own permutation)."""
     order = sorted(train_ids)
-    random.Random(derive_seed(config.seed, "prompt-order")).shuffle(order)
+    random.Random(derive_seed(config.seed, *tag, "prompt-order")).shuffle(order)
     k = config.rollout.prompts_per_round
     return [order[(i + (r - 1) * k) % len(order)] for i in range(k)]
 
@@ -43,21 +51,37 @@ def settings(config: Config) -> SampleSettings:
                           batch_size=ro.batch_size, top_k=ro.top_k)
 
 
+def check_real_ids(out, vocab: int, backend: str) -> None:
+    """Fail when a sampler returned an id at or beyond the tokenizer's size (a padded lm_head
+    row: a server that samples over all rows), before the rows are stored or scored."""
+    for i, s in enumerate(out):
+        bad = [t for t in s.response_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"rollout backend {backend!r} sampled token id {bad[0]} in sequence {i}, beyond the "
+                             f"tokenizer's {vocab} tokens (a padded lm_head row decodes as nothing): the backend "
+                             "must mask rows beyond the tokenizer")
+
+
 def backend_record(config: Config, model=None) -> dict:
     """Which sampler ran, where, with which settings (a server: its URL and model, no key)."""
     return backends.sampler_record(config, settings(config), model)
 
 
-def generate(run: Run, model_dir, jobs: list[tuple[dict, int]], seed_tag: tuple, ctx: StageContext) -> pa.Table:
-    """Sample one response per (prompt row, sample index) job; shared with the rock stage."""
+def generate(run: Run, model_dir, jobs: list[tuple[dict, int]], seed_tag: tuple, ctx: StageContext,
+             sample: SampleSettings | None = None) -> pa.Table:
+    """Sample one response per (prompt row, sample index) job; shared with the rock stage
+    (which may pass its own `sample` settings: greedy probing)."""
     c = run.config
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, c.student.dtype) if backends.needs_local_model(backends.rollout_backend(c)) else None
     seeds = [derive_seed(c.seed, *seed_tag, r["prompt_id"], j) for r, j in jobs]
+    # the tokenizer's size is the vocabulary: padded lm_head rows are never sampled (infra.lm)
+    st = dataclasses.replace(sample or settings(c), vocab_size=len(tok))
     t0 = time.time()
-    out = backends.sampler_for(c)(model_dir, model, tok, [r["prompt_ids"] for r, _ in jobs], seeds, settings(c),
+    out = backends.sampler_for(c)(model_dir, model, tok, [r["prompt_ids"] for r, _ in jobs], seeds, st,
                                   lambda done: ctx.progress(done / len(jobs), f"{done}/{len(jobs)} sequences"))
     secs = time.time() - t0
+    check_real_ids(out, len(tok), backends.rollout_backend(c))
     table = pa.table({
         "prompt_id": [r["prompt_id"] for r, _ in jobs],
         "sample_idx": [j for _, j in jobs],
@@ -69,7 +93,7 @@ def generate(run: Run, model_dir, jobs: list[tuple[dict, int]], seed_tag: tuple,
         "response_text": [tok.decode(s.response_ids, skip_special_tokens=True) for s in out],
         "answer": [r["answer"] for r, _ in jobs],
     })
-    ctx.backend.update(backend_record(c, model))
+    ctx.backend.update(backends.sampler_record(c, st, model))
     ctx.metrics.update(count_metrics(table_counts(c, table)), seconds_sampling=round(secs, 3),
                        tokens_per_s=round(sum(len(s.response_ids) for s in out) / max(secs, 1e-9), 1))
     return table
@@ -83,10 +107,10 @@ def table_counts(c: Config, table: pa.Table) -> dict:
     responses, reasons = table["response_ids"].to_pylist(), table["finish_reason"].to_pylist()
     counts = {"n_sequences": len(responses), "n_tokens": sum(len(r) for r in responses),
               "n_stopped": sum(r == "stop" for r in reasons)}
-    if c.data.source == DEMO:
-        from opdflow.infra.demo import extract_answer
-        counts["n_correct"] = sum(extract_answer(t) == a for t, a in zip(table["response_text"].to_pylist(),
-                                                                          table["answer"].to_pylist()))
+    pattern = answer_pattern(c.data.source)  # a built-in task (demo, planted) knows its answers
+    if pattern:
+        counts["n_correct"] = sum(is_correct(t, a, pattern) for t, a in zip(table["response_text"].to_pylist(),
+                                                                            table["answer"].to_pylist()))
     return counts
 
 
@@ -106,12 +130,13 @@ def merged_metrics(shards: list[dict]) -> dict:
     return count_metrics({k: sum(sh["metrics"][k] for sh in shards) for k in keys})
 
 
-def round_jobs(run: Run, r: int) -> list[tuple[dict, int]]:
+def round_jobs(run: Run, r: int, tag: tuple = ()) -> list[tuple[dict, int]]:
     """This round's (prompt row, sample index) jobs, in a fixed order."""
     c = run.config
     rows = prompts_stage.load(run)
     train = {row["prompt_id"]: row for row in rows if row["split"] == "train"}
-    return [(train[i], j) for i in round_prompt_ids(c, list(train), r) for j in range(c.rollout.samples_per_prompt)]
+    return [(train[i], j) for i in round_prompt_ids(c, list(train), r, tag)
+            for j in range(c.rollout.samples_per_prompt)]
 
 
 def n_shards(config: Config) -> int:
@@ -123,15 +148,16 @@ def _stage(run: Run, stage: str) -> tuple[dict, dict, callable]:
     """(params, inputs, shard body) of a rollout stage: shared by the stage and its shards."""
     c = run.config
     name = parse(stage)
-    src_stage, src_prefix = student_before(c, name.arm, name.round)
+    src_stage, src_prefix = student_before(c, name.arm, name.round, name.seed)
     inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, src_prefix, "student")}
     params = {"rollout": backends.result_settings(c.section("rollout")), "seed": c.seed, "round": name.round,
               "student": c.section("student")}
 
     def shard_body(ctx: StageContext, i: int, n: int) -> None:
-        jobs = round_jobs(run, name.round)
+        jobs = round_jobs(run, name.round, seed_tag(name))
         lo, hi = shard_bounds(len(jobs), n, c.rollout.batch_size)[i]
-        table = generate(run, run.materialize(src_stage, src_prefix), jobs[lo:hi], ("rollout", name.round), ctx)
+        table = generate(run, run.materialize(src_stage, src_prefix), jobs[lo:hi],
+                         (*seed_tag(name), "rollout", name.round), ctx)
         ctx.put_table("part.parquet", table)
     return params, inputs, shard_body
 

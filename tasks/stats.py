@@ -36,6 +36,8 @@ difference". Everything is seeded and deterministic (numpy's PCG64 from `seed`).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 ALPHA = 0.05
