@@ -7,13 +7,15 @@ backends runs them, whether a local model must be loaded, or how a server client
 - `sampler_for(config)` -> `sample(model_dir, model, tok, prompts, seeds, settings, on_batch)`,
   a `list[infra.lm.Sample]` in input order, for `rollout.backend`:
   transformers (`infra.lm.sample`), native (`infra.native.sample`), vllm
-  (`infra.vllm_backend.sample`, which loads `model_dir` itself) or openai
+  (`infra.vllm_backend.sample`: a `vllm serve` started on `model_dir` for the call, in vLLM's own
+  environment, `rollout.vllm`) or openai
   (`infra.openai_backend.OpenAIBackend` on `rollout.openai`; the server's tokenizer is checked
   against ours once per call, before any sampling). `model` is None for the last two:
   `needs_local_model(backend)` says whether the caller must load it.
 - `scorer_for(config)` -> `score(model, tok, prompts, responses, progress)`, per response
   (teacher logprobs, top-k ids, top-k logprobs), for `scoring.backend`: transformers
-  (`infra.scoring.teacher_scores`, chunked LM head) or openai (`OpenAIBackend.score`).
+  (`infra.scoring.teacher_scores`, chunked LM head), vllm (`infra.vllm_backend.score`: a server
+  started on the teacher with `--max-logprobs = top_k`) or openai (`OpenAIBackend.score`).
 - `sampler_record` / `scorer_record`: what the manifest entry says ran, with its settings (for
   a server: its URL and model name; the API key is read from the environment variable
   `api_key_env` names and is never recorded).
@@ -38,6 +40,11 @@ from opdflow.infra.lm import Sample, SampleSettings
 LOCAL_MODEL_BACKENDS = ("transformers", "native")
 # transport settings: how a server is talked to, not what it computes
 OPENAI_TRANSPORT = ("api_key_env", "timeout_s", "max_retries", "concurrency")
+# where vLLM's environment is and how long to wait for it: not what it computes
+VLLM_TRANSPORT = ("python", "command", "startup_timeout_s", "concurrency", "kv_cache_gib")
+# `auto` picks native on CUDA only once its CUDA-graph path has passed tests/test_native.py's GPU
+# tests on a real device (flip this then); until then transformers, which has run everywhere
+NATIVE_CUDA_VERIFIED = False
 
 Sampler = Callable[..., list[Sample]]
 Scorer = Callable[..., list[tuple[list[float], list[list[int]], list[list[float]]]]]
@@ -61,6 +68,8 @@ def result_settings(section: dict) -> dict:
     out = dict(section)
     if "openai" in out:
         out["openai"] = {k: v for k, v in out["openai"].items() if k not in OPENAI_TRANSPORT}
+    if "vllm" in out:
+        out["vllm"] = {k: v for k, v in out["vllm"].items() if k not in VLLM_TRANSPORT}
     return out
 
 
@@ -81,11 +90,11 @@ def _native(model_dir, model, tok, prompts, seeds, settings, on_batch):
         clear_samplers()
 
 
-def _vllm(dtype: str) -> Sampler:
+def _vllm(config: Config) -> Sampler:
     def run(model_dir, model, tok, prompts, seeds, settings, on_batch):
         from opdflow.infra.vllm_backend import sample
-        return sample(str(model_dir), prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id,
-                      on_batch=on_batch, dtype=dtype)
+        return sample(config.rollout.vllm, model_dir, config.student.dtype, tok, prompts, seeds, settings,
+                      on_batch=on_batch)
     return run
 
 
@@ -98,12 +107,13 @@ def _openai_sampler(cfg: OpenAIConfig) -> Sampler:
 
 
 def rollout_backend(config: Config) -> str:
-    """`rollout.backend`, with `auto` resolved: native on CUDA, transformers elsewhere (the two
-    sample the same tokens; native is the fast one on a GPU)."""
+    """`rollout.backend`, with `auto` resolved: transformers, and native on CUDA only once
+    `NATIVE_CUDA_VERIFIED` (the two sample the same tokens; native is the fast one on a GPU, but
+    its CUDA-graph path has not yet run on a real device)."""
     name = config.rollout.backend
     if name == "auto":
         import torch
-        return "native" if torch.cuda.is_available() else "transformers"
+        return "native" if NATIVE_CUDA_VERIFIED and torch.cuda.is_available() else "transformers"
     return name
 
 
@@ -116,7 +126,7 @@ def sampler_for(config: Config) -> Sampler:
     if name == "native":
         return _native
     if name == "vllm":
-        return _vllm(config.student.dtype)
+        return _vllm(config)
     if name == "openai":
         return _openai_sampler(config.rollout.openai)
     raise ValueError(f"rollout.backend: unknown backend {name!r}")
@@ -132,8 +142,12 @@ def sampler_record(config: Config, settings: SampleSettings, model=None) -> dict
         rec["dtype"] = config.student.dtype
     if model is not None:
         rec["device"] = str(next(model.parameters()).device)
+        if name == "native":
+            from opdflow.infra.native import last_warmup_check
+            rec["warmup_check"] = last_warmup_check()
     elif name == "vllm":
-        rec["device"] = "cuda"
+        from opdflow.infra.vllm_backend import last_record
+        rec.update(last_record())
     return rec
 
 
@@ -145,7 +159,7 @@ def _transformers_scorer(config: Config) -> Scorer:
     def run(model, tok, prompts, responses, progress):
         from opdflow.infra.scoring import teacher_scores
         return teacher_scores(model, prompts, responses, tok.pad_token_id, sc.top_k, sc.batch_size,
-                              chunk_tokens=sc.chunk_tokens, progress=progress)
+                              chunk_tokens=sc.chunk_tokens, progress=progress, vocab=len(tok))
     return run
 
 
@@ -161,12 +175,26 @@ def _openai_scorer(config: Config) -> Scorer:
     return run
 
 
-def scorer_for(config: Config) -> Scorer:
+def _vllm_scorer(config: Config, teacher_dir) -> Scorer:
+    sc = config.scoring
+
+    def run(model, tok, prompts, responses, progress):
+        from opdflow.infra.vllm_backend import score
+        return score(sc.vllm, teacher_dir, config.teacher.dtype, tok, prompts, responses, sc.top_k, progress)
+    return run
+
+
+def scorer_for(config: Config, teacher_dir=None) -> Scorer:
     """`score(model, tok, prompts, responses, progress)` -> per response (teacher logprobs,
-    top-k ids, top-k logprobs) for `scoring.backend` (`model` is None for openai)."""
+    top-k ids, top-k logprobs) for `scoring.backend` (`model` is None for the server backends;
+    vllm starts its server on `teacher_dir`)."""
     name = config.scoring.backend
     if name == "transformers":
         return _transformers_scorer(config)
+    if name == "vllm":
+        if teacher_dir is None:
+            raise ValueError("scoring.backend: vllm needs the teacher's model dir")
+        return _vllm_scorer(config, teacher_dir)
     if name == "openai":
         return _openai_scorer(config)
     raise ValueError(f"scoring.backend: unknown backend {name!r}")
@@ -177,6 +205,9 @@ def scorer_record(config: Config, model=None) -> dict:
     sc = config.scoring
     if sc.backend == "openai":
         return {"name": "openai", "base_url": sc.openai.base_url, "model": sc.openai.model, "top_k": sc.top_k}
+    if sc.backend == "vllm":
+        from opdflow.infra.vllm_backend import last_record
+        return {"name": "vllm", "dtype": config.teacher.dtype, "top_k": sc.top_k, **last_record()}
     from opdflow.infra.scoring import vocab_size
     return {"name": sc.backend, "dtype": config.teacher.dtype, "device": str(next(model.parameters()).device),
             "top_k": min(sc.top_k, vocab_size(model)), "batch_size": sc.batch_size, "chunk_tokens": sc.chunk_tokens}

@@ -137,6 +137,7 @@ class NativeSampler:
         self.device = next(model.parameters()).device
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         self.capture_seconds: dict[tuple, float] = {}
+        self._checked: set[tuple] = set()  # settings whose captured step was checked against eager
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._state = _new_state(max_batch, max_len, self.device)
         self._kv_index = torch.arange(max_len, device=self.device)
@@ -158,6 +159,7 @@ class NativeSampler:
         step = self._step_function(settings, eos_id)
         run = _Run(prompts, seeds, eos_id, self.max_batch, settings.batch_size, on_batch)
         self._admit(run, list(range(self.max_batch)), settings, eos_id, pad_id)
+        step = self._warmup_check(step, settings, eos_id, run)
         while run.active():
             step()
             finished = self._state["finished"].tolist()  # the one host sync per step
@@ -261,7 +263,7 @@ class NativeSampler:
     def _step_function(self, st: SampleSettings, eos_id: int) -> Callable[[], None]:
         if not self.use_graph:
             return lambda: self._decode(st, eos_id)
-        key = (st.temperature, st.top_p, st.top_k, eos_id)
+        key = (st.temperature, st.top_p, st.top_k, st.vocab_size, eos_id)  # vocab_size: padded rows cut (lm.pick_tokens)
         if key not in self._graphs:
             self._graphs[key] = self._capture(st, eos_id, key)
         return self._graphs[key].replay
@@ -285,6 +287,41 @@ class NativeSampler:
         torch.cuda.synchronize(self.device)
         self.capture_seconds[key] = time.perf_counter() - t0
         return graph
+
+    def _warmup_check(self, step: Callable[[], None], st: SampleSettings, eos_id: int, run: "_Run"
+                      ) -> Callable[[], None]:
+        """On the first batch after a capture: one replay of the captured step against one eager
+        `_decode` from the same state (tokens and logprobs of the active slots). If they differ,
+        the sampler falls back to eager decoding with a warning naming the difference. The state
+        is put back after each, so the batch then runs as if unchecked."""
+        key = (st.temperature, st.top_p, st.top_k, getattr(st, "vocab_size", None), eos_id)
+        if not self.use_graph or key in self._checked or not run.active():
+            if not self.use_graph:
+                _WARMUP.update(checked=False, mode="eager", reason=f"no CUDA graph on {self.device.type}")
+            return step
+        slots = torch.tensor(run.active(), device=self.device)
+
+        def one(fn) -> tuple[torch.Tensor, torch.Tensor]:
+            saved = {name: t.clone() for name, t in self._state.items()}
+            fn()
+            col = self._state["step"][slots].sub(1).clamp(min=0, max=self.max_len - 1)[:, None]
+            out = (self._state["tok_in"][slots].clone(), self._state["out_lp"][slots].gather(1, col)[:, 0].clone())
+            for name, t in saved.items():
+                self._state[name].copy_(t)
+            return out
+
+        captured, eager = one(step), one(lambda: self._decode(st, eos_id))
+        self._checked.add(key)
+        diff = compare_steps(*captured, *eager)
+        _WARMUP.update(checked=True, mode="graph" if diff is None else "eager", difference=diff)
+        if diff is None:
+            return step
+        import warnings
+        warnings.warn(f"native sampler: the captured CUDA-graph decode step disagrees with an eager step on the "
+                      f"first batch ({diff}); falling back to eager decoding", RuntimeWarning, stacklevel=3)
+        self.use_graph = False
+        self._graphs.clear()
+        return lambda: self._decode(st, eos_id)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of the last column, with a 4-D mask (True = may attend)."""
@@ -383,6 +420,36 @@ def _state_dict_of(source, model) -> Mapping[str, torch.Tensor]:
 # -- one sampler per model and shape -----------------------------------------------------------
 
 _SAMPLERS: dict[tuple[int, int, int], NativeSampler] = {}
+
+
+WARMUP_LOGPROB_ATOL = 1e-3
+_WARMUP: dict = {}
+
+
+def compare_steps(graph_tokens: torch.Tensor, graph_logprobs: torch.Tensor, eager_tokens: torch.Tensor,
+                  eager_logprobs: torch.Tensor, atol: float = WARMUP_LOGPROB_ATOL) -> str | None:
+    """None when a captured step's tokens equal the eager step's and their logprobs agree to
+    `atol`; otherwise what differs (how many slots, the first one, the largest logprob gap)."""
+    gt, et = graph_tokens.cpu().long(), eager_tokens.cpu().long()
+    gl, el = graph_logprobs.cpu().double(), eager_logprobs.cpu().double()
+    if gt.shape != et.shape or gl.shape != el.shape:
+        return f"shapes differ: tokens {tuple(gt.shape)} vs {tuple(et.shape)}"
+    parts = []
+    bad = (gt != et).nonzero().flatten().tolist()
+    if bad:
+        b = bad[0]
+        parts.append(f"tokens differ in {len(bad)} of {gt.numel()} slots (first: slot {b}, graph {int(gt[b])} vs "
+                     f"eager {int(et[b])})")
+    gap = (gl - el).abs()
+    gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)  # a NaN is a difference
+    if gap.numel() and float(gap.max()) > atol:
+        parts.append(f"logprobs differ by up to {float(gap.max()):.3g} (tolerance {atol:g})")
+    return "; ".join(parts) or None
+
+
+def last_warmup_check() -> dict:
+    """What the last warm-up check found in this process ({} if none ran)."""
+    return dict(_WARMUP)
 
 
 def get_sampler(model, max_batch: int, max_len: int) -> NativeSampler:

@@ -53,8 +53,9 @@ def preflight(config: Config) -> list[dict]:
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError("train.kernel", "'triton' needs a CUDA device (or TRITON_INTERPRET=1); "
                                               "use 'auto' to take Triton where CUDA is available")
-    if config.rollout.backend == "vllm":
-        _require_vllm()
+    for section in ("rollout", "scoring"):
+        if getattr(config, section).backend == "vllm":
+            _require_vllm(getattr(config, section).vllm, f"{section}.vllm")
     _check_scale(config)
     _check_eval_tasks(config)
     return rows
@@ -96,14 +97,17 @@ def _check_weights(config: Config, role: str) -> None:
         raise ConfigError(f"{role}.path", f"{m.path!r} has no weights (no *.safetensors or *.bin file)")
 
 
-def _require_vllm() -> None:
-    """The vllm rollout backend runs vLLM in the stage's process: it must be installed (and
-    needs a CUDA machine). Found by module spec, without importing vLLM (slow)."""
-    import importlib.util
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("rollout.backend", "'vllm' needs vLLM installed (pip install 'opdflow[vllm]') on a CUDA "
-                                             "machine; it is not importable here. Use 'transformers' or 'native', "
-                                             "or 'openai' against a vLLM server")
+def _require_vllm(cfg, field: str) -> None:
+    """A vllm backend starts `vllm serve` from vLLM's own environment (`<section>.vllm.python`,
+    `make vllm-env`) or a server command: that environment must exist and hold vLLM. Checked from
+    the package's metadata, without importing vLLM (slow)."""
+    from opdflow.infra.vllm_backend import VllmUnavailable, check_available
+    try:
+        check_available(cfg, field)
+    except VllmUnavailable as e:
+        path, _, msg = str(e).partition(": ")
+        raise ConfigError(path, f"{msg}; or use another backend (transformers, native, or openai against a "
+                                f"running server)") from None
 
 
 def _check_scale(config: Config) -> None:

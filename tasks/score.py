@@ -1,18 +1,25 @@
 """Stage `score.rNN`: the teacher scores every token the student sampled.
 
-For each response token: the teacher's log-prob of the sampled token and its top-k
-(token ids, log-probs) over the full vocabulary. The train stage distills against the
-top-k with the tail mass as one bucket (see `opdflow.kernels.reference`); with
-k >= vocabulary size (the demo) that is the exact full-vocabulary divergence.
+For each response token: the teacher's log-prob of the sampled token, its top-k
+(token ids, log-probs) over the vocabulary (the tokenizer's: padded lm_head rows are cut off,
+see `opdflow.infra.lm`), and the log of the teacher's mass outside the top-k, computed from
+the full logits without cancellation. The train stage distills against the top-k with that
+tail as one bucket (see `opdflow.kernels.reference`); with k >= vocabulary size (the demo)
+that is the exact full-vocabulary divergence.
 
 Output `scores/part-NNNNN.parquet`, one part per rollout part (shard i scores the
 rollout's part i, so parts stay row-aligned): prompt_id, sample_idx, teacher_logprobs,
-topk_ids, topk_logprobs.
+topk_ids, topk_logprobs, teacher_tail_logmass. A scorer that returns only top-k log-probs
+(a server: `scoring.backend: openai`) gets its tail rebuilt from them in float64
+(`kernels.reference.tail_from_topk`), and the manifest's backend says `tail: from_topk`;
+that tail is inexact where the teacher is confident (float32 top-k log-probs have already
+lost it), which is why the local scorer stores the exact one (`tail: exact`).
 
 The scorer is `scoring.backend` (see `opdflow.infra.backends`): transformers runs the teacher
 in this process with the chunked LM head of `opdflow.infra.scoring` (only `chunk_tokens`
 rows of logits at a time; equal to `score_table`, the full-logits reference kept here, to
-1e-5), openai asks a server that serves the teacher. The teacher is loaded only for the
+1e-5), vllm starts a `vllm serve` on the teacher for the shard (`infra.vllm_backend`), openai
+asks a server that serves the teacher. The teacher is loaded only for the
 former; its tokenizer is always read (the server's is checked against it).
 """
 from __future__ import annotations
@@ -24,47 +31,61 @@ import torch
 
 from opdflow.infra import backends
 from opdflow.infra.lm import load_model, load_tokenizer, response_logits
-from opdflow.infra.manifest import Run, StageContext
+from opdflow.infra.manifest import Run, RunError, StageContext
+from opdflow.infra.scoring import score_logits
 from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks.common import stage_task
 from opdflow.tasks.plan import parse, round_stage
 from opdflow.tasks.shards import read_parts, run_sharded, shard_runner
 
 
+TAIL_COLUMN = "teacher_tail_logmass"
+
+
+def tail_source(scores: list) -> str:
+    """`exact` when the scorer gave each token's tail log-mass, `from_topk` when it is rebuilt."""
+    return "exact" if all(len(s) >= 4 for s in scores) else "from_topk"
+
+
 def scores_table(rollouts: pa.Table, scores: list) -> pa.Table:
-    """Per-response (teacher logprobs, top-k ids, top-k logprobs) -> the stage's table."""
+    """Per-response (teacher logprobs, top-k ids, top-k logprobs[, tail log-mass]) -> the
+    stage's table; a missing tail is rebuilt from the top-k (see the module docstring)."""
+    from opdflow.kernels.reference import tail_from_topk
+
+    def tail(s) -> list[float]:
+        if len(s) >= 4:
+            return list(s[3])
+        return tail_from_topk(torch.tensor(s[2], dtype=torch.float64)).tolist() if s[2] else []
     return pa.table({"prompt_id": rollouts["prompt_id"], "sample_idx": rollouts["sample_idx"],
                      "teacher_logprobs": [s[0] for s in scores], "topk_ids": [s[1] for s in scores],
-                     "topk_logprobs": [s[2] for s in scores]})
+                     "topk_logprobs": [s[2] for s in scores],
+                     TAIL_COLUMN: pa.array([tail(s) for s in scores], pa.list_(pa.float32()))})
 
 
 @torch.no_grad()
-def score_table(model, pad_id: int, rollouts: pa.Table, top_k: int, batch_size: int, progress) -> pa.Table:
+def score_table(model, pad_id: int, rollouts: pa.Table, top_k: int, batch_size: int, progress,
+                vocab: int | None = None) -> pa.Table:
+    """The full-logits reference scorer (whole batches of logits; `infra.scoring` is the
+    chunked one the stage runs), same table."""
     prompts, responses = rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist()
-    k = min(top_k, model.config.vocab_size)
-    lp_rows, ids_rows, tlp_rows = [], [], []
+    k = min(top_k, vocab or model.config.vocab_size, model.config.vocab_size)
+    per_seq = []
     for lo, logits, lengths in response_logits(model, prompts, responses, pad_id, batch_size):
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        sampled = torch.tensor([t for r in responses[lo:lo + len(lengths)] for t in r], dtype=torch.long,
-                               device=logp.device)
-        tok_lp = logp.gather(-1, sampled[:, None]).squeeze(-1).cpu()
-        top_lp, top_ids = logp.topk(k, dim=-1)
-        top_lp, top_ids = top_lp.cpu(), top_ids.cpu()
+        sampled = torch.tensor([t for r in responses[lo:lo + len(lengths)] for t in r], dtype=torch.long)
+        tok_lp, top_lp, top_ids, tail = (x.cpu() for x in score_logits(logits, sampled, k, vocab))
         start = 0
         for n in lengths:
-            lp_rows.append(tok_lp[start:start + n].tolist())
-            ids_rows.append(top_ids[start:start + n].tolist())
-            tlp_rows.append(top_lp[start:start + n].tolist())
+            sl = slice(start, start + n)
+            per_seq.append((tok_lp[sl].tolist(), top_ids[sl].tolist(), top_lp[sl].tolist(), tail[sl].tolist()))
             start += n
         progress((lo + len(lengths)) / len(prompts), f"{lo + len(lengths)}/{len(prompts)} sequences")
-    return pa.table({"prompt_id": rollouts["prompt_id"], "sample_idx": rollouts["sample_idx"],
-                     "teacher_logprobs": lp_rows, "topk_ids": ids_rows, "topk_logprobs": tlp_rows})
+    return scores_table(rollouts, per_seq)
 
 
 def _stage(run: Run, stage: str):
     """(params, inputs, shard body) of a scoring stage: shard i scores rollout part i."""
     c = run.config
-    ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm)
+    ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm, parse(stage).seed)
     parts = run.outputs_under(ro_stage, "rollouts")
     inputs = {**parts, **run.model_inputs("models", "teacher")}
     params = {"scoring": backends.result_settings(c.section("scoring")), "teacher": c.section("teacher")}
@@ -75,12 +96,12 @@ def _stage(run: Run, stage: str):
         model = load_model(tdir, c.teacher.dtype).eval() if backends.needs_local_model(c.scoring.backend) else None
         rollouts = parquet_to_table(run.read(parts[sorted(parts)[i]]))
         t0 = time.time()
-        per_seq = backends.scorer_for(c)(model, tok, rollouts["prompt_ids"].to_pylist(),
-                                         rollouts["response_ids"].to_pylist(), ctx.progress)
+        per_seq = backends.scorer_for(c, tdir)(model, tok, rollouts["prompt_ids"].to_pylist(),
+                                             rollouts["response_ids"].to_pylist(), ctx.progress)
         scores = scores_table(rollouts, per_seq)
         secs = time.time() - t0
         ctx.put_table("part.parquet", scores)
-        ctx.backend.update(backends.scorer_record(c, model))
+        ctx.backend.update(backends.scorer_record(c, model), tail=tail_source(per_seq), vocab_size=len(tok))
         sums = score_sums(rollouts, scores)
         ctx.metrics.update(score_metrics(sums), seconds_scoring=round(secs, 3),
                            tokens_per_s=round(sums["n_tokens"] / max(secs, 1e-9), 1))
@@ -115,11 +136,18 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
 
 def n_shards(run: Run, stage: str) -> int:
     """Scoring shards follow the rollout's parts."""
-    return len(run.outputs_under(round_stage("rollout", parse(stage).round, parse(stage).arm), "rollouts"))
+    return len(run.outputs_under(round_stage("rollout", parse(stage).round, parse(stage).arm, parse(stage).seed), "rollouts"))
 
 
 def load(run: Run, stage: str) -> pa.Table:
-    return read_parts(run, stage, "scores")
+    """The stage's scores; a table committed before the tail column existed is refused (its
+    top-k alone cannot give the exact tail: rescore)."""
+    table = read_parts(run, stage, "scores")
+    if TAIL_COLUMN not in table.column_names:
+        raise RunError(f"{stage}: the committed scores have no {TAIL_COLUMN!r} column (written by an older "
+                       f"opdflow, before the exact top-k tail); rescore it: `opdflow stage {stage} --run-id "
+                       f"{run.run_id}`")
+    return table
 
 
 def report(run: Run, entry: dict) -> str:

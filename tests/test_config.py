@@ -156,13 +156,19 @@ def test_unknown_rollout_backend():
     _expect(raw, "rollout.backend", "'auto', 'transformers', 'native', 'vllm' or 'openai'")
 
 
-def test_vllm_backend_needs_vllm(monkeypatch):
-    import importlib.util
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+def test_vllm_backend_names_the_missing_piece(tmp_path):
+    """`rollout.backend: vllm` (and scoring's) needs vLLM's own environment: a missing Python, or a
+    Python without vllm, is named before anything runs."""
     raw = _tiny()
-    raw["rollout"]["backend"] = "vllm"
-    _expect(raw, "rollout.backend", "needs vLLM installed")
+    raw["rollout"].update(backend="vllm", vllm={"python": str(tmp_path / "nowhere" / "python")})
+    err = _expect(raw, "rollout.vllm.python", "does not exist")
+    assert "make vllm-env" in str(err)
+    import sys
+    raw["rollout"]["vllm"]["python"] = sys.executable  # opdflow's own Python: no vllm in it
+    _expect(raw, "rollout.vllm.python", "has no vllm package")
+    raw = _tiny()
+    raw["scoring"].update(backend="vllm", vllm={"command": [str(tmp_path / "no-such-vllm"), "serve"]})
+    _expect(raw, "scoring.vllm.command", "is not an executable")
 
 
 def test_tis_needs_the_models_own_distribution():
