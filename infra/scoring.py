@@ -11,7 +11,13 @@ tokens are needed, and each row only for one gather and one top-k. Here:
 2. only the hidden states at the positions that predict a response token are kept ([N, hidden]);
 3. the LM head (`model.get_output_embeddings()`) is applied to `chunk_tokens` rows at a time:
    per chunk, log_softmax in float32, the logprob of the sampled token, and the top-k. At most
-   `chunk_tokens` x vocab logits exist at once, whatever the batch.
+   `chunk_tokens` x vocab logits exist at once, whatever the batch;
+4. the logits are cut to the tokenizer's vocabulary (`vocab`: the padded lm_head rows beyond
+   it are no tokens, and a padded teacher's top-k would otherwise hold ids the student cannot
+   represent), and each row's *tail log-mass*, the log of the teacher's probability outside its
+   top-k, is computed from the full row (`kernels.reference.tail_log_mass`: logsumexp over the
+   non-top-k logits minus the full logsumexp, no cancellation however confident the teacher),
+   so the train stage's K + 1 category loss is exact where `1 - sum exp(top-k)` cancels.
 
 The batches hold the sequences sorted by length (less padding); results are put back in input
 order. With right padding and causal attention, a sequence's numbers do not depend on what it is
@@ -32,7 +38,11 @@ from typing import Callable, Sequence
 
 import torch
 
-Scores = tuple[list[float], list[list[int]], list[list[float]]]
+from opdflow.infra.lm import real_logits
+from opdflow.kernels.reference import tail_log_mass
+
+# per response: teacher logprob of each token, top-k ids, top-k logprobs, tail log-mass per token
+Scores = tuple[list[float], list[list[int]], list[list[float]], list[float]]
 
 _PROBE_TOKENS = 16
 
@@ -109,21 +119,32 @@ def response_hidden(base, ids, mask, rows, cols, dev) -> torch.Tensor:
     return hidden[rows.to(dev), cols.to(dev)]
 
 
+def score_logits(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab: int | None = None):
+    """One chunk of the teacher's logits [n, rows] -> (logprob of each token [n], top-k logprobs
+    [n, k], top-k ids [n, k], tail log-mass [n]), over the first `vocab` columns (the
+    tokenizer's), in float32. The one scoring step: `score_rows` and `tasks.score.score_table`
+    both call it."""
+    logits = real_logits(logits, vocab).float()
+    if tokens.numel() and int(tokens.max()) >= logits.shape[-1]:  # host sync: fail before storing bad rows
+        raise ValueError(f"a response token id {int(tokens.max())} is beyond the vocabulary ({logits.shape[-1]} "
+                         "ids): the rollout sampled a padded lm_head row")
+    logp = torch.log_softmax(logits, dim=-1)
+    tok_lp = logp.gather(-1, tokens[:, None].to(logp.device)).squeeze(-1)
+    top_lp, top_ids = logp.topk(k, dim=-1)
+    return tok_lp, top_lp, top_ids, tail_log_mass(logits, top_ids)
+
+
 def score_rows(head, transform, hidden: torch.Tensor, tokens: torch.Tensor, k: int,
-               chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logprob of each token [N], top-k logprobs [N, k], top-k ids [N, k]) on the CPU, from
-    `chunk_tokens` rows of logits at a time."""
-    lps, top_lps, top_ids = [], [], []
+               chunk_tokens: int, vocab: int | None = None):
+    """(logprob of each token [N], top-k logprobs [N, k], top-k ids [N, k], tail log-mass [N])
+    on the CPU, from `chunk_tokens` rows of logits at a time."""
+    parts = []
     for lo in range(0, hidden.shape[0], chunk_tokens):
-        logp = torch.log_softmax(transform(head(hidden[lo:lo + chunk_tokens])).float(), dim=-1)
-        lps.append(logp.gather(-1, tokens[lo:lo + chunk_tokens, None].to(logp.device)).squeeze(-1).cpu())
-        v, i = logp.topk(k, dim=-1)
-        top_lps.append(v.cpu())
-        top_ids.append(i.cpu())
-        del logp
-    if not lps:
-        return torch.zeros(0), torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
-    return torch.cat(lps), torch.cat(top_lps), torch.cat(top_ids)
+        got = score_logits(transform(head(hidden[lo:lo + chunk_tokens])), tokens[lo:lo + chunk_tokens], k, vocab)
+        parts.append([x.cpu() for x in got])
+    if not parts:
+        return torch.zeros(0), torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long), torch.zeros(0)
+    return tuple(torch.cat(xs) for xs in zip(*parts))
 
 
 def check_head_path(model, base, head, transform, seq: Sequence[int], max_tokens: int) -> None:
@@ -147,9 +168,10 @@ def check_head_path(model, base, head, transform, seq: Sequence[int], max_tokens
 @torch.no_grad()
 def teacher_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
                    top_k: int, batch_size: int, chunk_tokens: int = 4096,
-                   progress: Callable[[float, str], None] | None = None) -> list[Scores]:
+                   progress: Callable[[float, str], None] | None = None, vocab: int | None = None) -> list[Scores]:
     """Per response: (teacher logprob of each token, top-k ids per token, top-k logprobs per
-    token), as `tasks.score.score_table` stores them, with k = min(top_k, vocabulary size)."""
+    token, tail log-mass per token), as `tasks.score.score_table` stores them, with
+    k = min(top_k, vocabulary size); `vocab` is the tokenizer's size (padded rows cut off)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if chunk_tokens < 1 or batch_size < 1:
@@ -157,7 +179,7 @@ def teacher_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[
     model.eval()
     base, head = split_model(model)
     transform = logit_transform(model)
-    k = min(top_k, vocab_size(model))
+    k = min(top_k, vocab or vocab_size(model), vocab_size(model))
     dev = next(model.parameters()).device
     out: list[Scores | None] = [None] * len(prompts)
     if prompts:
@@ -172,13 +194,13 @@ def teacher_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[
             ids, mask, rows, cols = pack(ps, rs, pad_id)
             hidden = response_hidden(base, ids, mask, rows, cols, dev)
             tokens = torch.tensor([t for r in rs for t in r], dtype=torch.long)
-            tok_lp, top_lp, top_ids = score_rows(head, transform, hidden, tokens, k, chunk_tokens)
+            tok_lp, top_lp, top_ids, tail = score_rows(head, transform, hidden, tokens, k, chunk_tokens, vocab)
             del hidden
         start = 0
         for i, r in zip(idx, rs):
             n = len(r)
             out[i] = ((tok_lp[start:start + n].tolist(), top_ids[start:start + n].tolist(),
-                       top_lp[start:start + n].tolist()) if n else ([], [], []))
+                       top_lp[start:start + n].tolist(), tail[start:start + n].tolist()) if n else ([], [], [], []))
             start += n
         done += len(idx)
         if progress:

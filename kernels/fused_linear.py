@@ -39,7 +39,7 @@ from .loss import divergence_and_grad, resolve_backend
 __all__ = ["FusedLinearDistillationLoss", "fused_linear_distillation_loss"]
 
 
-def _teacher_chunk(sl, teacher_logits, ids, logprobs, t_hidden, t_weight, t_bias):
+def _teacher_chunk(sl, teacher_logits, ids, logprobs, tail, t_hidden, t_weight, t_bias):
     if t_hidden is not None:
         with torch.no_grad():
             t = t_hidden[sl] @ t_weight.t()
@@ -48,7 +48,8 @@ def _teacher_chunk(sl, teacher_logits, ids, logprobs, t_hidden, t_weight, t_bias
         return dict(teacher_logits=t)
     if teacher_logits is not None:
         return dict(teacher_logits=teacher_logits[sl])
-    return dict(teacher_topk_ids=ids[sl], teacher_topk_logprobs=logprobs[sl])
+    return dict(teacher_topk_ids=ids[sl], teacher_topk_logprobs=logprobs[sl],
+                teacher_tail_logmass=None if tail is None else tail[sl])
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
@@ -134,6 +135,7 @@ def fused_linear_distillation_loss(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_tail_logmass: Tensor | None = None,
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
     teacher_bias: Tensor | None = None,
@@ -187,6 +189,7 @@ def fused_linear_distillation_loss(
     t = None if teacher_logits is None else teacher_logits.detach().reshape(n, v)
     ids = None if teacher_topk_ids is None else teacher_topk_ids.reshape(n, -1)
     lps = None if teacher_topk_logprobs is None else teacher_topk_logprobs.detach().reshape(n, -1)
+    tail = None if teacher_tail_logmass is None else teacher_tail_logmass.detach().reshape(n)
     th = None if teacher_hidden is None else teacher_hidden.detach().reshape(n, -1)
     keep = (
         torch.ones(n, dtype=torch.bool, device=h.device)
@@ -200,7 +203,7 @@ def fused_linear_distillation_loss(
     # Same rule as loss.reduce_per_token; computed up front because it scales the gradients.
     scale = torch.where(keep, w, torch.zeros_like(w)) / keep.sum().clamp_min(1).to(cdt)
     teacher = dict(
-        args=(t, ids, lps, th, teacher_weight, teacher_bias),
+        args=(t, ids, lps, tail, th, teacher_weight, teacher_bias),
         mask=None if mask is None else keep,
         targets=None if target_ids is None else (target_ids.reshape(-1), target_logprobs_out),
     )

@@ -69,7 +69,7 @@ def reduce_per_token(per_token: Tensor, mask: Tensor | None, weights: Tensor | N
     return contrib.sum() / denom
 
 
-def _flatten(student_logits, teacher_logits, ids, logprobs, mask, weights):
+def _flatten(student_logits, teacher_logits, ids, logprobs, tail, mask, weights):
     v = student_logits.shape[-1]
     s = student_logits.reshape(-1, v)
     t = None if teacher_logits is None else teacher_logits.reshape(-1, v)
@@ -77,15 +77,17 @@ def _flatten(student_logits, teacher_logits, ids, logprobs, mask, weights):
         ids = ids.reshape(s.shape[0], -1)
     if logprobs is not None:
         logprobs = logprobs.reshape(s.shape[0], -1)
+    tail = None if tail is None else tail.reshape(-1)
     mask = None if mask is None else mask.reshape(-1)
     weights = None if weights is None else weights.reshape(-1)
-    return s, t, ids, logprobs, mask, weights
+    return s, t, ids, logprobs, tail, mask, weights
 
 
-def _neutralize_masked_rows(s, t, ids, logprobs, mask):
-    """Replace masked rows by harmless finite values so the reference never meets NaN there."""
+def _neutralize_masked_rows(s, t, ids, logprobs, tail, mask):
+    """Replace masked rows by harmless finite values so the reference never meets NaN there
+    (and their ids by 0..K-1, so a masked row's ids are never validated)."""
     if mask is None:
-        return s, t, ids, logprobs
+        return s, t, ids, logprobs, tail
     keep = mask.to(device=s.device, dtype=torch.bool)[:, None]
     s = torch.where(keep, s, torch.zeros((), dtype=s.dtype, device=s.device))
     if t is not None:
@@ -96,10 +98,12 @@ def _neutralize_masked_rows(s, t, ids, logprobs, mask):
         ids = torch.where(keep, ids.long(), filler)
         uniform = torch.full((), -math.log(k + 1), dtype=logprobs.dtype, device=logprobs.device)
         logprobs = torch.where(keep, logprobs, uniform)
-    return s, t, ids, logprobs
+        if tail is not None:
+            tail = torch.where(keep[:, 0], tail.to(logprobs.dtype), uniform)
+    return s, t, ids, logprobs, tail
 
 
-def _per_token(s, t, ids, logprobs, mask, kind, beta, temperature, backend):
+def _per_token(s, t, ids, logprobs, tail, mask, kind, beta, temperature, backend):
     if backend == "triton":
         from .triton_divergence import triton_per_token_divergence
 
@@ -108,17 +112,19 @@ def _per_token(s, t, ids, logprobs, mask, kind, beta, temperature, backend):
             teacher_logits=t,
             teacher_topk_ids=ids,
             teacher_topk_logprobs=logprobs,
+            teacher_tail_logmass=tail,
             kind=kind,
             beta=beta,
             temperature=temperature,
             row_mask=mask,
         )
-    s, t, ids, logprobs = _neutralize_masked_rows(s, t, ids, logprobs, mask)
+    s, t, ids, logprobs, tail = _neutralize_masked_rows(s, t, ids, logprobs, tail, mask)
     per_token = reference.per_token_divergence(
         s,
         teacher_logits=t,
         teacher_topk_ids=ids,
         teacher_topk_logprobs=logprobs,
+        teacher_tail_logmass=tail,
         kind=kind,
         beta=beta,
         temperature=temperature,
@@ -134,6 +140,7 @@ def distillation_loss(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_tail_logmass: Tensor | None = None,
     mask: Tensor | None = None,
     weights: Tensor | None = None,
     kind: str = "reverse_kl",
@@ -144,7 +151,9 @@ def distillation_loss(
     """Function form of :class:`DistillationLoss`: ``(scalar loss, per-token loss detached [N])``.
 
     ``student_logits`` is ``[..., V]`` (leading dims are flattened to N); ``mask`` is bool
-    ``[N]`` (False = ignored), ``weights`` float ``[N]``.
+    ``[N]`` (False = ignored), ``weights`` float ``[N]``. A top-k teacher is the ids and
+    log-probs ``[..., K]`` plus, when the scorer stored it, ``teacher_tail_logmass`` ``[...]``
+    (the exact log-mass outside the top-k; see ``reference``'s "Sparse (top-k) teacher").
 
     >>> import torch
     >>> s = torch.zeros(2, 3, requires_grad=True)
@@ -154,11 +163,12 @@ def distillation_loss(
     (0.0, [0.0, 0.0])
     """
     reference.check_args(kind, beta, temperature, sparse=teacher_logits is None)
-    s, t, ids, logprobs, mask, weights = _flatten(
-        student_logits, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, mask, weights
+    s, t, ids, logprobs, tail, mask, weights = _flatten(
+        student_logits, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logmass,
+        mask, weights
     )
     chosen = resolve_backend(backend, s.device)
-    per_token = _per_token(s, t, ids, logprobs, mask, kind, float(beta), float(temperature), chosen)
+    per_token = _per_token(s, t, ids, logprobs, tail, mask, kind, float(beta), float(temperature), chosen)
     return reduce_per_token(per_token, mask, weights), per_token.detach()
 
 
@@ -168,6 +178,7 @@ def divergence_and_grad(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_tail_logmass: Tensor | None = None,
     kind: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -196,20 +207,22 @@ def divergence_and_grad(
             teacher_logits=teacher_logits,
             teacher_topk_ids=teacher_topk_ids,
             teacher_topk_logprobs=teacher_topk_logprobs,
+            teacher_tail_logmass=teacher_tail_logmass,
             kind=kind,
             beta=beta,
             temperature=temperature,
             row_mask=mask,
             grad_out=grad_out,
         )
-    s, t, ids, logprobs = _neutralize_masked_rows(
-        student_logits, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, mask
+    s, t, ids, logprobs, tail = _neutralize_masked_rows(
+        student_logits, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logmass, mask
     )
     loss, grad, norm = reference.per_token_divergence_and_grad(
         s,
         teacher_logits=t,
         teacher_topk_ids=ids,
         teacher_topk_logprobs=logprobs,
+        teacher_tail_logmass=tail,
         kind=kind,
         beta=beta,
         temperature=temperature,
@@ -260,6 +273,7 @@ class DistillationLoss(torch.nn.Module):
         teacher_logits: Tensor | None = None,
         teacher_topk_ids: Tensor | None = None,
         teacher_topk_logprobs: Tensor | None = None,
+        teacher_tail_logmass: Tensor | None = None,
         mask: Tensor | None = None,
         weights: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -268,6 +282,7 @@ class DistillationLoss(torch.nn.Module):
             teacher_logits=teacher_logits,
             teacher_topk_ids=teacher_topk_ids,
             teacher_topk_logprobs=teacher_topk_logprobs,
+            teacher_tail_logmass=teacher_tail_logmass,
             mask=mask,
             weights=weights,
             kind=self.kind,

@@ -30,9 +30,13 @@ a caller that wants the Hinton scaling multiplies itself.
   alpha = 0 is reverse KL.
 * ``tvd``             total variation ``0.5 * sum |p - q|`` (subgradient: sign(0) = 0).
 * ``akl``             adaptive KL (Wu et al. 2024, "Rethinking KL divergence in knowledge
-  distillation for LLMs"): sort the teacher's probabilities ascending (stable sort), take the
-  cumulative sum; the *tail* is the categories whose ascending cumulative teacher mass is
-  ``< AKL_MU`` (= 0.5), the *head* is the rest. With ``g_head = sum_head |q - p|`` and
+  distillation for LLMs"), with the head/tail boundary of the authors' code (LLM_KD_AKL's
+  ``get_ratio``): sort the teacher's probabilities descending (stable sort), take the
+  cumulative sum; the *head* is the largest category plus every category whose descending
+  cumulative teacher mass is ``<= AKL_MU`` (= 0.5), the *tail* is the rest, so the category
+  whose cumulative mass crosses ``AKL_MU`` is in the tail (q = [.40, .35, .25],
+  p = [.20, .30, .50]: head {.40}, weights 0.4 / 0.6; an earlier version of this module put the
+  crossing category in the head, 0.5 / 0.5). With ``g_head = sum_head |q - p|`` and
   ``g_tail = sum_tail |q - p|`` (both detached: constants for the gradient),
   ``AKL = g_head/(g_head+g_tail) * KL(q||p) + g_tail/(g_head+g_tail) * KL(p||q)``;
   when ``g_head + g_tail == 0`` both weights are 0.5 (the loss is 0 then anyway).
@@ -45,17 +49,31 @@ The teacher-scoring stage stores, per position, the teacher's top-k token ids an
 everything outside the top-k is treated as ONE tail bucket and the divergence is computed over
 K + 1 categories:
 
-* student: ``P_k = p[id_k]`` and tail ``P_tail = max(1 - sum_k P_k, 0)``;
-* teacher: ``Q_k = exp(logprob_k)`` and tail ``Q_tail = max(1 - sum_k Q_k, 0)``;
-* each tail mass is floored at ``TAIL_FLOOR`` (1e-12) before it enters the divergence, so a
-  rounding-error zero on one side never produces an infinite KL; below the floor the tail's
-  gradient is zero.
+* student: ``P_k = p[id_k]`` and the tail ``log P_tail = logsumexp(s[not top-k]) - logsumexp(s)``,
+  computed over the student's own non-top-k logits (the student's full row is always here), so
+  it has no cancellation however close ``sum_k P_k`` is to 1;
+* teacher: ``Q_k = exp(logprob_k)`` and the tail log-mass ``teacher_tail_logmass`` [N] as the
+  scoring stage stored it (``logsumexp(t[not top-k]) - logsumexp(t)`` from the teacher's full
+  logits, ``tail_log_mass`` below). Without it (a server that returns only top-k log-probs),
+  it is rebuilt as ``log(1 - sum_k Q_k)`` in float64 (``tail_from_topk``): exact in float64
+  arithmetic, but a float32-stored top-k that holds all but ~1e-7 of the mass has lost the
+  tail already, so that path is a fallback, named where it is used;
+* each tail is floored at ``log(TAIL_FLOOR)`` (1e-12) before it enters the divergence, so an
+  empty tail on one side never produces an infinite KL; below the floor the tail's gradient is
+  zero.
+
+(Before, both tails were ``max(1 - sum_k exp(logprob_k), 0)`` in float32: with the issue-16
+reproducer, V = 5, q = [0.6, 0.4 - 1e-9, 3 x 1e-9/3], student uniform, that cancels, and the
+loss was several nats off float64; tests/kernels/test_exact_tail.py pins the fix.)
 
 Merging categories can only lose information, so by the data-processing inequality (all these
 divergences are f-divergences) the result is a lower bound of the full-vocabulary divergence
 against the true teacher; it is exact when K = V (then it equals the dense result up to float
-error). Ids must be distinct within a row and lie in ``[0, V)``; a padded top-k slot may carry a
-``-inf`` log-prob (it then has zero teacher mass). A temperature other than 1.0 is rejected for a
+error). Ids must be distinct within a row and lie in ``[0, V)``: ``check_topk_ids`` raises a
+``ValueError`` naming the first bad row otherwise (every backend calls it; one sort of the
+[N, K] ids and one host sync per call, measured by benchmarks/bench_topk_ids.py: 0.1-1.6% of the reference loss forward +
+backward on CPU, benchmarks/results/topk_id_check.jsonl). A
+padded top-k slot may carry a ``-inf`` log-prob (it then has zero teacher mass). A temperature other than 1.0 is rejected for a
 sparse teacher (``ValueError``): the stored log-probs cannot be re-tempered without the full
 vocabulary. The gradient with respect to the student logits is exact for this K+1-category loss
 (the tail's share is distributed over the tail tokens in proportion to ``p``).
@@ -84,6 +102,9 @@ __all__ = [
     "divergence_from_log_probs",
     "akl_weights",
     "check_args",
+    "check_topk_ids",
+    "tail_log_mass",
+    "tail_from_topk",
     "token_logprobs",
 ]
 
@@ -145,9 +166,10 @@ def akl_weights(log_p: Tensor, log_q: Tensor, mu: float = AKL_MU) -> tuple[Tenso
     with torch.no_grad():
         p = torch.exp(log_p)
         q = torch.exp(log_q)
-        q_sorted, order = torch.sort(q, dim=-1, stable=True)
+        q_sorted, order = torch.sort(q, dim=-1, descending=True, stable=True)
         gap = (q_sorted - torch.gather(p, -1, order)).abs()
-        tail = torch.cumsum(q_sorted, dim=-1) < mu
+        tail = torch.cumsum(q_sorted, dim=-1) > mu  # the crossing category is in the tail
+        tail[..., 0] = False  # the teacher's largest category is always head
         g_tail = torch.where(tail, gap, torch.zeros_like(gap)).sum(-1)
         g_head = torch.where(tail, torch.zeros_like(gap), gap).sum(-1)
         total = g_head + g_tail
@@ -186,10 +208,63 @@ def divergence_from_log_probs(log_p: Tensor, log_q: Tensor, kind: str, beta: flo
     raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
 
 
-def _log_tail(log_probs_topk: Tensor) -> Tensor:
-    """log of the floored tail mass ``max(1 - sum exp(log_probs_topk), 0)`` (see docstring)."""
-    tail = (1.0 - torch.exp(log_probs_topk).sum(-1, keepdim=True)).clamp_min(0.0)
-    return torch.log(tail.clamp_min(TAIL_FLOOR))
+LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
+
+
+def check_topk_ids(ids: Tensor, vocab: int, already_sorted: bool = False) -> None:
+    """Raise ``ValueError`` unless every row of ``ids`` [N, K] holds distinct ids in ``[0, vocab)``.
+
+    One sort of [N, K] (none when the caller has sorted each row: the Triton path sorts anyway)
+    and one host sync (the ``.item()`` that decides whether to raise): a bad id would otherwise
+    read outside the student's row (Triton) or fail far away with an index error (torch).
+    """
+    srt = ids.long() if already_sorted else torch.sort(ids.long(), dim=-1).values
+    if srt.numel() == 0:
+        return
+    bad = (srt[:, 0] < 0) | (srt[:, -1] >= vocab)
+    if srt.shape[1] > 1:
+        bad = bad | (srt[:, 1:] == srt[:, :-1]).any(-1)
+    if bool(bad.any().item()):  # host sync: the error must be raised before any kernel reads
+        row = int(bad.nonzero()[0, 0])
+        r = srt[row]
+        if int(r[0]) < 0 or int(r[-1]) >= vocab:
+            raise ValueError(f"teacher top-k ids out of range in row {row}: ids span [{int(r[0])}, {int(r[-1])}] "
+                             f"but the student's vocabulary is [0, {vocab}) (a padded or foreign vocabulary?)")
+        dup = int(r[1:][r[1:] == r[:-1]][0])
+        raise ValueError(f"teacher top-k ids repeat in row {row}: id {dup} appears more than once")
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends (Maechler 2012)."""
+    x = x.clamp_max(0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@torch.no_grad()
+def tail_log_mass(logits: Tensor, ids: Tensor) -> Tensor:
+    """``log sum_{j not in ids} softmax(logits)_j`` [N] without cancellation, in float32 (float64
+    for float64 input): logsumexp over the non-top-k logits minus the full logsumexp. ``-inf``
+    when the ids cover every non-(-inf) logit."""
+    x = logits.to(_compute_dtype(logits))
+    rest = x.scatter(-1, ids.long(), -math.inf)
+    return torch.logsumexp(rest, -1) - torch.logsumexp(x, -1)
+
+
+@torch.no_grad()
+def tail_from_topk(log_probs_topk: Tensor) -> Tensor:
+    """The fallback tail log-mass ``log(1 - sum_k exp(logprob_k))`` [N], in float64 (see the
+    module docstring: it cannot recover a tail the float32 top-k has already rounded away)."""
+    lse = torch.logsumexp(log_probs_topk.double(), -1)
+    return _log1mexp(lse).to(_compute_dtype(log_probs_topk))
+
+
+def _student_log_tail(log_p: Tensor, ids: Tensor) -> Tensor:
+    """The student's tail log-mass [N, 1] over its non-top-k log-probs, differentiable, NaN-free
+    (an empty tail is replaced by the dtype's smallest value before logsumexp, so neither the
+    value nor the backward sees ``-inf - -inf``)."""
+    rest = log_p.scatter(-1, ids, -math.inf)
+    rest = torch.where(torch.isneginf(rest), torch.full_like(rest, torch.finfo(rest.dtype).min), rest)
+    return torch.logsumexp(rest, -1, keepdim=True).clamp_min(LOG_TAIL_FLOOR)
 
 
 def category_log_probs(
@@ -198,12 +273,14 @@ def category_log_probs(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_tail_logmass: Tensor | None = None,
     temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Return ``(log_p, log_q)`` over the categories the divergence is computed on.
 
     Dense teacher: the V vocabulary entries, both tempered by ``temperature``.
-    Sparse teacher: the K top-k ids followed by the tail bucket (K + 1 categories).
+    Sparse teacher: the K top-k ids followed by the tail bucket (K + 1 categories); the
+    teacher's tail is ``teacher_tail_logmass`` [N] when given, else ``tail_from_topk``.
     Computation dtype is float64 for float64 input, else float32.
     """
     dense = teacher_logits is not None
@@ -237,10 +314,18 @@ def category_log_probs(
             f"top-k ids {tuple(ids.shape)} / logprobs {tuple(teacher_topk_logprobs.shape)} "
             f"do not match student rows {s.shape[0]}"
         )
-    log_p_k = torch.gather(torch.log_softmax(s, -1), -1, ids)
+    check_topk_ids(ids, s.shape[1])
+    log_p_full = torch.log_softmax(s, -1)
+    log_p_k = torch.gather(log_p_full, -1, ids)
     log_q_k = teacher_topk_logprobs.to(dtype)
-    log_p = torch.cat([log_p_k, _log_tail(log_p_k)], dim=-1)
-    log_q = torch.cat([log_q_k, _log_tail(log_q_k)], dim=-1)
+    if teacher_tail_logmass is None:
+        q_tail = tail_from_topk(log_q_k)
+    else:
+        q_tail = teacher_tail_logmass.detach().reshape(-1).to(device=s.device, dtype=dtype)
+        if q_tail.shape[0] != s.shape[0]:
+            raise ValueError(f"teacher_tail_logmass has {q_tail.shape[0]} rows, student {s.shape[0]}")
+    log_p = torch.cat([log_p_k, _student_log_tail(log_p_full, ids)], dim=-1)
+    log_q = torch.cat([log_q_k, q_tail.clamp_min(LOG_TAIL_FLOOR)[:, None]], dim=-1)
     return log_p, log_q
 
 
@@ -250,6 +335,7 @@ def per_token_divergence(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_tail_logmass: Tensor | None = None,
     kind: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -275,6 +361,7 @@ def per_token_divergence(
         teacher_logits=teacher_logits,
         teacher_topk_ids=teacher_topk_ids,
         teacher_topk_logprobs=teacher_topk_logprobs,
+        teacher_tail_logmass=teacher_tail_logmass,
         temperature=temperature,
     )
     return divergence_from_log_probs(log_p, log_q, kind, float(beta))
@@ -286,6 +373,7 @@ def per_token_divergence_and_grad(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_tail_logmass: Tensor | None = None,
     kind: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -303,6 +391,7 @@ def per_token_divergence_and_grad(
             teacher_logits=teacher_logits,
             teacher_topk_ids=teacher_topk_ids,
             teacher_topk_logprobs=teacher_topk_logprobs,
+            teacher_tail_logmass=teacher_tail_logmass,
             kind=kind,
             beta=beta,
             temperature=temperature,

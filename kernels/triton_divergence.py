@@ -51,10 +51,13 @@ order, so the tests check the mapping and the cross-program reduction; the sm_90
 checks the atomics lower to ``ld.acquire`` / a release ``red`` or ``atom`` add.
 
 Sparse top-k teacher (see ``reference.py`` for the K + 1 category definition): pass A computes
-the student's log-sum-exp, the K gathered student logits give the category terms and ``H``,
-and in pass C each tail token gets ``p_j * (df/dP_tail - H)``. The ids are sorted per row on
-the host (N x K, cheap) so each vocab chunk finds its top-k members with a short loop over the
-ids falling inside it (no N x V membership mask).
+the student's log-sum-exp over the row and over its non-top-k columns (the student's tail
+log-mass, exact, instead of ``1 - sum_k p_k``), the K gathered student logits give the category
+terms and ``H``, the teacher's tail log-mass comes from the scorer (``teacher_tail_logmass``,
+or ``reference.tail_from_topk`` without it), and in pass C each tail token gets
+``p_j * (df/dP_tail - H)``. The ids are sorted per row on the host (N x K, cheap) and checked
+(``reference.check_topk_ids``: distinct, in ``[0, V)``; one host sync) so each vocab chunk finds
+its top-k members with a short loop over the ids falling inside it (no N x V membership mask).
 
 AKL's head/tail weights need a sort of the teacher distribution; they are computed with torch
 (``reference.akl_weights``, detached, in blocks of rows so its temporaries stay ~1.4 GB) and
@@ -294,10 +297,26 @@ def _dense_kernel(
 
 
 @triton.jit
+def _chunk_members(ids_row, lps_row, ids, kin, start, offs, BLOCK: tl.constexpr):
+    """Which columns of the chunk at ``start`` are top-k ids (ids sorted), and their teacher
+    log-probs (``-inf`` elsewhere)."""
+    lo = tl.sum((kin & (ids < start)).to(tl.int32), axis=0)
+    hi = tl.sum((kin & (ids < start + BLOCK)).to(tl.int32), axis=0)
+    member = offs < 0
+    logq = tl.full([BLOCK], -float("inf"), tl.float32)
+    for j in range(lo, hi):
+        idj = tl.load(ids_row + j)
+        hit = offs == idj
+        member = member | hit
+        logq = tl.where(hit, tl.load(lps_row + j).to(tl.float32), logq)
+    return member, logq
+
+
+@triton.jit
 def _sparse_kernel(
-    S, IDS, LPS, G, LOSS, NORM, ROW_MASK, W_HEAD, W_TAIL,
+    S, IDS, LPS, TAIL, G, LOSS, NORM, ROW_MASK, W_HEAD, W_TAIL,
     stride_s, stride_ids, stride_lps, stride_g, V, K,
-    beta, log_b, log_1mb, tail_floor,
+    beta, log_b, log_1mb, log_tail_floor,
     KIND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -316,34 +335,39 @@ def _sparse_kernel(
         if KIND == 6:
             w_head = tl.load(W_HEAD + row)
             w_tail = tl.load(W_TAIL + row)
-        # Pass A: student log-sum-exp.
+        kk = tl.arange(0, BLOCK_K)
+        kin = kk < K
+        ids = tl.load(ids_row + kk, mask=kin, other=0)
+        # Pass A: student log-sum-exp over the row and over its non-top-k columns (the tail's
+        # log-mass without cancellation, see reference.py).
         m_s = tl.full([BLOCK], -float("inf"), tl.float32)
         z_s = tl.zeros([BLOCK], tl.float32)
+        m_r = tl.full([BLOCK], -float("inf"), tl.float32)
+        z_r = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             offs = start + cols
             x = tl.load(s_row + offs, mask=offs < V, other=-float("inf"),
                         eviction_policy="evict_last").to(tl.float32)
             m_s, alpha_s, e_s = _online_update(m_s, z_s, x)
             z_s = z_s * alpha_s + e_s
+            member, _lq = _chunk_members(ids_row, lps_row, ids, kin, start, offs, BLOCK)
+            xr = tl.where(member, -float("inf"), x)
+            m_r, alpha_r, e_r = _online_update(m_r, z_r, xr)
+            z_r = z_r * alpha_r + e_r
         lse_s, _scale = _finish_lse(m_s, z_s)
+        lse_r, _scale_r = _finish_lse(m_r, z_r)
         # The K + 1 categories.
-        kk = tl.arange(0, BLOCK_K)
-        kin = kk < K
-        ids = tl.load(ids_row + kk, mask=kin, other=0)
         logq_k = tl.load(lps_row + kk, mask=kin, other=-float("inf")).to(tl.float32)
         logp_k = tl.load(s_row + ids, mask=kin, other=-float("inf")).to(tl.float32) - lse_s
         f_k, h_k = _terms(logp_k, logq_k, beta, log_b, log_1mb, w_head, w_tail, KIND)
         f_k = tl.where(kin, f_k, 0.0)
         h_k = tl.where(kin, h_k, 0.0)
-        p_tail = tl.maximum(1.0 - tl.sum(tl.exp(logp_k), axis=0), 0.0)
-        q_tail = tl.maximum(1.0 - tl.sum(tl.exp(logq_k), axis=0), 0.0)
-        p_floor = tl.maximum(p_tail, tail_floor)
-        q_floor = tl.maximum(q_tail, tail_floor)
-        f_tail, h_tail = _terms(
-            tl.log(p_floor), tl.log(q_floor), beta, log_b, log_1mb, w_head, w_tail, KIND
-        )
-        h_tail = tl.where(p_tail > tail_floor, h_tail, 0.0)
-        g_tail = h_tail / p_floor  # d f / d P_tail
+        logp_tail = lse_r - lse_s  # -inf when the top-k covers the row
+        logp_floor = tl.maximum(logp_tail, log_tail_floor)
+        logq_floor = tl.maximum(tl.load(TAIL + row).to(tl.float32), log_tail_floor)
+        f_tail, h_tail = _terms(logp_floor, logq_floor, beta, log_b, log_1mb, w_head, w_tail, KIND)
+        h_tail = tl.where(logp_tail > log_tail_floor, h_tail, 0.0)
+        g_tail = h_tail * tl.exp(-logp_floor)  # d f / d P_tail
         big_h = tl.sum(h_k, axis=0) + h_tail
         tl.store(LOSS + row, tl.sum(f_k, axis=0) + f_tail)
         # Pass C: gradient; ids are sorted, so the members of a chunk are ids[lo:hi].
@@ -356,15 +380,7 @@ def _sparse_kernel(
                         eviction_policy="evict_first").to(tl.float32)
             logp = x - lse_s
             p = tl.exp(logp)
-            lo = tl.sum((kin & (ids < start)).to(tl.int32), axis=0)
-            hi = tl.sum((kin & (ids < start + BLOCK)).to(tl.int32), axis=0)
-            member = cols < 0
-            logq = tl.full([BLOCK], -float("inf"), tl.float32)
-            for j in range(lo, hi):
-                idj = tl.load(ids_row + j)
-                hit = offs == idj
-                member = member | hit
-                logq = tl.where(hit, tl.load(lps_row + j).to(tl.float32), logq)
+            member, logq = _chunk_members(ids_row, lps_row, ids, kin, start, offs, BLOCK)
             _f, h = _terms(logp, logq, beta, log_b, log_1mb, w_head, w_tail, KIND)
             h = tl.where(member, h, p * g_tail)
             g = tl.where(inb, h - p * big_h, 0.0)
@@ -557,7 +573,7 @@ def _log_weights(beta: float) -> tuple[float, float]:
 AKL_BLOCK_ELEMS = 1 << 25
 
 
-def _akl_weights_by_rows(s, teacher_logits, ids, logprobs, temperature) -> tuple[Tensor, Tensor]:
+def _akl_weights_by_rows(s, teacher_logits, ids, logprobs, tail, temperature) -> tuple[Tensor, Tensor]:
     n, v = s.shape
     rows = max(1, AKL_BLOCK_ELEMS // v)
     w_head = torch.empty(n, dtype=torch.float32, device=s.device)
@@ -565,7 +581,8 @@ def _akl_weights_by_rows(s, teacher_logits, ids, logprobs, temperature) -> tuple
     for lo in range(0, n, rows):
         sl = slice(lo, min(lo + rows, n))
         teacher = (dict(teacher_logits=teacher_logits[sl]) if teacher_logits is not None
-                   else dict(teacher_topk_ids=ids[sl], teacher_topk_logprobs=logprobs[sl]))
+                   else dict(teacher_topk_ids=ids[sl], teacher_topk_logprobs=logprobs[sl],
+                             teacher_tail_logmass=tail[sl]))
         log_p, log_q = reference.category_log_probs(s[sl], **teacher, temperature=temperature)
         w_head[sl], w_tail[sl] = reference.akl_weights(log_p, log_q)
     return w_head, w_tail
@@ -581,6 +598,7 @@ def triton_divergence_and_grad(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_tail_logmass: Tensor | None = None,
     kind: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -633,10 +651,23 @@ def triton_divergence_and_grad(
     code = _kind_code(kind, beta)
     has_mask = row_mask is not None
     mask_t = row_mask.reshape(-1).to(device=dev, dtype=torch.int8) if has_mask else loss
+    if sparse:
+        # ids sorted per row (each vocab chunk finds its members as a contiguous run), masked
+        # rows' ids replaced by 0..K-1 (they are never read), then validated: a bad id would
+        # be read out of bounds by the kernel.
+        ids, order = torch.sort(teacher_topk_ids.detach().reshape(n, -1).long(), dim=-1)
+        if has_mask:
+            filler = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            ids = torch.where(row_mask.reshape(-1, 1).to(device=ids.device, dtype=torch.bool), ids, filler)
+        reference.check_topk_ids(ids, v, already_sorted=True)
+        lps = torch.gather(teacher_topk_logprobs.detach().reshape(n, -1), -1, order).contiguous()
+        tail = (reference.tail_from_topk(lps) if teacher_tail_logmass is None
+                else teacher_tail_logmass.detach().reshape(n))
+        tail = tail.to(device=dev, dtype=torch.float32).contiguous()
     w_head = w_tail = loss
     if code == _AKL:  # detached weights need a sort: torch, see the module docstring
-        w_head, w_tail = _akl_weights_by_rows(s, teacher_logits, teacher_topk_ids, teacher_topk_logprobs,
-                                              temperature)
+        w_head, w_tail = _akl_weights_by_rows(s, teacher_logits, ids if sparse else None,
+                                              lps if sparse else None, tail if sparse else None, temperature)
     log_b, log_1mb = _log_weights(beta)
     block = block_size or default_block_size(v)
     num_warps = 8 if block >= 2048 else 4
@@ -656,14 +687,12 @@ def triton_divergence_and_grad(
             LAST_REVERSED=code in (_FKL, _RKL, _AKL),  # two passes: the last one runs backwards
         )
         return loss, grad, norm
-    ids, order = torch.sort(teacher_topk_ids.detach().reshape(n, -1).long(), dim=-1)
-    lps = torch.gather(teacher_topk_logprobs.detach().reshape(n, -1), -1, order).contiguous()
     ids = ids.to(torch.int32).contiguous() if v < 2**31 else ids.contiguous()
     k = ids.shape[1]
     _sparse_kernel[(n,)](
-        s, ids, lps, grad, loss, norm, mask_t, w_head, w_tail,
+        s, ids, lps, tail, grad, loss, norm, mask_t, w_head, w_tail,
         s.stride(0), ids.stride(0), lps.stride(0), grad.stride(0), v, k,
-        beta, log_b, log_1mb, reference.TAIL_FLOOR,
+        beta, log_b, log_1mb, reference.LOG_TAIL_FLOOR,
         KIND=code, HAS_MASK=has_mask, BLOCK=block, BLOCK_K=max(16, triton.next_power_of_2(k)),
         num_warps=num_warps,
     )
@@ -678,12 +707,13 @@ class TritonDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, ids, logprobs, row_mask, opts):
+    def forward(ctx, student_logits, teacher_logits, ids, logprobs, tail, row_mask, opts):
         loss, grad, norm = triton_divergence_and_grad(
             student_logits,
             teacher_logits=teacher_logits,
             teacher_topk_ids=ids,
             teacher_topk_logprobs=logprobs,
+            teacher_tail_logmass=tail,
             row_mask=row_mask,
             **opts,
         )
@@ -696,7 +726,7 @@ class TritonDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_norm):
         (grad,) = ctx.saved_tensors
         grad.mul_(grad_loss.unsqueeze(1).to(grad.dtype))
-        return grad.to(ctx.input_dtype), None, None, None, None, None
+        return grad.to(ctx.input_dtype), None, None, None, None, None, None
 
 
 def triton_per_token_divergence(
@@ -705,6 +735,7 @@ def triton_per_token_divergence(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_tail_logmass: Tensor | None = None,
     kind: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -717,6 +748,7 @@ def triton_per_token_divergence(
     opts = dict(kind=kind, beta=beta, temperature=temperature, block_size=block_size,
                 schedule=schedule, rows_per_group=rows_per_group)
     loss, _norm = TritonDivergence.apply(
-        student_logits, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, row_mask, opts
+        student_logits, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logmass,
+        row_mask, opts
     )
     return loss

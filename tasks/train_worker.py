@@ -37,7 +37,7 @@ from safetensors.torch import save_file as st_save_file
 from opdflow.infra import distributed
 from opdflow.infra.config import Config, parse_config
 from opdflow.infra.lm import (batch_response_hidden, batch_response_logits, check_head_is_logits, derive_seed,
-                               load_model, load_tokenizer, save_model)
+                               load_model, load_tokenizer, real_head, real_logits, save_model)
 from opdflow.kernels import DistillationLoss, FusedLinearDistillationLoss, resolve_backend
 from opdflow.kernels.reference import token_logprobs
 
@@ -89,7 +89,29 @@ def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int | Non
     return [mine[i * size:(i + 1) * size] for i in range(n_micro)]
 
 
-def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: int, tis_cap: float | None = None):
+def zeroed_ids(prompt_ids: list[int], response_ids: list[int], position: str = "target") -> list[int]:
+    """Per response position, the id whose membership in a bypass set zeroes that position's
+    loss weight. Position i predicts response token i from the inputs before it.
+
+    * `target` (opdflow's default, the paper's equation): the generated token, response[i].
+    * `input` (the reference code's convention): the position's input id, response[i-1]
+      (the prompt's last id for i = 0), so a rock's loss is zeroed one position later:
+      at the token generated right after it.
+    """
+    if position == "target":
+        return list(response_ids)
+    if position == "input":
+        return ([prompt_ids[-1]] if prompt_ids else [-1])[:len(response_ids)] + list(response_ids[:-1])
+    raise ValueError(f"ablation.position: {position!r} is neither 'target' nor 'input'")
+
+
+def bypass_weights(rows: list[dict], bypass: frozenset[int], position: str = "target") -> list[float]:
+    """Loss weights of the rows' response positions, flattened: 0 where `zeroed_ids` is in `bypass`."""
+    return [0.0 if t in bypass else 1.0 for r in rows for t in zeroed_ids(r["prompt_ids"], r["response_ids"], position)]
+
+
+def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: int, tis_cap: float | None = None,
+              position: str = "target", vocab: int | None = None):
     """One micro-batch: student logits at response positions vs the teacher's stored top-k.
     Returns (mean loss over the micro-batch's tokens, per-token loss, weights, the trainer's
     log-prob of each sampled token). With `tis_cap`, each token's weight is multiplied by
@@ -98,34 +120,43 @@ def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: 
     `loss_fn` is a `DistillationLoss` (the model's logits) or a `FusedLinearDistillationLoss`
     (`train.fused_lm_head`: the lm_head's input, the head applied chunk by chunk in the loss,
     which also yields the trainer's log-probs; with TIS those are needed before the loss, so
-    they take one more chunked no-grad pass of the head)."""
+    they take one more chunked no-grad pass of the head).
+
+    `vocab` (the tokenizer's size) cuts a padded lm_head's extra rows off the student's logits,
+    so its distribution is over the real vocabulary only, as the sampler's and the teacher's
+    (`infra.lm.real_logits`). The teacher's tail log-mass is the rows' `teacher_tail_logmass`
+    when present (the score stage always writes it)."""
     dev = next(model.parameters()).device
     prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
     tokens = torch.tensor([t for r in responses for t in r], dtype=torch.long, device=dev)
     fused = isinstance(loss_fn, FusedLinearDistillationLoss)
     if fused:
         hidden, head = batch_response_hidden(model, prompts, responses, pad_id, dev, grad=True)
+        head_w, head_b = real_head(head, vocab)
         trainer_lp = torch.empty(len(tokens), dtype=torch.float32, device=dev)
         if tis_cap is not None:
             with torch.no_grad():
                 for lo in range(0, len(tokens), LOGPROB_CHUNK):
-                    trainer_lp[lo:lo + LOGPROB_CHUNK] = token_logprobs(head(hidden[lo:lo + LOGPROB_CHUNK]),
-                                                                       tokens[lo:lo + LOGPROB_CHUNK])
+                    trainer_lp[lo:lo + LOGPROB_CHUNK] = token_logprobs(
+                        torch.nn.functional.linear(hidden[lo:lo + LOGPROB_CHUNK], head_w, head_b),
+                        tokens[lo:lo + LOGPROB_CHUNK])
     else:
-        logits = batch_response_logits(model, prompts, responses, pad_id, dev, grad=True)
+        logits = real_logits(batch_response_logits(model, prompts, responses, pad_id, dev, grad=True), vocab)
         trainer_lp = token_logprobs(logits, tokens, LOGPROB_CHUNK)
     ids = torch.tensor([k for r in rows for k in r["topk_ids"]], dtype=torch.long, device=dev)
     lps = torch.tensor([k for r in rows for k in r["topk_logprobs"]], dtype=torch.float32, device=dev)
-    weights = torch.tensor([0.0 if t in bypass else 1.0 for r in responses for t in r], device=dev)
+    weights = torch.tensor(bypass_weights(rows, bypass, position), device=dev)
     if tis_cap is not None:
         from opdflow.tasks.mismatch import tis_weights
         sampler_lp = torch.tensor([x for r in rows for x in r["logprobs"]], dtype=torch.float32, device=dev)
         weights = weights * tis_weights(sampler_lp, trainer_lp, tis_cap)
-    teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps,
+    tail = (torch.tensor([x for r in rows for x in r["teacher_tail_logmass"]], dtype=torch.float32, device=dev)
+            if rows and "teacher_tail_logmass" in rows[0] else None)
+    teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_tail_logmass=tail,
                    mask=torch.ones(len(tokens), dtype=torch.bool, device=dev), weights=weights)
     if fused:
         targets = {} if tis_cap is not None else dict(target_ids=tokens, target_logprobs_out=trainer_lp)
-        loss, per_token = loss_fn(hidden, head.weight, head.bias, **teacher, **targets)
+        loss, per_token = loss_fn(hidden, head_w, head_b, **teacher, **targets)
     else:
         loss, per_token = loss_fn(logits, **teacher)
     return loss, per_token, weights, trainer_lp
@@ -171,9 +202,12 @@ class TrainState:
     n_tok: int = 0
     n_bypassed: int = 0
     records: dict[str, list] = field(default_factory=lambda: {k: [] for k in RECORD_COLUMNS})
+    step_log: list[dict] = field(default_factory=list)  # per step: what infra/tracking.py draws
 
     def record(self, loss: float, batch: list[dict], per_token: list[float], weights: list[float],
-               trainer_lp: list[float]) -> None:
+               trainer_lp: list[float], extra: dict | None = None) -> None:
+        if extra is not None:
+            self.step_log.append(step_metrics(self.step, loss, batch, per_token, weights, trainer_lp, extra))
         i = 0
         for r in batch:
             for pos, tok in enumerate(r["response_ids"]):
@@ -187,7 +221,27 @@ class TrainState:
         self.step += 1
 
     def meta(self) -> dict:
-        return {"step": self.step, "losses": self.losses, "n_tok": self.n_tok, "n_bypassed": self.n_bypassed}
+        return {"step": self.step, "losses": self.losses, "n_tok": self.n_tok, "n_bypassed": self.n_bypassed,
+                "step_log": self.step_log}
+
+
+def step_metrics(step: int, loss: float, batch: list[dict], per_token: list[float], weights: list[float],
+                 trainer_lp: list[float], extra: dict) -> dict:
+    """One step's curve values: the (weighted) loss, the mean per-token divergence over all
+    tokens (bypassed ones too), the bypassed share, and the sampler/trainer mismatch on the
+    step's tokens: mean |trainer - sampler| log-prob and the k3 estimate of KL(sampler ||
+    trainer) (exact on-policy only at a round's first step; later steps also measure how far
+    the round's updates moved the student). `extra`: global_step, grad_norm, lr, seconds."""
+    sampler = [x for r in batch for x in (r.get("logprobs") or [])]
+    n = len(per_token)
+    out = {"step": step, "loss": loss, "divergence": sum(per_token) / max(1, n),
+           "bypassed_fraction": sum(1 for w in weights if w == 0) / max(1, n), "tokens": n,
+           "tokens_per_s": n / max(extra.get("seconds", 0.0), 1e-9), **extra}
+    if sampler and len(sampler) == len(trainer_lp):
+        d = [t - s for s, t in zip(sampler, trainer_lp)]
+        out["mismatch_abs"] = sum(abs(x) for x in d) / max(1, len(d))
+        out["mismatch_k3"] = sum(math.expm1(x) - x for x in d) / max(1, len(d))
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 # -- in-round checkpoints ----------------------------------------------------------------------
@@ -214,22 +268,26 @@ def load_partial(resume: Path, model, opt, state: TrainState) -> None:
     distributed.load_sharded(resume / "dcp", model, opt)
     torch.set_rng_state(st_load_file(str(resume / "rng.safetensors"))["cpu"])
     state.step, state.losses, state.n_tok, state.n_bypassed = meta["step"], meta["losses"], meta["n_tok"], meta["n_bypassed"]
+    state.step_log = meta.get("step_log", [])
     state.records = pq.read_table(resume / "records.parquet").to_pydict()
 
 
 # -- the loop ----------------------------------------------------------------------------------
 
 def train_step(d: distributed.Dist, model, opt, loss_fn, c: Config, batch: list[dict], bypass: frozenset[int],
-               pad_id: int, global_step: int) -> tuple[float, list[float], list[float], list[float]]:
+               pad_id: int, global_step: int, vocab: int | None = None,
+               stats: dict | None = None) -> tuple[float, list[float], list[float], list[float]]:
     """One optimizer step over the global batch; returns (loss, per-token losses, weights and
-    trainer logprobs in batch order) on rank 0."""
+    trainer logprobs in batch order) on rank 0. `stats` gets the step's gradient norm (before
+    clipping) and learning rate."""
     n_global = sum(len(r["response_ids"]) for r in batch)
     micros = rank_micro_batches(batch, d.rank, d.world, c.train.micro_batch_size)
     loss_sum, mine = 0.0, []
     for i, pos in enumerate(micros):
         distributed.set_gradient_sync(model, i == len(micros) - 1)
         rows = [batch[p] for p in pos] or batch[:1]  # an empty micro-batch runs with zero weight
-        loss, per_token, weights, trainer_lp = loss_step(model, loss_fn, rows, bypass, pad_id, c.train.tis_cap)
+        loss, per_token, weights, trainer_lp = loss_step(model, loss_fn, rows, bypass, pad_id, c.train.tis_cap,
+                                                         c.ablation.position, vocab=vocab)
         n_micro = sum(len(r["response_ids"]) for r in rows)
         scale = (n_micro / n_global) * d.world if pos else 0.0  # FSDP averages over ranks
         (loss * scale).backward()
@@ -243,7 +301,12 @@ def train_step(d: distributed.Dist, model, opt, loss_fn, c: Config, batch: list[
                 start += n
     set_lr(opt, c, global_step)
     if c.train.optimizer.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), c.train.optimizer.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.train.optimizer.grad_clip)
+    elif stats is not None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if stats is not None:
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # an FSDP DTensor
+        stats.update(grad_norm=float(norm), lr=opt.param_groups[0]["lr"])  # host sync: once per step, for the log
     opt.step()
     opt.zero_grad(set_to_none=True)
     loss_value = distributed.all_sum(d, loss_sum) / max(1, n_global)
@@ -266,7 +329,8 @@ def train_round(spec: dict, progress=lambda frac, msg="": None) -> dict:
 
 def _train_round(d: distributed.Dist, spec: dict, progress) -> dict:
     c = parse_config(spec["config"])
-    torch.manual_seed(derive_seed(c.seed, "train", spec["arm"], spec["round"]))
+    tag = tuple(spec.get("seed_tag") or ())  # an ablation seed's prefix (plan.seed_tag); () for the main run
+    torch.manual_seed(derive_seed(c.seed, *tag, "train", spec["arm"], spec["round"]))
     tok = load_tokenizer(spec["src_model"])
     model = load_model(spec["src_model"], c.student.dtype, dev=d.device)
     model.train()
@@ -283,7 +347,7 @@ def _train_round(d: distributed.Dist, spec: dict, progress) -> dict:
         check_head_is_logits(model, tok.pad_token_id, d.device)
     rows = pq.read_table(spec["rows"]).to_pylist()
     batches = step_batches(len(rows), c.train.steps_per_round, c.train.batch_size,
-                           derive_seed(c.seed, "train-order", spec["round"]))
+                           derive_seed(c.seed, *tag, "train-order", spec["round"]))
     bypass = frozenset(spec["bypass"])
     state = TrainState()
     resumed = None
@@ -294,10 +358,11 @@ def _train_round(d: distributed.Dist, spec: dict, progress) -> dict:
     while state.step < len(batches):
         batch = [rows[i] for i in batches[state.step]]
         global_step = (spec["round"] - 1) * c.train.steps_per_round + state.step
+        t_step, stats = time.time(), {"global_step": global_step}
         loss, per_token, weights, trainer_lp = train_step(d, model, opt, loss_fn, c, batch, bypass, tok.pad_token_id,
-                                                          global_step)
+                                                          global_step, vocab=len(tok), stats=stats)
         if d.is_main:
-            state.record(loss, batch, per_token, weights, trainer_lp)
+            state.record(loss, batch, per_token, weights, trainer_lp, {**stats, "seconds": time.time() - t_step})
         else:
             state.step += 1
         progress(state.step / len(batches), f"step {state.step}/{len(batches)} loss {loss:.4f}")
@@ -322,8 +387,10 @@ def _write_outputs(d, spec, c: Config, model, opt, tok, state: TrainState, secs:
     losses = state.losses
     metrics = {"steps": state.step, "loss_first": round(losses[0], 5), "loss_last": round(losses[-1], 5),
                "loss_mean": round(sum(losses) / len(losses), 5), "losses": [round(x, 5) for x in losses],
-               "tokens_trained": state.n_tok, "bypassed_fraction": round(state.n_bypassed / max(1, state.n_tok), 4),
-               "tokens_per_s": round(state.n_tok / max(secs, 1e-9), 1), "world_size": d.world}
+               "tokens_trained": state.n_tok, "tokens_weighted": state.n_tok - state.n_bypassed,
+               "seconds_training": round(secs, 3), "bypassed_fraction": round(state.n_bypassed / max(1, state.n_tok), 4),
+               "tokens_per_s": round(state.n_tok / max(secs, 1e-9), 1), "world_size": d.world,
+               "step_log": state.step_log}
     if resumed is not None:
         metrics["resumed_from_step"] = resumed
     backend = {"kernel": resolve_backend(c.train.kernel, d.device), "device": str(d.device), "dtype": c.student.dtype,
@@ -350,4 +417,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["train_round", "TrainState", "step_batches", "make_optimizer", "set_lr", "rank_micro_batches",
-           "optimizer_to_files", "optimizer_from_files", "loss_step"]
+           "optimizer_to_files", "optimizer_from_files", "loss_step", "zeroed_ids", "bypass_weights"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opdflow.infra import demo
-from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, sample
+from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, response_logits, sample
 from opdflow.infra.scoring import check_head_path, logit_transform, split_model, teacher_scores
 from opdflow.tasks.score import score_table
 
@@ -35,12 +35,15 @@ def _table(prompts, responses) -> pa.Table:
 
 def _assert_same(got, ref: pa.Table, tol: float = 1e-5) -> None:
     assert len(got) == ref.num_rows
-    want = zip(ref["teacher_logprobs"].to_pylist(), ref["topk_ids"].to_pylist(), ref["topk_logprobs"].to_pylist())
-    for (lp, ids, tlp), (want_lp, want_ids, want_tlp) in zip(got, want):
-        assert len(lp) == len(want_lp)
+    want = zip(ref["teacher_logprobs"].to_pylist(), ref["topk_ids"].to_pylist(), ref["topk_logprobs"].to_pylist(),
+               ref["teacher_tail_logmass"].to_pylist())
+    for (lp, ids, tlp, tail), (want_lp, want_ids, want_tlp, want_tail) in zip(got, want):
+        assert len(lp) == len(want_lp) == len(tail) == len(want_tail)
         assert torch.allclose(torch.tensor(lp), torch.tensor(want_lp), atol=tol, rtol=0)
         assert ids == want_ids
         assert torch.allclose(torch.tensor(tlp).reshape(-1), torch.tensor(want_tlp).reshape(-1), atol=tol, rtol=0)
+        # the tail log-mass (-inf when the top-k covers the vocabulary); float32-stored in the table
+        assert torch.allclose(torch.tensor(tail), torch.tensor(want_tail), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 100_000])
@@ -53,7 +56,7 @@ def test_equals_score_table_on_the_demo_teacher(demo_dirs, rollouts, chunk_token
     got = teacher_scores(teacher, prompts, responses, pad_id, top_k, batch_size=4, chunk_tokens=chunk_tokens,
                          progress=lambda f, m: seen.append(f))
     _assert_same(got, ref)
-    assert got[3] == ([], [], [])
+    assert got[3] == ([], [], [], [])
     assert len(got[0][1][0]) == min(top_k, teacher.config.vocab_size)
     assert seen[-1] == 1.0 and seen == sorted(seen)
 
@@ -63,14 +66,14 @@ def test_batch_size_does_not_change_results(demo_dirs, rollouts):
     teacher = load_model(demo_dirs["teacher"]).eval()
     a = teacher_scores(teacher, prompts, responses, pad_id, 8, batch_size=1, chunk_tokens=5)
     b = teacher_scores(teacher, prompts, responses, pad_id, 8, batch_size=10, chunk_tokens=64)
-    for (lp_a, ids_a, _), (lp_b, ids_b, _) in zip(a, b):
+    for (lp_a, ids_a, *_), (lp_b, ids_b, *_) in zip(a, b):
         assert torch.allclose(torch.tensor(lp_a), torch.tensor(lp_b), atol=1e-5) and ids_a == ids_b
 
 
 def test_edge_inputs(demo_dirs):
     teacher = load_model(demo_dirs["teacher"]).eval()
     assert teacher_scores(teacher, [], [], 0, 5, 4) == []
-    assert teacher_scores(teacher, [[1, 2]], [[]], 0, 5, 4) == [([], [], [])]
+    assert teacher_scores(teacher, [[1, 2]], [[]], 0, 5, 4) == [([], [], [], [])]
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         teacher_scores(teacher, [[1], [2]], [[3]], 0, 5, 4)
     with pytest.raises(ValueError, match="at least 1"):
@@ -151,3 +154,34 @@ def test_unknown_logit_transform_is_refused():
         check_head_path(model, base, head, logit_transform(model), [1, 2, 3, 4], 16)
     with pytest.raises(ValueError, match="score_table"):
         teacher_scores(model, [[1, 2]], [[3, 4]], 0, 5, 2)
+
+
+def test_tail_log_mass_is_the_mass_outside_the_topk():
+    """The stored tail equals log(sum of the teacher's probabilities outside its top-k),
+    computed in float64 from the same logits."""
+    model = _qwen2(vocab=300)
+    prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [10, 11, 12]]
+    got = teacher_scores(model, prompts, responses, 0, 7, 2)
+    logits = torch.cat([x for _, x, _ in response_logits(model, prompts, responses, 0, 2)]).double()
+    p = torch.softmax(logits, -1)
+    ids = torch.tensor([row for s in got for row in s[1]])
+    want = torch.log(1 - p.gather(-1, ids).sum(-1))
+    torch.testing.assert_close(torch.tensor([x for s in got for x in s[3]]).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_teacher_topk_is_within_the_tokenizer():
+    """A teacher whose lm_head has rows beyond the tokenizer (as Qwen pads 151,665 tokens to
+    151,936 rows): with `vocab`, no padded id is in the top-k and the log-probs are over the
+    real vocabulary; a response token beyond it is refused."""
+    model = _qwen2(vocab=64)
+    with torch.no_grad():  # make the padded rows the teacher's favourites
+        model.lm_head.weight[50:] = model.lm_head.weight[:14] * 50
+    prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [10, 11, 12]]
+    unmasked = teacher_scores(model, prompts, responses, 0, 10, 2)
+    assert any(i >= 50 for s in unmasked for row in s[1] for i in row)  # the test can fail
+    got = teacher_scores(model, prompts, responses, 0, 10, 2, vocab=50)
+    assert all(i < 50 for s in got for row in s[1] for i in row)
+    ref = score_table(model, 0, _table(prompts, responses), 10, 2, lambda f, m: None, vocab=50)
+    _assert_same(got, ref)
+    with pytest.raises(ValueError, match="beyond the vocabulary"):
+        teacher_scores(model, [[1]], [[55]], 0, 10, 2, vocab=50)
