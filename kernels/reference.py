@@ -71,10 +71,10 @@ divergences are f-divergences) the result is a lower bound of the full-vocabular
 against the true teacher; it is exact when K = V (then it equals the dense result up to float
 error). Ids must be distinct within a row and lie in ``[0, V)``: ``check_topk_ids`` raises a
 ``ValueError`` naming the first bad row otherwise (every backend calls it; one sort of the
-[N, K] ids and one host sync per call, measured by benchmarks/bench_topk_ids.py: 0.1-1.6% of the reference loss forward +
-backward on CPU, benchmarks/results/topk_id_check.jsonl). A
-padded top-k slot may carry a ``-inf`` log-prob (it then has zero teacher mass). A temperature other than 1.0 is rejected for a
-sparse teacher (``ValueError``): the stored log-probs cannot be re-tempered without the full
+[N, K] ids and one host sync per call; benchmarks/bench_topk_ids.py measured it at 0.1-1.6% of
+the reference loss's forward + backward on CPU, benchmarks/results/topk_id_check.jsonl). A
+padded top-k slot may carry a ``-inf`` log-prob (it then has zero teacher mass). A
+temperature other than 1.0 is rejected for a sparse teacher (``ValueError``): the stored log-probs cannot be re-tempered without the full
 vocabulary. The gradient with respect to the student logits is exact for this K+1-category loss
 (the tail's share is distributed over the tail tokens in proportion to ``p``).
 
