@@ -57,7 +57,7 @@ can be neither used without the key nor made to exhaust memory or hold the model
   route but `/health` (401 otherwise, as vLLM's `--api-key`); required to bind a
   non-loopback address;
 - `n` <= --max-n (64), prompts per request <= --max-prompts (64), `max_tokens` <= --max-tokens
-  (default: the model's context), `logprobs` and `prompt_logprobs` <= --max-logprobs (vLLM's
+  (default: prompt + max_tokens within the model's context), `logprobs` and `prompt_logprobs` <= --max-logprobs (vLLM's
   default, 20; -1 for the whole vocabulary is counted as the vocabulary size, as vLLM does;
   `--max-logprobs -1` lifts the cap), the estimated response size <= --max-response-mb (64),
   the request body <= --max-request-mb (8);
@@ -237,7 +237,7 @@ def check_limits(req: CompletionRequest, lim: Limits, vocab_size: int, max_model
     if req.n > lim.max_n:
         raise ApiError(400, f"n={req.n} is more than this server allows per request ({lim.max_n}; "
                             "opdflow serve --max-n)", param="n")
-    cap = lim.max_tokens or max_model_len
+    cap = lim.max_tokens  # unset: the model's context bounds it (check_prompts, vLLM's message)
     if cap and req.max_tokens is not None and req.max_tokens > cap:
         raise ApiError(400, f"max_tokens={req.max_tokens} is more than this server allows ({cap}; "
                             "opdflow serve --max-tokens)", param="max_tokens")
