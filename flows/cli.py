@@ -186,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "validate":
             from opdflow.infra.config import load_config
             from opdflow.infra.preflight import preflight
-            rows = preflight(load_config(a.config))
+            cfg = load_config(a.config)
+            rows = preflight(cfg)
+            from opdflow.infra.preflight import vocab_summary
             print(f"ok: {a.config} ({len(rows)} prompts)")
+            for line in vocab_summary(cfg):
+                print(f"  {line}")
             return 0
         if a.cmd == "status":
             from opdflow.tasks.report import run_status

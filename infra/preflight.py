@@ -40,6 +40,8 @@ def preflight(config: Config) -> list[dict]:
         raise ConfigError("student.path", f"the student's tokenizer disagrees with the teacher's "
                                           f"({len(sv)} vs {len(tv)} tokens, {diff} differ); "
                                           "OPD needs one shared vocabulary")
+    for role, tok in (("teacher", t_tok), ("student", s_tok)):
+        vocab_rows(config, role, tok)  # raises when the lm_head has fewer rows than tokens
     longest = max(len(s_tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows) + 1
     ctx = min(c for c in (t_ctx, s_ctx) if c) if (t_ctx or s_ctx) else 0
     need = longest + config.rollout.max_new_tokens
@@ -59,6 +61,35 @@ def preflight(config: Config) -> list[dict]:
     _check_scale(config)
     _check_eval_tasks(config)
     return rows
+
+
+def vocab_rows(config: Config, role: str, tok) -> tuple[int, int]:
+    """(tokenizer size, lm_head rows) of a model, from its config (no weights read). More rows
+    than tokens is a padded vocabulary (Qwen: 151,665 tokens, 151,936 rows): the extra rows are
+    masked everywhere (`infra.lm.real_logits`). Fewer rows than tokens cannot work: refused."""
+    m = getattr(config, role)
+    n_tok = len(tok)
+    if m.is_builtin:
+        return n_tok, n_tok
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(str(m.path))
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    rows = int(getattr(cfg, "vocab_size", 0) or 0)
+    if rows and rows < n_tok:
+        raise ConfigError(f"{role}.path", f"{m.path!r}: the tokenizer has {n_tok} tokens but the model's lm_head only "
+                                          f"{rows} rows (config.json vocab_size): tokens {rows}..{n_tok - 1} cannot be scored")
+    return n_tok, rows or n_tok
+
+
+def vocab_summary(config: Config) -> list[str]:
+    """One line per model for `opdflow validate`: its vocabulary and padded lm_head rows."""
+    out = []
+    for role in ("teacher", "student"):
+        tok, _ = _tokenizer_and_context(config, role)
+        n_tok, rows = vocab_rows(config, role, tok)
+        pad = f", {rows - n_tok} padded rows beyond the tokenizer masked out" if rows > n_tok else ""
+        out.append(f"{role}: vocabulary {n_tok} tokens, lm_head {rows} rows{pad}")
+    return out
 
 
 def _check_eval_tasks(config: Config) -> None:

@@ -1,28 +1,33 @@
 """Stage `report`: the evaluation table, the ablation verdict and the run summary.
 
 Reads every committed `eval.*` entry, the rock stage's summary and the train stages'
-metrics; writes summary.json and report.md, and publishes three Prefect artifacts under
-stable keys: `evaluation` (table), `ablation-verdict` and `run-summary` (markdown).
+metrics; writes summary.json and report.md, and publishes two Prefect artifacts under
+stable keys: `evaluation` (table) and `ablation-verdict` (markdown); it also commits the run's
+curves as TensorBoard event files (`tensorboard/<line>/`, infra/tracking.py). The run-summary
+(tasks/summary.py) is published by the flow when it ends.
 
-The verdict compares the ablation arms on the first evaluation task's first metric at
-equal compute: rocks bypassed vs the uniform run (same start, prompts, seeds and
-steps) vs a frequency-matched random set bypassed. With n evaluation documents a
-difference is called out only when it exceeds two binomial standard errors; otherwise
-the verdict says the bypass made no measurable difference, which is the paper's claim.
+The verdict (tasks/verdict.py, statistics in tasks/stats.py) compares the ablation arms
+on the first evaluation task's first metric, per item, over the training seeds: rocks
+bypassed vs uniform, random bypassed vs uniform, rocks vs random; each a mean difference
+with a 95% hierarchical-bootstrap interval, a paired sign-flip test and an equivalence
+test against `ablation.margin`, and one of harm / benefit / equivalent / inconclusive.
+The evaluation table lists the main models and each arm x seed's last round; every
+round's scores are in the verdict's learning curves.
 """
 from __future__ import annotations
 
 import json
-import math
 
 from opdflow.infra.manifest import Run, StageContext, run_stage
 from opdflow.tasks.common import publish_markdown, publish_table, stage_task
-from opdflow.tasks.plan import LABEL_OF_ARM, ablation_arms, eval_labels, patching_enabled, plan, round_stage
+from opdflow.tasks.plan import eval_labels, patching_enabled, plan
 
 
 def eval_table(run: Run) -> list[dict]:
+    c = run.config
+    last = f".r{c.ablation.rounds:02d}"
     rows = []
-    for label in eval_labels(run.config):
+    for label in [lab for lab in eval_labels(c) if "." not in lab or lab.endswith(last)]:
         e = run.entry(f"eval.{label}")
         if e is None:
             continue
@@ -33,48 +38,12 @@ def eval_table(run: Run) -> list[dict]:
     return rows
 
 
-def two_se(a: float, b: float, n: int | None) -> float:
-    """Two binomial standard errors of the difference of two accuracies over n documents
-    (the larger variance of the two): a difference is called out only beyond this."""
-    return 2 * math.sqrt(max(a * (1 - a), b * (1 - b), 1e-12) * 2 / max(1, n or 1))
-
-
 def verdict(run: Run, table: list[dict]) -> dict | None:
-    c = run.config
-    if not c.ablation.enabled or not table:
+    """The ablation verdict (tasks/verdict.py) on the first evaluation task's first metric."""
+    if not run.config.ablation.enabled or not table:
         return None
-    task, metric = table[0]["task"], table[0]["metric"]
-    score = {r["model"]: (r["value"], r["n"]) for r in table if r["task"] == task and r["metric"] == metric}
-    uniform = "final_student" if c.ablation.rounds == c.train.rounds else f"uniform_r{c.ablation.rounds:02d}"
-    if uniform not in score:
-        return None
-    base, n = score[uniform]
-    out = {"task": task, "metric": metric, "uniform_label": uniform, "uniform": base, "n": n, "arms": {}}
-    for arm in ablation_arms(c):
-        label = LABEL_OF_ARM[arm]
-        if label not in score:
-            continue
-        v, _ = score[label]
-        bound = two_se(base, v, n)
-        tr = run.entry(round_stage("train", c.ablation.rounds, arm))
-        out["arms"][label] = {"value": v, "delta": round(v - base, 4), "two_se": round(bound, 4),
-                              "significant": abs(v - base) > bound,
-                              "bypassed_fraction_last_round": tr["metrics"]["bypassed_fraction"] if tr else None}
-    rock = out["arms"].get("rock_bypass")
-    if rock is None:
-        out["text"] = "no rock-bypass arm was evaluated"
-    elif not rock["significant"]:
-        out["text"] = (f"Bypassing rock tokens ({rock['bypassed_fraction_last_round']:.1%} of trained tokens) made no "
-                       f"measurable difference: {metric} {rock['value']:.3f} vs {base:.3f} uniform "
-                       f"(|Δ| = {abs(rock['delta']):.3f} ≤ 2 SE = {rock['two_se']:.3f}, n = {n}).")
-    else:
-        out["text"] = (f"Bypassing rock tokens changed {metric} by {rock['delta']:+.3f} "
-                       f"({rock['value']:.3f} vs {base:.3f} uniform; 2 SE = {rock['two_se']:.3f}, n = {n}).")
-    rnd = out["arms"].get("random_bypass")
-    if rnd is not None:
-        out["text"] += (f" Frequency-matched random bypass: {rnd['value']:.3f} ({rnd['delta']:+.3f}"
-                        f"{', significant' if rnd['significant'] else ''}).")
-    return out
+    from opdflow.tasks.verdict import ablation_verdict
+    return ablation_verdict(run, table[0]["task"], table[0]["metric"])
 
 
 def stage_table(run: Run) -> list[dict]:
@@ -87,9 +56,12 @@ def stage_table(run: Run) -> list[dict]:
         else:
             att = run.attempts(name)
             failed = failed_shards(run, name)
-            rows.append({"stage": name, "status": "failed" if failed else (att[-1]["status"] if att else "pending"),
+            status = "failed" if failed else (att[-1]["status"] if att else "pending")
+            last = run.attempts(failed[0])[-1] if failed else (att[-1] if att else {})
+            rows.append({"stage": name, "status": status,
                          "seconds": None, "attempt": len(att), "outputs": 0, "location": "",
-                         **({"failed_shards": failed} if failed else {})})
+                         **({"failed_shards": failed} if failed else {}),
+                         **({"error": last.get("error")} if status == "failed" and last.get("error") else {})})
     return rows
 
 
@@ -107,6 +79,8 @@ def run(run: Run, stage: str = "report", force: bool = False, progress=None) -> 
     inputs = {}
     for label in eval_labels(c):
         inputs[f"eval.{label}"] = run.output(f"eval.{label}", "results.json")
+        if "." in label:  # an arm's eval: its per-item scores are the verdict's data
+            inputs.update({f"eval.{label}/{k}": ref for k, ref in run.outputs_under(f"eval.{label}", "samples").items()})
     if c.ablation.enabled:
         inputs["rock"] = run.output("rock", "summary.json")
     if patching_enabled(c):
@@ -123,28 +97,38 @@ def run(run: Run, stage: str = "report", force: bool = False, progress=None) -> 
                    "train": {n: run.entry(n)["metrics"].get("loss_mean") for n in plan(c)
                              if n.split(".")[-2:-1] == ["train"] and run.entry(n)}}
         ctx.put_json("summary.json", summary)
+        from opdflow.tasks.verdict import markdown as verdict_markdown, plots as verdict_plots
+        pngs = verdict_plots(v) if v else {}
+        for name, png in pngs.items():
+            ctx.put_bytes(f"verdict_{name}.png", png)
+        ctx.put_bytes("verdict.md", verdict_markdown(v, pngs).encode())
         ctx.put_bytes("report.md", render(run, table, v, patching).encode())
-        ctx.metrics.update(verdict=v["text"] if v else None)
+        import tempfile
+        from pathlib import Path
+        from opdflow.infra.tracking import write_run_events
+        with tempfile.TemporaryDirectory() as tmp:  # the whole run's curves, one TensorBoard run per line
+            write_run_events(run, Path(tmp))
+            ctx.put_dir("tensorboard", Path(tmp))
+        ctx.metrics.update(verdict=v["text"] if v else None, outcome=v["outcome"] if v else None)
     return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
 
 
 def render(run: Run, table: list[dict], v: dict | None, patching: dict | None = None) -> str:
     lines = [f"# Evaluation — run `{run.run_id}`", "", "| model | task | metric | value | n |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['task']} | {r['metric']} | {r['value']:.4f} | {r['n']} |" for r in table]
-    lines += ["", "## Ablation verdict", "", v["text"] if v else "ablation disabled"]
+    lines += ["", "## Ablation verdict", "",
+              (f"**{v['outcome']}** (rocks bypassed vs uniform). " + v["text"]) if v else "ablation disabled",
+              "", "Forest plot, learning curves and compute: the `ablation-verdict` artifact (verdict.md)."]
     from opdflow.tasks.patch import markdown as patch_markdown
     lines += ["", "## Inference-time patching", "",
               patch_markdown(patching) if patching else "not run (needs demo data or ablation.patch_answer_regex)"]
     return "\n".join(lines)
 
 
-def summary_markdown(run: Run) -> str:
-    rows = stage_table(run)
-    lines = [f"# Run `{run.run_id}`", "", f"Store: `{run.store.uri}`", "",
-             "| stage | status | seconds | attempt | outputs | location |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds'] if r['seconds'] is not None else ''} | {r['attempt']} "
-              f"| {r['outputs']} | `{r['location']}` |" for r in rows]
-    return "\n".join(lines)
+def summary_markdown(run: Run, **kwargs) -> str:
+    """The run-summary artifact (tasks/summary.py); the flow publishes it when it ends."""
+    from opdflow.tasks.summary import summary_markdown as render_summary
+    return render_summary(run, **kwargs)
 
 
 def report(run: Run, entry: dict) -> str:
@@ -154,10 +138,9 @@ def report(run: Run, entry: dict) -> str:
         from opdflow.tasks.patch import markdown as patch_markdown
         patching = summary.get("patching")
         patched = f"\n\n## Inference-time patching\n\n{patch_markdown(patching)}" if patching else ""
-        publish_markdown("ablation-verdict", f"# Ablation verdict — run `{run.run_id}`\n\n{summary['verdict']['text']}"
-                         f"{patched}\n\n```json\n{json.dumps(summary['verdict'], indent=2)}\n```",
+        body = run.read_output("report", "verdict.md").decode()
+        publish_markdown("ablation-verdict", f"# Ablation verdict — run `{run.run_id}`\n\n{body}{patched}",
                          f"ablation verdict of run {run.run_id}")
-    publish_markdown("run-summary", summary_markdown(run), f"stages of run {run.run_id}")
     return run.read_output("report", "report.md").decode()
 
 
