@@ -304,7 +304,9 @@ def sample(cfg, model_dir: str | Path, dtype: str, tok, prompts: Sequence[Sequen
 
 
 def score(cfg, model_dir: str | Path, dtype: str, tok, prompts, responses, top_k: int, progress=None):
-    """Per response (teacher logprobs, top-k ids, top-k logprobs) from a server on the teacher."""
+    """Per response (teacher logprobs, top-k ids, top-k logprobs) from a server on the teacher;
+    k is capped at the vocabulary (as the local scorer does)."""
+    top_k = min(int(top_k), len(tok))
     with serving(cfg, model_dir, dtype, max_logprobs=top_k, logprobs_mode=None, field="scoring.vllm") as srv, \
             client(cfg, srv) as c:
         c.check_tokenizer(tok)

@@ -1,134 +1,125 @@
-"""The vllm rollout backend's pure parts.
+"""The vllm backends' parts that need no vLLM: the server's flags, the environment check that
+names the missing piece, the process watcher (a real process tree, killed with its parent), the
+native sampler's warm-up comparison, `auto`'s choice, and the sensitivity comparison.
 
-vLLM itself cannot be installed here (its pins do not resolve on this CPU machine), so these tests
-cover only what runs without it: the clear error when it is missing, the SamplingParams keyword
-arguments, and the parsing of completion outputs, built as small plain objects
-(types.SimpleNamespace) shaped like vLLM 0.11's `CompletionOutput` and `Logprob`. Actual sampling
-through `vllm.LLM` is untested here.
+The real-vLLM tests are in tests/test_vllm_real.py. Run: ``python -m pytest -q tests/test_vllm_backend.py``
+(a few seconds).
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
-from types import SimpleNamespace
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from opdflow.infra import vllm_backend
-from opdflow.infra.lm import Sample, SampleSettings
+from opdflow.infra import backends, vllm_backend
+from opdflow.infra.config import Config, VllmConfig, parse_config
+from opdflow.infra.native import compare_steps
+from opdflow.tasks import sensitivity
 
-
-def _lp(x: float, rank: int = 1) -> SimpleNamespace:
-    return SimpleNamespace(logprob=x, rank=rank, decoded_token=None)
-
-
-def _completion(token_ids, logprobs, finish_reason, stop_reason=None) -> SimpleNamespace:
-    return SimpleNamespace(index=0, text="", token_ids=token_ids, cumulative_logprob=None, logprobs=logprobs,
-                           finish_reason=finish_reason, stop_reason=stop_reason)
+WATCHER = Path(vllm_backend.__file__).with_name("procwatch.py")
 
 
-@pytest.fixture
-def no_vllm(monkeypatch):
-    """`import vllm` raises ImportError (a None entry in sys.modules does that)."""
-    monkeypatch.setitem(sys.modules, "vllm", None)
-    vllm_backend.close_engine()
+def test_server_args():
+    cfg = VllmConfig(max_model_len=128, kv_cache_gib=0.5, extra_args=["--enforce-eager"])
+    args = vllm_backend.server_args("/m", "float32", cfg, max_logprobs=64, logprobs_mode="processed_logprobs", seed=3)
+    flags = dict(zip(args[::2], args[1::2]))
+    assert flags["--model"] == str(Path("/m").resolve()) and flags["--dtype"] == "float32"
+    assert flags["--max-logprobs"] == "64" and flags["--logprobs-mode"] == "processed_logprobs"
+    assert flags["--max-model-len"] == "128" and flags["--kv-cache-memory-bytes"] == str(2 ** 29)
+    assert flags["--seed"] == "3" and flags["--generation-config"] == "vllm" and args[-1] == "--enforce-eager"
+    raw = vllm_backend.server_args("/m", "float32", VllmConfig(kv_cache_gib=None), max_logprobs=1, logprobs_mode=None)
+    assert "--logprobs-mode" not in raw and "--kv-cache-memory-bytes" not in raw and "--max-model-len" not in raw
+    assert vllm_backend.launcher(VllmConfig(command=["/opt/v/bin/vllm", "serve"])) == ["/opt/v/bin/vllm", "serve"]
+    assert vllm_backend.launcher(VllmConfig(python="py"))[1:] == ["-m", vllm_backend.SERVER_MODULE]
 
 
-def test_missing_vllm_gives_a_clear_error(no_vllm):
-    with pytest.raises(ImportError, match=r"needs vLLM: pip install 'opdflow\[vllm\]' \(on a CUDA machine\)"):
-        vllm_backend.import_vllm()
-    with pytest.raises(ImportError, match="needs vLLM"):
-        vllm_backend.sample("/nowhere", [[1, 2]], [7], SampleSettings(), eos_id=2, pad_id=0)
-    with pytest.raises(ImportError, match="needs vLLM"):
-        vllm_backend.get_engine("/nowhere")
+def test_check_available_names_the_missing_piece(tmp_path):
+    with pytest.raises(vllm_backend.VllmUnavailable, match=r"scoring\.vllm\.python: .* does not exist: .*make vllm-env"):
+        vllm_backend.check_available(VllmConfig(python=str(tmp_path / "py")), "scoring.vllm")
+    with pytest.raises(vllm_backend.VllmUnavailable, match=r"rollout\.vllm\.python: .* has no vllm package"):
+        vllm_backend.check_available(VllmConfig(python=sys.executable))
 
 
-def test_empty_input_needs_no_engine(no_vllm):
-    assert vllm_backend.sample("/nowhere", [], [], SampleSettings(), eos_id=2, pad_id=0) == []
-    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
-        vllm_backend.sample("/nowhere", [[1], [2]], [7], SampleSettings(), eos_id=2, pad_id=0)
+def test_transport_settings_are_not_part_of_a_result():
+    a = Config().section("rollout")
+    b = parse_config({"rollout": {"vllm": {"python": "/elsewhere/python", "startup_timeout_s": 5}}}).section("rollout")
+    assert backends.result_settings(a) == backends.result_settings(b)
+    c = parse_config({"rollout": {"vllm": {"extra_args": ["--enforce-eager"]}}}).section("rollout")
+    assert backends.result_settings(a) != backends.result_settings(c)
 
 
-def test_sampling_params_kwargs():
-    st = SampleSettings(temperature=0.7, top_p=0.9, max_new_tokens=33, batch_size=8, top_k=0)
-    kw = vllm_backend.sampling_params_kwargs(st, seed=12345, eos_id=2)
-    assert kw == {"n": 1, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_tokens": 33, "seed": 12345,
-                  "logprobs": 0, "stop_token_ids": [2], "detokenize": False}
-    assert vllm_backend.sampling_params_kwargs(SampleSettings(top_k=50), 1, 5)["top_k"] == 50
-    greedy = vllm_backend.sampling_params_kwargs(SampleSettings(temperature=0.0), 3, 5)
-    assert greedy["temperature"] == 0.0 and greedy["seed"] == 3
-    # every sequence gets its own params, differing only in the seed
-    a, b = (vllm_backend.sampling_params_kwargs(st, s, 2) for s in (1, 2))
-    assert {k for k in a if a[k] != b[k]} == {"seed"}
+def test_auto_is_transformers_until_native_is_verified_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backends.rollout_backend(Config()) == "transformers"
+    monkeypatch.setattr(backends, "NATIVE_CUDA_VERIFIED", True)
+    assert backends.rollout_backend(Config()) == "native"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.rollout_backend(Config()) == "transformers"
 
 
-def test_prompts_and_engine_kwargs(tmp_path):
-    assert vllm_backend.token_prompt((5, 6, 7)) == {"prompt_token_ids": [5, 6, 7]}
-    kw = vllm_backend.engine_kwargs(tmp_path, "bfloat16", 0.5)
-    assert kw["model"] == str(tmp_path.resolve()) and kw["dtype"] == "bfloat16"
-    assert kw["gpu_memory_utilization"] == 0.5 and kw["logprobs_mode"] == "processed_logprobs"
-    assert vllm_backend.engine_key(tmp_path, "bfloat16", 0.5) != vllm_backend.engine_key(tmp_path / "x", "bfloat16", 0.5)
+def test_warmup_comparison_names_the_difference():
+    t, lp = torch.tensor([3, 4, 5]), torch.tensor([-0.1, -0.2, -0.3])
+    assert compare_steps(t, lp, t.clone(), lp + 1e-5) is None
+    msg = compare_steps(t, lp, torch.tensor([3, 9, 5]), lp)
+    assert "tokens differ in 1 of 3 slots (first: slot 1, graph 4 vs eager 9)" in msg
+    msg = compare_steps(t, lp, t, lp + torch.tensor([0.0, 0.5, 0.0]))
+    assert "logprobs differ by up to 0.5" in msg and "tokens" not in msg
+    assert "logprobs differ" in compare_steps(t, torch.tensor([float("nan"), -0.2, -0.3]), t, lp)
 
 
-def test_parse_stopped_on_eos():
-    # logprobs=0: each step's dict holds the sampled token only
-    out = _completion([11, 12, 2], [{11: _lp(-0.5)}, {12: _lp(-1.25, rank=3)}, {2: _lp(-0.01)}], "stop")
-    assert vllm_backend.to_sample(out) == Sample([11, 12, 2], [-0.5, -1.25, -0.01], "stop")
-
-
-def test_parse_length_and_extra_top_entries():
-    # logprobs=1 (or more): the sampled token plus the top ones; the sampled token's entry is taken
-    steps = [{7: _lp(-2.0, rank=4), 9: _lp(-0.1)}, {9: _lp(-0.3)}]
-    s = vllm_backend.to_sample(_completion((7, 9), steps, "length"))
-    assert s.response_ids == [7, 9] and s.logprobs == [-2.0, -0.3] and s.finish_reason == "length"
-
-
-def test_parse_stop_on_a_stop_token_keeps_it():
-    s = vllm_backend.to_sample(_completion([4, 99], [{4: _lp(-1.0)}, {99: _lp(-3.0)}], "stop", stop_reason=99))
-    assert s.response_ids == [4, 99] and s.finish_reason == "stop"
-
-
-def test_parse_empty_response():
-    assert vllm_backend.to_sample(_completion([], [], "length")) == Sample([], [], "length")
-
-
-def test_parse_rejects_bad_outputs():
-    with pytest.raises(RuntimeError, match="abort"):
-        vllm_backend.to_sample(_completion([1], [{1: _lp(-1.0)}], "abort"))
-    with pytest.raises(ValueError, match="0 logprob entries for 2 tokens"):
-        vllm_backend.to_sample(_completion([1, 2], None, "stop"))
-    with pytest.raises(ValueError, match="1 logprob entries for 2 tokens"):
-        vllm_backend.to_sample(_completion([1, 2], [{1: _lp(-1.0)}], "stop"))
-    with pytest.raises(ValueError, match="no logprob for sampled token 2"):
-        vllm_backend.to_sample(_completion([1, 2], [{1: _lp(-1.0)}, {3: _lp(-1.0)}], "stop"))
-
-
-def test_sample_with_a_stand_in_engine(monkeypatch):
-    """The wiring of `sample`: one SamplingParams per prompt with its own seed, token prompts, order
-    kept, on_batch called; vLLM replaced by a stand-in module (not vLLM's behaviour)."""
-    seen = {}
-
-    class FakeLLM:
-        def __init__(self, **kw):
-            seen["engine"] = kw
-
-        def generate(self, prompts, params, use_tqdm=True):
-            seen["prompts"], seen["params"] = prompts, params
-            return [SimpleNamespace(outputs=[_completion([p["prompt_token_ids"][0], 2],
-                                                         [{p["prompt_token_ids"][0]: _lp(-0.5)}, {2: _lp(-0.25)}],
-                                                         "stop")]) for p in prompts]
-
-    fake = SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kw: kw)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    vllm_backend.close_engine()
-    done = []
+def _alive(pid: int) -> bool:
     try:
-        out = vllm_backend.sample("/m", [[5, 1], [6]], [10, 20], SampleSettings(max_new_tokens=4), 2, 0,
-                                  on_batch=done.append)
-        again = vllm_backend.get_engine("/m")
-    finally:
-        vllm_backend.close_engine()
-    assert [s.response_ids for s in out] == [[5, 2], [6, 2]] and out[0].logprobs == [-0.5, -0.25]
-    assert seen["prompts"] == [{"prompt_token_ids": [5, 1]}, {"prompt_token_ids": [6]}]
-    assert [p["seed"] for p in seen["params"]] == [10, 20] and seen["params"][0]["max_tokens"] == 4
-    assert seen["engine"]["logprobs_mode"] == "processed_logprobs"
-    assert isinstance(again, FakeLLM) and done == [2]
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.integration
+def test_watcher_takes_the_tree_down_when_its_parent_is_killed(tmp_path):
+    """A parent starts the watcher (as VllmServer does) over a shell that starts two sleeps, one in
+    the background; the parent is SIGKILLed; every process of the tree is gone soon after."""
+    pids = tmp_path / "pids"
+    tree = f"sleep 300 & echo $! >> {pids}; echo $$ >> {pids}; sleep 300"
+    parent_code = (f"import subprocess, sys, time\n"
+                   f"p = subprocess.Popen([sys.executable, {str(WATCHER)!r}, str(__import__('os').getpid()), '2', '--', "
+                   f"'bash', '-c', {tree!r}], start_new_session=True)\n"
+                   f"print(p.pid, flush=True); time.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    watcher = int(parent.stdout.readline())
+    deadline = time.time() + 20
+    while time.time() < deadline and (not pids.exists() or len(pids.read_text().split()) < 2):
+        time.sleep(0.1)
+    tree_pids = [int(x) for x in pids.read_text().split()] + [watcher]
+    assert all(_alive(p) for p in tree_pids)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(p) for p in tree_pids):
+        time.sleep(0.1)
+    left = [p for p in tree_pids if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"still running after the parent's SIGKILL: {left}"
+
+
+def test_sensitivity_comparison():
+    outs = {"a": [[1, 2, 3], [4, 5], [7]], "b": [[1, 2, 3], [4, 6], [7, 8]], "c": [[9], [4, 5], [7]]}
+    r = sensitivity.compare(outs, correct={"a": [True, False, True], "b": [True, True, False]},
+                            forced={"a": [[-0.1, -0.2, -0.3], [-1.0, -2.0], [-0.5]],
+                                    "b": [[-0.1, -0.25, -0.3], [-1.0, -2.0], [-0.5]]}, n_resamples=200)
+    pairs = {(p["a"], p["b"]): p for p in r["pairs"]}
+    assert pairs[("a", "b")]["n_differ"] == 2 and pairs[("a", "b")]["first_divergence_hist"] == {"1": 2}
+    assert pairs[("a", "c")]["share_differ"] == pytest.approx(1 / 3) and pairs[("a", "c")]["first_divergence_hist"] == {"0": 1}
+    assert r["per_backend"]["a"]["score"]["mean"] == pytest.approx(2 / 3) and "score" not in r["per_backend"]["c"]
+    assert r["teacher_forced_vs_reference"]["b"]["max_abs"] == pytest.approx(0.05)
+    assert sensitivity.first_divergence([1, 2], [1, 2]) is None and sensitivity.first_divergence([1], [1, 2]) == 1
+    assert sensitivity.histogram([0, 3, 3, 40, 900]) == {"0": 1, "2-3": 2, "32-63": 1, "512+": 1}
+    md = sensitivity.markdown(r, {"vllm": "no .venv-vllm"})
+    assert "| a vs b | 2/3 (66.7%) | 1: 2 |" in md and "`vllm` did not run: no .venv-vllm" in md
