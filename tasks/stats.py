@@ -26,7 +26,8 @@ seed is evaluated on the same items, and the comparison A - B uses
 * an **equivalence test (TOST)** against a declared margin m (absolute accuracy): two
   one-sided tests, H0: D <= -m and H0: D >= m, each at 5% on the bootstrap distribution;
   equivalence is shown when both reject, i.e. the 90% bootstrap interval lies inside
-  (-m, m).
+  (-m, m), and there are at least 3/m paired observations (`resolves`: fewer cannot
+  bound an effect of size m even when every pair agrees; the bootstrap would collapse).
 
 The verdict (`verdict`): **equivalent** within +-m when TOST rejects (a difference may still
 be detectable, but it is smaller than the margin: the text says so); else **harm** (D < 0)
@@ -122,9 +123,18 @@ def compare(a: dict[int, dict], b: dict[int, dict], margin: float, n_resamples: 
     return out
 
 
+def resolves(n_pairs: int, margin: float) -> bool:
+    """Whether n paired 0/1 observations can resolve an effect of size `margin` at all: with
+    none discordant, the 95% upper bound on the discordant share is about 3/n (the rule of
+    three), and |D| can be as large as that share. Below n = 3/margin the bootstrap may
+    collapse to a point (e.g. every item wrong in both arms) and TOST would call a floor
+    effect "equivalent"; the verdict then says inconclusive."""
+    return n_pairs * margin >= 3.0
+
+
 def verdict(c: dict, alpha: float = ALPHA) -> str:
     """harm / benefit / equivalent / inconclusive from a `compare` result."""
-    if c["tost"]["p"] < alpha:
+    if c["tost"]["p"] < alpha and resolves(c["n_seeds"] * c["n_items"], c["margin"]):
         return "equivalent"
     if (c["ci_low"] > 0 or c["ci_high"] < 0) and c["p_sign_flip"] < alpha:
         return "harm" if c["diff"] < 0 else "benefit"
@@ -187,4 +197,4 @@ def _normal_quantile(q: float) -> float:
 
 
 __all__ = ["paired_matrix", "bootstrap_means", "percentile_ci", "mean_ci", "sign_flip_test", "tost", "compare",
-           "verdict", "describe", "OUTCOMES", "mcnemar"]
+           "resolves", "verdict", "describe", "OUTCOMES", "mcnemar"]

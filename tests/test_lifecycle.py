@@ -39,8 +39,84 @@ def _artifacts(api_url: str) -> dict[str, list]:
         with get_client(sync_client=True) as client:
             out: dict[str, list] = {}
             for a in client.read_artifacts(limit=200):
-                out.setdefault(a.key or f"<{a.type}>", []).append(a)
+                # keys are namespaced by config name (the run id `e2e` is its own): one key, one line of runs
+                assert a.key is None or a.key.startswith("e2e-"), a.key
+                out.setdefault(a.key.removeprefix("e2e-") if a.key else f"<{a.type}>", []).append(a)
             return out
+
+
+def _flow_runs(api_url: str, name: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+
+
+def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict) -> None:
+    """Issue 18: the flow run named and tagged, the run-summary's headline and order, the
+    curves in TensorBoard event files and in MLflow, read back; screenshots of the pages."""
+    import re
+
+    from opdflow.infra.tracking import read_events
+    runs = _flow_runs(prefect_server.url, "e2e")
+    assert len(runs) == 1, [r.name for r in runs]
+    assert {"opdflow", "config:e2e", "run:e2e", "teacher:demo", "student:demo"} <= set(runs[0].tags), runs[0].tags
+    # the run-summary: a flow-level artifact (listed above the task runs' ones in the V1 UI)
+    summary = arts["run-summary"][0]
+    assert summary.flow_run_id == runs[0].id and summary.task_run_id is None
+    md = summary.data
+    assert md.splitlines()[2].startswith("**Completed**"), md[:500]
+    assert re.search(r"Student exact_match on `opdflow_arith`: \*\*\d\.\d{3} → \d\.\d{3}\*\* \(teacher", md), md[:800]
+    assert "Ablation verdict" in md.split("## Wall time")[0]  # the headline holds the verdict's sentence
+    order = [md.index(h) for h in ("## Wall time", "## Curves", "## Everything else")]
+    assert order == sorted(order), order
+    secs = [float(x) for x in re.findall(r"^\| `[^`]+` \| committed \| ([\d.]+) s \|", md, re.M)]
+    assert len(secs) > 10 and secs == sorted(secs, reverse=True), secs
+    assert "**total** (committed stages)" in md and "data:image/png;base64," in md
+    assert "MLflow: run" in md and "e2e-evaluation" in md
+    # TensorBoard: each train stage's own events, and the whole run's per line in `report`
+    steps = 2 * 2  # tiny: 2 rounds x 2 steps
+    tb = read_events(next((store / "runs/e2e/stages/report").glob("*/tensorboard/main")))
+    assert [s for s, _ in tb["train/loss"]] == list(range(steps)), tb["train/loss"]
+    for tag in ("train/divergence", "train/grad_norm", "train/lr", "train/tokens_per_s", "train/mismatch_k3"):
+        assert len(tb[tag]) == steps and all(v == v for _, v in tb[tag]), tag
+    assert all(v > 0 for _, v in tb["train/grad_norm"])
+    assert [s for s, _ in tb["eval/opdflow_arith/exact_match"]] == [0, 2]
+    r1 = read_events(next((store / "runs/e2e/stages/train.r01").glob("*/tensorboard")))
+    assert r1["train/loss"] == tb["train/loss"][:2]
+    # MLflow: one run for the opdflow run, nested runs per line, read back through its API
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp = client.get_experiment_by_name("opdflow")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`opdflow.run_id` = 'e2e'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["train.rounds"] == "2" and "final_student.opdflow_arith.exact_match" in parent.data.metrics
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    lines = {c.data.tags["opdflow.line"]: c for c in children}
+    assert {"main", "ablate-rock.s1", "ablate-random.s1", "ablate-uniform.s1"} <= set(lines), sorted(lines)
+    hist = client.get_metric_history(lines["main"].info.run_id, "train.loss")
+    assert sorted((m.step, round(m.value, 5)) for m in hist) == [(s, round(v, 5)) for s, v in tb["train/loss"]]
+    # what a person sees
+    import opdflow_tests_ui as ui  # registered by conftest.py
+    if ui.chromium_path() is None:
+        return
+    out = ROOT / "test-output"
+    out.mkdir(exist_ok=True)
+    base = prefect_server.url[: -len("/api")]
+    dom = ui.capture(ui.artifact_page_url(base, summary.id), out / "lifecycle-run-summary.png")
+    ui.assert_rendered(dom, headings=["Run e2e", "Wall time", "Curves"], text=["Completed", "total"],
+                       image_prefix="data:image/png;base64,")
+    dom = ui.capture(ui.flow_run_url(base, runs[0].id), out / "lifecycle-flow-run.png")
+    ui.assert_rendered(dom, text=["e2e"])
+    url = f"{mlflow_server.url}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}"
+    dom = ui.capture(url, out / "lifecycle-mlflow-run.png")
+    assert "e2e" in dom and "final_student.opdflow_arith.exact_match" in dom
+    ui.capture(f"{mlflow_server.url}/#/experiments/{exp.experiment_id}/runs/{lines['main'].info.run_id}/"
+               "model-metrics", out / "lifecycle-mlflow-main-curves.png")
 
 
 def _look_at_the_ui(server, arts) -> None:
@@ -61,13 +137,16 @@ def _look_at_the_ui(server, arts) -> None:
     dom = ui.capture(ui.artifact_page_url(base, arts["train-r01"][0].id), out / "lifecycle-train-mismatch.png")
     ui.assert_rendered(dom, headings=["Sampler vs trainer logprobs"], text=["k3 KL"],
                        image_prefix="data:image/png;base64,")
+    dom = ui.capture(ui.artifact_page_url(base, arts["ablation-verdict"][0].id), out / "lifecycle-ablation-verdict.png")
+    ui.assert_rendered(dom, headings=["Learning curves", "Compute"], text=["rocks bypassed vs uniform", "95% CI"],
+                       image_prefix="data:image/png;base64,")
     dom = ui.capture(ui.flow_run_artifacts_url(base, rock.flow_run_id), out / "lifecycle-flow-run-artifacts.png")
     ui.assert_rendered(dom, text=["run-summary", "evaluation"])
 
 
-def test_lifecycle_end_to_end(prefect_server, tmp_path):
+def test_lifecycle_end_to_end(prefect_server, mlflow_server, tmp_path):
     store = tmp_path / "store"
-    env = {"PREFECT_API_URL": prefect_server.url}
+    env = {"PREFECT_API_URL": prefect_server.url, "MLFLOW_TRACKING_URI": mlflow_server.url}
     t0 = time.time()
     first = cli("run", TINY, "--store", store, "--run-id", "e2e", env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
@@ -89,6 +168,7 @@ def test_lifecycle_end_to_end(prefect_server, tmp_path):
     assert "data:image/png;base64," in rock_md and "Rock-token report" in rock_md
     assert any(a.type == "progress" for a in arts.get("<progress>", []))
     _look_at_the_ui(prefect_server, arts)
+    _check_reviewable(prefect_server, mlflow_server, store, arts)
 
     # The same command again: no stage runs.
     n = _attempts(store, "e2e")
@@ -118,6 +198,11 @@ def test_lifecycle_end_to_end(prefect_server, tmp_path):
     bad = cli("stage", "score.r02", "--run-id", "e2e", "--store", store, env=env)
     assert bad.returncode != 0
     assert "checksum mismatch" in bad.stderr and ro["key"] in bad.stderr, bad.stderr[-3000:]
+    # one summary, the failure in a line with the command that reruns it, no traceback on the console
+    assert "Traceback (most recent call last)" not in bad.stderr + bad.stdout, bad.stderr[-3000:]
+    assert f"FAILED: score.r02: " in bad.stderr and "opdflow stage score.r02 --run-id e2e" in bad.stderr
+    failed_summary = _artifacts(prefect_server.url)["run-summary"]
+    assert any("**FAILED at `score.r02`**" in a.data for a in failed_summary), [a.data[:300] for a in failed_summary]
     # a permanent error: failed at once, not retried
     attempts = sorted(shard_attempts.glob("*.json"))
     assert len(attempts) == before + 1

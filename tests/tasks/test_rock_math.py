@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from opdflow.tasks.rock import (aggregate, category, jaccard, matched_random, mean_cosines, select, shares, spearman,
-                                stability, stagnation)
+                                stability, stagnation, token_share)
 
 # token id -> (frequency, KL per occurrence, grad norm per occurrence)
 SPEC = {1: (10, 0.01, 0.1), 2: (8, 0.02, 0.1), 3: (4, 1.0, 2.0), 4: (6, 0.5, 1.0), 5: (2, 0.9, 1.5),
@@ -72,14 +72,66 @@ def test_jaccard_spearman_known_values():
     assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
 
 
-def test_matched_random_is_frequency_matched_and_disjoint():
+def test_select_min_freq_and_special_ids():
     ids, kls, gns, _ = _records()
     agg = aggregate(ids, kls, gns)
-    rnd = matched_random(agg, [3, 4], seed=0, pool=1)
-    # most frequent rock first: 4 (f=6) -> nearest in log frequency is 2 (f=8);
-    # then 3 (f=4) -> 6 (f=3). With pool=1 the choice is forced.
-    assert rnd == [2, 6]
-    assert matched_random(agg, [3, 4], seed=0) == matched_random(agg, [3, 4], seed=0)
+    # id 7 is seen once: below min_freq 2 it is not ranked at all (neither rock nor control)
+    sel = select(agg, n_rock=2, n_control=10, drop_top=2, min_freq=2)
+    assert 7 not in sel["ranked"] and sel["control"] == [5, 6]
+    # an ineligible (special) id is set aside before the most frequent are dropped
+    sel = select(agg, n_rock=2, n_control=2, drop_top=2, ineligible={3, 1})
+    assert sel["dropped"] == [2, 4] and 3 not in sel["ranked"] and sel["rock"] == [5, 6]
+
+
+def _counts():
+    # id -> positions in the trained tokens: 1000 in all
+    return {1: 300, 2: 150, 3: 100, 4: 90, 5: 80, 6: 70, 7: 60, 8: 50, 9: 40, 10: 30, 11: 20, 12: 10}
+
+
+def test_matched_random_excludes_and_matches_the_trained_share():
+    counts = _counts()
+    rock, excluded = [3, 5], {1, 2, 12}  # e.g. controls, dropped, special
+    d = matched_random(counts, rock, excluded, seed=0, tolerance=0.01)
+    assert d["target_share"] == pytest.approx(0.18)
+    assert set(d["ids"]).isdisjoint(set(rock) | excluded) and d["ids"]
+    assert abs(d["share"] - 0.18) <= 0.01 and d["within_tolerance"]
+    assert d["share"] == pytest.approx(token_share(counts, d["ids"]))
+    assert d["n_candidates"] == 7  # 4, 6, 7, 8, 9, 10, 11
+    # deterministic per seed; another seed is another, independent draw
+    assert matched_random(counts, rock, excluded, seed=0, tolerance=0.01) == d
+    others = {tuple(matched_random(counts, rock, excluded, seed=s, tolerance=0.01)["ids"]) for s in range(1, 8)}
+    assert len(others) > 1
+    # ids never seen in the trained tokens are not candidates
+    assert 99 not in matched_random({**counts, 99: 0}, rock, excluded, seed=0, tolerance=0.01)["ids"]
+
+
+def test_matched_random_says_when_the_share_cannot_be_matched():
+    counts = {1: 900, 2: 50, 3: 50}
+    d = matched_random(counts, [1], set(), seed=0, tolerance=0.02)
+    assert d["target_share"] == pytest.approx(0.9) and not d["within_tolerance"]
+    assert d["share"] == pytest.approx(0.1) and sorted(d["ids"]) == [2, 3]
+
+
+def test_selection_is_on_the_last_checkpoint_in_training_order():
+    from opdflow.infra.config import parse_config
+    from opdflow.tasks.rock import checkpoint_labels, selection_checkpoint
+    for order in (["final", "initial", "middle"], ["initial", "middle", "final"], ["r02", "final", "initial"]):
+        c = parse_config({"train": {"rounds": 4}, "rock": {"checkpoints": order}})
+        labels = [lab for lab, _, _ in checkpoint_labels(c)]
+        assert labels == sorted(labels, key=lambda x: 0 if x == "initial" else int(x[1:])), order
+        assert selection_checkpoint(c) == "r04"
+    c = parse_config({"train": {"rounds": 4}, "rock": {"checkpoints": ["middle", "initial"]}})
+    assert [lab for lab, _, _ in checkpoint_labels(c)] == ["initial", "r02"] and selection_checkpoint(c) == "r02"
+
+
+def test_probe_decoding_modes():
+    from opdflow.infra.config import parse_config
+    from opdflow.tasks.rock import probe_settings
+    sampled = probe_settings(parse_config({"rollout": {"temperature": 0.8}}))
+    greedy = probe_settings(parse_config({"rollout": {"temperature": 0.8}, "rock": {"probe_decoding": "greedy"}}))
+    assert sampled.temperature == 0.8 and greedy.temperature == 0.0
+    assert parse_config({}).rock.probe_decoding == "sampled" and parse_config({}).rock.min_freq == 2
+    assert parse_config({}).rock.special_eligible is False
 
 
 def test_categories():

@@ -67,13 +67,18 @@ def test_rollout_contract(tiny_run):
     from opdflow.infra.backends import rollout_backend
     assert e["backend"]["name"] == rollout_backend(c) and e["backend"]["configured"] == "auto"
     assert e["backend"]["temperature"] == c.rollout.temperature
-    # rounds take different prompts; arms take the same prompts with the same seeds
+    # rounds take different prompts; an ablation seed has its own prompts and sampling seeds
     r2 = _table(tiny_run, "rollout.r02", "rollouts")
     assert r2["prompt_id"].to_pylist() != t["prompt_id"].to_pylist()
-    arm = _table(tiny_run, "ablate-rock.rollout.r01", "rollouts")
-    assert arm["seed"].to_pylist() == t["seed"].to_pylist()
-    # same start, same seeds: the rock arm's first rollout is the main run's first rollout
-    assert arm["response_ids"].to_pylist() == t["response_ids"].to_pylist()
+    s1, s2 = (_table(tiny_run, f"ablate-uniform.s{s}.rollout.r01", "rollouts") for s in (1, 2))
+    assert len({tuple(x["seed"].to_pylist()) for x in (t, s1, s2)}) == 3
+    # round 1 is sampled once per seed (same start, same seeds for every arm); later rounds per arm,
+    # with the seed's sampling seeds and the arm's own checkpoint
+    assert tiny_run.entry("ablate-rock.s1.rollout.r01") is None and "ablate-rock.s1.rollout.r01" not in plan(c)
+    rock2 = _table(tiny_run, "ablate-rock.s1.rollout.r02", "rollouts")
+    uni2 = _table(tiny_run, "ablate-uniform.s1.rollout.r02", "rollouts")
+    assert rock2["seed"].to_pylist() == uni2["seed"].to_pylist()
+    assert rock2["prompt_id"].to_pylist() == uni2["prompt_id"].to_pylist()
 
 
 def test_score_contract(tiny_run):
@@ -125,10 +130,27 @@ def test_train_reports_sampler_vs_trainer_logprobs(tiny_run):
 
 def test_ablation_arms_bypass_their_tokens(tiny_run):
     sets = json.loads(tiny_run.read_output("rock", "rock_sets.json"))
-    for arm, key in (("ablate-rock", "rock"), ("ablate-random", "random_matched")):
-        t = _table(tiny_run, f"{arm}.train.r01", "token_losses.parquet").to_pylist()
-        assert t and all((r["weight"] == 0.0) == (r["token_id"] in set(sets[key])) for r in t)
-    assert set(sets["rock"]).isdisjoint(sets["random_matched"])
+    excluded = set(sets["rock"]) | set(sets["control"]) | set(sets["dropped"]) | set(sets["special"])
+    draws = []
+    for seed in tiny_run.config.ablation.seeds:
+        for arm in ("ablate-uniform", "ablate-rock", "ablate-random"):
+            bypass = json.loads(tiny_run.read_output(f"{arm}.s{seed}.train.r01", "bypass.json"))
+            ids = set(bypass["ids"])
+            for r in (1, 2):  # the set chosen in round 1 is the one every round bypasses
+                t = _table(tiny_run, f"{arm}.s{seed}.train.r{r:02d}", "token_losses.parquet").to_pylist()
+                assert t and all((row["weight"] == 0.0) == (row["token_id"] in ids) for row in t), (arm, seed, r)
+            if arm == "ablate-uniform":
+                assert not ids
+            elif arm == "ablate-rock":
+                assert ids == set(sets["rock"])
+            else:
+                assert ids.isdisjoint(excluded) and bypass["target_share"] == pytest.approx(bypass["rock_share"])
+                draws.append(sorted(ids))
+        # round 1 of every arm of a seed trains on the same rows (the uniform arm's rollout)
+        m = {a: tiny_run.require(f"{a}.s{seed}.train.r01")["inputs"] for a in ("ablate-uniform", "ablate-rock")}
+        assert {k: v["sha256"] for k, v in m["ablate-uniform"].items() if k.startswith("rollouts/")} == \
+            {k: v["sha256"] for k, v in m["ablate-rock"].items() if k.startswith("rollouts/")}
+    assert len(draws) == len(tiny_run.config.ablation.seeds)  # one independent draw per seed
 
 
 def test_rock_outputs(tiny_run):
@@ -145,13 +167,33 @@ def test_rock_outputs(tiny_run):
 
 
 def test_eval_and_report(tiny_run):
-    for label in ("teacher", "initial_student", "final_student", "rock_bypass", "random_bypass"):
+    from opdflow.tasks.plan import eval_labels
+    labels = eval_labels(tiny_run.config)
+    assert "rock_bypass.s2.r01" in labels and "uniform.s1.r02" in labels and "random_bypass.s2.r02" in labels
+    for label in labels:
         e = tiny_run.require(f"eval.{label}")
         res = e["metrics"]["results"]["opdflow_arith"]
         assert 0.0 <= res["exact_match"] <= 1.0
         assert e["backend"]["lm_eval_version"]
     summary = json.loads(tiny_run.read_output("report", "summary.json"))
     assert summary["verdict"]["text"] and {r["model"] for r in summary["evaluation"]} >= {"teacher", "final_student"}
+    v = summary["verdict"]
+    assert v["outcome"] in ("harm", "benefit", "equivalent", "inconclusive")
+    assert [(c["a"], c["b"]) for c in v["comparisons"]] == [("ablate-rock", "ablate-uniform"),
+                                                            ("ablate-random", "ablate-uniform"),
+                                                            ("ablate-rock", "ablate-random")]
+    for c in v["comparisons"]:
+        assert c["n_seeds"] == 2 and c["n_items"] == tiny_run.config.data.n_eval
+        assert c["ci_low"] <= c["diff"] <= c["ci_high"]
+    # the per-seed accuracies are the eval stages' own scores
+    for arm, label in (("ablate-uniform", "uniform"), ("ablate-rock", "rock_bypass")):
+        for s in (1, 2):
+            got = v["arms"][arm]["accuracy_per_seed"][str(s)]
+            want = tiny_run.require(f"eval.{label}.s{s}.r02")["metrics"]["results"]["opdflow_arith"]["exact_match"]
+            assert got == pytest.approx(want)
+    assert len(v["curves"]["ablate-rock"]) == 2 and v["compute"]["ablate-rock"]["1"][-1]["tokens_weighted"] > 0
+    md = tiny_run.read_output("report", "verdict.md").decode()
+    assert md.count("data:image/png;base64,") == 3 and "Learning curves" in md and "±" in md
 
 
 def test_capacity_from_measured_throughputs(tiny_run):

@@ -42,6 +42,15 @@ def test_no_effect_with_tiny_n_is_inconclusive():
     assert c["ci_low"] < -0.05 and c["ci_high"] > 0.05 and c["tost"]["p"] >= 0.05
 
 
+def test_a_floor_effect_on_few_items_is_not_equivalence():
+    """Every item wrong in both arms: the bootstrap collapses to 0, but 2 seeds x 8 items cannot
+    bound a 0.05 effect (rule of three: 3/16); with 3 seeds x 200 items they can."""
+    zeros = lambda n_seeds, n: {s: {i: 0 for i in range(n)} for s in range(n_seeds)}  # noqa: E731
+    c = compare(zeros(2, 8), zeros(2, 8), margin=0.05, n_resamples=200, seed=0)
+    assert c["ci_low"] == c["ci_high"] == 0.0 and c["tost"]["p"] < 0.05 and c["outcome"] == "inconclusive"
+    assert compare(zeros(3, 200), zeros(3, 200), margin=0.05, n_resamples=200, seed=0)["outcome"] == "equivalent"
+
+
 def test_pairs_on_shared_seeds_and_items_only():
     a = {1: {0: 1, 1: 1, 2: 0}, 2: {0: 1, 1: 0}}
     b = {1: {0: 0, 1: 1, 2: 1}, 2: {0: 0, 1: 0}, 3: {0: 1, 1: 1}}
