@@ -47,10 +47,12 @@ from opdflow.tasks.report import report_task, run_status, summary_markdown
 from opdflow.tasks.rock import rock_directions_task, rock_probe_task, rock_shard_task, rock_task
 from opdflow.tasks.rollout import rollout_shard_task, rollout_task
 from opdflow.tasks.score import score_shard_task, score_task
+from opdflow.tasks.sensitivity import sensitivity_task
 from opdflow.tasks.shards import shard_name, split_shard_name
 from opdflow.tasks.train import train_task
 
-TASKS = {"models": models_task, "prompts": prompts_task, "train": train_task, "report": report_task}
+TASKS = {"models": models_task, "prompts": prompts_task, "train": train_task, "report": report_task,
+         "sensitivity": sensitivity_task}
 
 # sharded stage kinds: (shard task, stage task, number of shards of a stage)
 SHARDED = {

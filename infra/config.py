@@ -67,6 +67,20 @@ class DataConfig(_Section):
     n_train: int = Field(512, gt=0, description="prompts available to OPD rounds")
     n_probe: int = Field(64, gt=0, description="held-out prompts for rock-token analysis")
     n_eval: int = Field(200, gt=0, description="held-out prompts for evaluation (demo task)")
+    chat_template: str = Field("auto", description="how a prompt becomes token ids: 'auto' = the student tokenizer's "
+                               "own chat template (the raw text when it has none), 'none' = the raw text, or the "
+                               "path of a Jinja template file; the same rendering is checked on the teacher's "
+                               "tokenizer before any sampling and passed to lm-eval (infra/lm.py `ChatFormat`)")
+    system_prompt: str | None = Field(None, description="a system message before every prompt (needs a chat template)")
+    chat_template_kwargs: dict[str, Any] = Field({}, description="keyword arguments for the chat template, e.g. "
+                                                 "{enable_thinking: false}; lm-eval gets them as chat_template_args")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, v: str) -> str:
+        if v not in ("auto", "none") and not Path(v).expanduser().is_file():
+            raise ValueError(f"{v!r} is neither 'auto', 'none' nor a template file")
+        return v
 
 
 class OpenAIConfig(_Section):
@@ -265,6 +279,28 @@ class AblationConfig(_Section):
         return v
 
 
+class SensitivityConfig(_Section):
+    """The optional `sensitivity` stage (tasks/sensitivity.py): the final student decoded greedily under
+    each backend, compared."""
+    enabled: bool = Field(False, description="run the backend-sensitivity stage after the last round")
+    backends: list[Literal["transformers", "native", "vllm"]] = Field(
+        ["transformers", "native", "vllm"], min_length=2, description="backends compared, the first one the "
+        "reference; vllm uses rollout.vllm (listed as not run, with the reason, where it cannot start)")
+    checkpoint: str = Field("final_student", description="the model decoded, by its eval label: final_student, "
+                            "initial_student, teacher, or an arm's (rock_bypass.s1.r02)")
+    n_prompts: int = Field(64, ge=1, description="held-out eval prompts decoded (at most data.n_eval)")
+    max_new_tokens: int | None = Field(None, ge=1, description="greedy tokens per prompt; unset: eval.max_gen_toks")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _a_model_label(cls, v: str) -> str:
+        if v not in ("teacher", "initial_student", "final_student") and not re.fullmatch(
+                r"(uniform|rock_bypass|random_bypass)\.s\d+\.r\d\d", v):
+            raise ValueError(f"unknown model label {v!r}: teacher, initial_student, final_student or an arm's "
+                             f"label such as rock_bypass.s1.r02")
+        return v
+
+
 class EvalConfig(_Section):
     tasks: list[str] = Field(["opdflow_arith"], min_length=1)
     include_path: str | None = None
@@ -302,6 +338,7 @@ class Config(_Section):
     rock: RockConfig = RockConfig()
     ablation: AblationConfig = AblationConfig()
     eval: EvalConfig = EvalConfig()
+    sensitivity: SensitivityConfig = SensitivityConfig()
     scale: ScaleConfig = ScaleConfig()
 
     @model_validator(mode="after")

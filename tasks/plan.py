@@ -4,6 +4,7 @@
     rollout.r01  score.r01  train.r01  ...            OPD rounds (the main run)
     rock-probe  rock-directions  rock                 rock-token analysis
     patch                                             inference-time patching at rock positions
+    sensitivity                                       optional: the final student under every backend
     ablate-uniform.s1.rollout.r01 ...                 causal ablation: per training seed s (`ablation.seeds`)
     ablate-rock.s1.train.r01 ...                      and arm (uniform, rocks bypassed, random bypassed), the
     ablate-random.s1.rollout.r02 ...                  rounds from the initial student, same compute
@@ -31,7 +32,7 @@ ARMS = {"uniform": "ablate-uniform", "rock": "ablate-rock", "random": "ablate-ra
 LABEL_OF_ARM = {"ablate-uniform": "uniform", "ablate-rock": "rock_bypass", "ablate-random": "random_bypass"}
 ARM_OF_LABEL = {v: k for k, v in LABEL_OF_ARM.items()}
 UNIFORM = ARMS["uniform"]
-SINGLE = ("models", "prompts", "rock-probe", "rock-directions", "rock", "patch", "report")
+SINGLE = ("models", "prompts", "rock-probe", "rock-directions", "rock", "patch", "sensitivity", "report")
 ROUND_KINDS = ("rollout", "score", "train")
 
 
@@ -165,5 +166,7 @@ def plan(config: Config) -> list[str]:
                 own = [round_stage(k, r, arm, s) for k in ("rollout", "score")]
                 stages += [st for st in own if st in rollout_of(name)] + [str(name), f"eval.{arm_label(arm, s, r)}"]
     stages += [f"eval.{label}" for label in ("teacher", "initial_student", "final_student")]
+    if config.sensitivity.enabled:  # the final student under every backend (tasks/sensitivity.py)
+        stages.append("sensitivity")
     stages.append("report")
     return stages

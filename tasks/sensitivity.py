@@ -197,3 +197,55 @@ def measure(config, model_dir, prompts: list[list[int]], answers: list[str] | No
                           for s, a in zip(o, answers)] for name, o in outs.items()}
     result = compare({k: [s.response_ids for s in v] for k, v in outs.items()}, correct, decode_vs_forward, forced)
     return result, skipped
+
+
+# -- the stage --------------------------------------------------------------------------------
+
+def _stage_inputs(run):
+    from opdflow.tasks.plan import checkpoint_of
+    src = checkpoint_of(run.config, run.config.sensitivity.checkpoint)
+    return src, {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(*src, "student")}
+
+
+def run(run, stage: str = "sensitivity", force: bool = False, progress=None) -> tuple[dict, bool]:
+    """Stage `sensitivity` (optional, `sensitivity.enabled`): the checkpoint's (`sensitivity.checkpoint`,
+    the final student by default) greedy outputs on
+    the first `n_prompts` eval prompts under each of `sensitivity.backends`. Outputs
+    `sensitivity.json` (the comparison) and `sensitivity.md` (the report section)."""
+    from opdflow.infra import backends as backends_mod
+    from opdflow.infra.config import DEMO
+    from opdflow.infra.manifest import run_stage
+    from opdflow.tasks import prompts as prompts_stage
+    c = run.config
+    src, inputs = _stage_inputs(run)
+    n_new = c.sensitivity.max_new_tokens or c.eval.max_gen_toks
+    params = {"sensitivity": c.section("sensitivity"), "max_new_tokens": n_new, "student": c.section("student"),
+              "vllm": backends_mod.result_settings(c.section("rollout"))["vllm"]}
+
+    def body(ctx) -> None:
+        rows = [r for r in prompts_stage.load(run) if r["split"] == "eval"][:c.sensitivity.n_prompts]
+        answers = [r["answer"] for r in rows] if c.data.source == DEMO else None
+        result, skipped = measure(c, run.materialize(*src), [r["prompt_ids"] for r in rows], answers,
+                                  c.sensitivity.backends, n_new)
+        result["skipped"] = skipped
+        ctx.put_json("sensitivity.json", result)
+        ctx.put_bytes("sensitivity.md", markdown(result, skipped).encode())
+        pairs = {f"share_differ.{p['a']}.{p['b']}": round(p["share_differ"], 4) for p in result["pairs"]}
+        scores = {f"score.{k}": round(v["score"]["mean"], 4) for k, v in result["per_backend"].items() if "score" in v}
+        ctx.metrics.update(n_prompts=len(rows), backends_run=len(result["backends"]), **pairs, **scores)
+        from opdflow.infra.vllm_backend import last_record
+        if "vllm" in result["backends"]:
+            ctx.backend.update(vllm=last_record())
+    return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
+
+
+def report(run, entry: dict) -> str:
+    return f"# sensitivity — run `{run.run_id}`\n\n" + run.read_output("sensitivity", "sensitivity.md").decode()
+
+
+def _task():
+    from opdflow.tasks.common import stage_task
+    return stage_task("sensitivity", run, report)
+
+
+sensitivity_task = _task()

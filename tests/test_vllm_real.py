@@ -125,25 +125,22 @@ def test_rollout_and_score_stages_through_vllm(store, vllm_python):
     assert worst < LP_TOL
 
 
-def test_backend_sensitivity_transformers_native_vllm(store, vllm_python, tmp_path):
-    """Greedy decoding of the student under the three backends on the demo's eval prompts."""
-    from opdflow.infra import demo
-    from opdflow.infra.lm import load_tokenizer
+def test_backend_sensitivity_stage_transformers_native_vllm(store, vllm_python):
+    """The sensitivity stage on the initial student: greedy decoding of 32 eval prompts under the
+    three backends; vLLM's greedy tokens equal the transformers backend's."""
     from opdflow.tasks import sensitivity
-    run = _run(store, "sens", overrides(vllm_python), ())
-    sdir = run.materialize("models", "student")
-    tok = load_tokenizer(sdir)
-    ex = demo.make_examples("eval", 32, seed=0)
-    prompts_ = [tok(e["prompt"])["input_ids"] for e in ex]
-    result, skipped = sensitivity.measure(run.config, sdir, prompts_, [e["answer"] for e in ex],
-                                          ["transformers", "native", "vllm"], max_new_tokens=48)
-    md = sensitivity.markdown(result, skipped)
+    over = overrides(vllm_python)
+    over.update(data={"n_eval": 32}, sensitivity={"enabled": True, "checkpoint": "initial_student", "n_prompts": 32})
+    run = _run(store, "sens", over, ())
+    entry, ran = sensitivity.run(run, "sensitivity")
+    assert ran and entry["backend"]["vllm"]["vllm_version"]
+    result, md = run.read_json("sensitivity", "sensitivity.json"), run.read_output("sensitivity", "sensitivity.md").decode()
     out = ROOT / "test-output"
     out.mkdir(exist_ok=True)
     (out / "backend-sensitivity.md").write_text(md + "\n")
-    (out / "backend-sensitivity.json").write_text(json.dumps(result, indent=1))
     print("\n" + md)
-    assert not skipped and result["backends"] == ["transformers", "native", "vllm"]
+    assert not result["skipped"] and result["backends"] == ["transformers", "native", "vllm"]
+    assert entry["metrics"]["n_prompts"] == 32
     pairs = {(p["a"], p["b"]): p for p in result["pairs"]}
     assert pairs[("transformers", "vllm")]["n_differ"] == 0, md  # greedy tokens equal
     assert pairs[("transformers", "native")]["n_differ"] == 0, md
@@ -151,6 +148,8 @@ def test_backend_sensitivity_transformers_native_vllm(store, vllm_python, tmp_pa
     assert tf["n_tokens"] > 0 and tf["max_abs"] < LP_TOL, md
     for name in result["backends"]:
         assert result["per_backend"][name]["decode_vs_reference_forward"]["max_abs"] < LP_TOL, md
+        assert 0.0 <= result["per_backend"][name]["score"]["mean"] <= 1.0
+    assert "## Backend sensitivity" in md and "| transformers vs vllm | 0/32 (0.0%) | none |" in md
 
 
 KILL_SCRIPT = """
