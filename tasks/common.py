@@ -159,9 +159,24 @@ class _NoTraceback(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
+# third-party warnings a user of opdflow cannot act on (they concern the libraries' own calls)
+_QUIET_WARNINGS = (
+    (FutureWarning, r".*`past_key_values` is deprecated"),   # transformers, once per rollout batch
+)
+
+
+def quiet_third_party_warnings() -> None:
+    """Filter `_QUIET_WARNINGS`, and lm-eval's own warnings (its logger at ERROR). Idempotent."""
+    import warnings
+    for category, message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
 def quiet_console_tracebacks() -> None:
     """Prefect's console handlers print one line per failed task/flow run, not the traceback
-    (set OPDFLOW_TRACEBACKS=1 to keep them). Idempotent."""
+    (set OPDFLOW_TRACEBACKS=1 to keep them); third-party noise filtered. Idempotent."""
+    quiet_third_party_warnings()
     if os.environ.get("OPDFLOW_TRACEBACKS") == "1":
         return
     from prefect.logging.handlers import PrefectConsoleHandler

@@ -33,9 +33,43 @@ def eval_table(run: Run) -> list[dict]:
             continue
         for task, metrics in e["metrics"]["results"].items():
             for metric, value in metrics.items():
+                n = e["metrics"]["n_samples"].get(task)
+                lo_hi = wilson(float(value), n) if _per_document_0_1(metric) else None
                 rows.append({"model": label, "task": task, "metric": metric, "value": round(float(value), 4),
-                             "n": e["metrics"]["n_samples"].get(task)})
+                             "n": n, "ci95": f"{lo_hi[0]:.3f}–{lo_hi[1]:.3f}" if lo_hi else ""})
     return rows
+
+
+def _per_document_0_1(metric: str) -> bool:
+    """Metrics that are a mean of per-document 0/1 scores (a binomial proportion)."""
+    return metric.split("/")[0] in ("exact_match", "acc", "acc_norm")
+
+
+def wilson(p: float, n: int | None, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a proportion p over n documents."""
+    if not n:
+        return None
+    d = 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def label_legend(labels: list[str]) -> str:
+    """What each model label in the evaluation table is."""
+    known = {"teacher": "the teacher", "initial_student": "the student before distillation",
+             "final_student": "the student after every OPD round of the main run"}
+    arms = {"uniform": "every token trained (the ablation's baseline)", "rock_bypass": "rock tokens' loss weight zero",
+            "random_bypass": "frequency-matched random tokens' loss weight zero"}
+    out = []
+    for lab in dict.fromkeys(labels):
+        if lab in known:
+            out.append(f"`{lab}`: {known[lab]}")
+        else:
+            parts = lab.split(".")
+            if parts[0] in arms and len(parts) == 3:
+                out.append(f"`{lab}`: ablation seed {parts[1][1:]}, {arms[parts[0]]}, after {int(parts[2][1:])} rounds "
+                           "from the initial student")
+    return "; ".join(out)
 
 
 def verdict(run: Run, table: list[dict]) -> dict | None:
@@ -85,6 +119,8 @@ def run(run: Run, stage: str = "report", force: bool = False, progress=None) -> 
         inputs["rock"] = run.output("rock", "summary.json")
     if patching_enabled(c):
         inputs["patch"] = run.output("patch", "patching.json")
+    if c.sensitivity.enabled:  # the backend-sensitivity section (tasks/sensitivity.py)
+        inputs["sensitivity"] = run.output("sensitivity", "sensitivity.md")
     params = {"ablation": c.section("ablation")}
 
     def body(ctx: StageContext) -> None:
@@ -102,7 +138,8 @@ def run(run: Run, stage: str = "report", force: bool = False, progress=None) -> 
         for name, png in pngs.items():
             ctx.put_bytes(f"verdict_{name}.png", png)
         ctx.put_bytes("verdict.md", verdict_markdown(v, pngs).encode())
-        ctx.put_bytes("report.md", render(run, table, v, patching).encode())
+        sensitivity = run.read(inputs["sensitivity"]).decode() if "sensitivity" in inputs else None
+        ctx.put_bytes("report.md", render(run, table, v, patching, sensitivity).encode())
         import tempfile
         from pathlib import Path
         from opdflow.infra.tracking import write_run_events
@@ -113,15 +150,22 @@ def run(run: Run, stage: str = "report", force: bool = False, progress=None) -> 
     return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)
 
 
-def render(run: Run, table: list[dict], v: dict | None, patching: dict | None = None) -> str:
-    lines = [f"# Evaluation — run `{run.run_id}`", "", "| model | task | metric | value | n |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['task']} | {r['metric']} | {r['value']:.4f} | {r['n']} |" for r in table]
+def render(run: Run, table: list[dict], v: dict | None, patching: dict | None = None,
+           sensitivity: str | None = None) -> str:
+    lines = [f"# Evaluation — run `{run.run_id}`", "", "| model | task | metric | value | 95% CI | n |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['task']} | {r['metric']} | {r['value']:.4f} | {r.get('ci95', '')} | {r['n']} |"
+              for r in table]
+    lines += ["", "95% CI: Wilson score interval over the n documents (for per-document 0/1 metrics). "
+              + label_legend([r["model"] for r in table]) + "."]
     lines += ["", "## Ablation verdict", "",
               (f"**{v['outcome']}** (rocks bypassed vs uniform). " + v["text"]) if v else "ablation disabled",
               "", "Forest plot, learning curves and compute: the `ablation-verdict` artifact (verdict.md)."]
     from opdflow.tasks.patch import markdown as patch_markdown
     lines += ["", "## Inference-time patching", "",
               patch_markdown(patching) if patching else "not run (needs demo data or ablation.patch_answer_regex)"]
+    if sensitivity:  # already headed "## Backend sensitivity"
+        lines += ["", sensitivity]
     return "\n".join(lines)
 
 

@@ -670,7 +670,10 @@ def _plots(aggs, sel, rand, rec, summary) -> dict[str, bytes]:
     ax2.plot([0, lim], [0, lim], "k--", lw=1)
     ax2.set_xlabel(f"mean KL at {labels[0]}")
     ax2.set_ylabel(f"mean KL at {labels[-1]}")
-    ax2.set_title("Per-token KL, early vs late (rocks stay on the diagonal)")
+    below = sum(1 for t in common if t in rock and last[t]["kl_mean"] < first[t]["kl_mean"])
+    n_rock = sum(1 for t in common if t in rock)
+    ax2.set_title(f"Per-token KL, {labels[0]} vs {labels[-1]}: {below} of {n_rock} rocks below the diagonal (KL fell)",
+                  fontsize=9)
     plots["trajectories"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -707,6 +710,46 @@ def _plots(aggs, sel, rand, rec, summary) -> dict[str, bytes]:
     return plots
 
 
+def md_text(s: str) -> str:
+    """Any string as literal text in a markdown table cell that the Prefect UI renders as
+    HTML: `<eos>` stays visible (entities), `|` does not split the cell, newlines and tabs
+    show as \\n and \\t instead of breaking the row."""
+    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    s = s.replace("\\", "&#92;").replace("|", "&#124;").replace("`", "&#96;").replace("*", "&#42;").replace("_", "&#95;")
+    return s.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def md_token(s: str) -> str:
+    """A decoded token as text a reader can see: quoted, whitespace visible (`'\\n'`, `' '`), escaped."""
+    return md_text(repr(s))
+
+
+def stagnation_caption(summary: dict) -> str:
+    """What the KL table shows, from its figures: how much rock and control KL changed from
+    the first to the last checkpoint, and whether rocks stagnated on this run (their KL fell
+    by less than 10% while the controls' fell by at least 10 points more)."""
+    rows, labels = summary["stagnation"], summary["checkpoints"]
+    if "rock" not in rows or "control" not in rows or not labels:
+        return "no rock/control KL to compare"
+
+    def rel(row):
+        first = row[labels[0]]
+        return row["change"] / first if first else 0.0
+
+    r, c = rel(rows["rock"]), rel(rows["control"])
+
+    def said(x):
+        return f"fell {-x:.0%}" if x < 0 else f"rose {x:.0%}"
+    stagnant = r > -0.10 and c < r - 0.10
+    return (f"rock KL {said(r)} ({rows['rock'][labels[0]]:.2f} → {rows['rock'][labels[-1]]:.2f} nats), "
+            f"controls {said(c).split()[-1] if said(c).split()[0] == said(r).split()[0] else said(c)}: "
+            f"{'stagnant' if stagnant else 'not stagnant'} on this run")
+
+
+def categories_text(categories: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
 def _img(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
@@ -725,12 +768,12 @@ def render_report(run_id, tok, agg, sel, summary, plots) -> str:
               "|---|---|---|---|---|---|---|"]
     for i, t in enumerate(sel["rock"], 1):
         s = tok.decode([t])
-        lines.append(f"| {i} | {t} | `{s!r}` | {category(s)} | {agg[t]['freq']} | {agg[t]['kl_mean']:.4f} | "
+        lines.append(f"| {i} | {t} | {md_token(s)} | {category(s)} | {agg[t]['freq']} | {agg[t]['kl_mean']:.4f} | "
                      f"{agg[t]['kl_sum']:.3f} |")
-    lines += ["", f"Dropped as most frequent: {', '.join(repr(tok.decode([t])) for t in sel['dropped'])}", "",
-              f"Categories of rock tokens: {summary['categories']}", "",
+    lines += ["", f"Dropped as most frequent: {', '.join(md_token(tok.decode([t])) for t in sel['dropped'])}", "",
+              f"Rock tokens by category: {categories_text(summary['categories'])}", "",
               "## Funnel", "", _img(plots["funnel"], "funnel"), "",
-              "## Stagnation across checkpoints", "",
+              f"## Stagnation across checkpoints: {stagnation_caption(summary)}", "",
               "| set | " + " | ".join(summary["checkpoints"]) + " | change |",
               "|---|" + "---|" * (len(summary["checkpoints"]) + 1)]
     for name, row in summary["stagnation"].items():
@@ -776,7 +819,7 @@ def unbiased_stagnation_markdown(summary: dict, tok=None) -> list[str]:
               "The rock set selected at each compared checkpoint (same probe sequences) and its Jaccard overlap "
               "with the last checkpoint's set.", "", "| checkpoint | Jaccard with last | rock set |", "|---|---|---|"]
     for lab, ids in per["rock_sets"].items():
-        shown = ", ".join(repr(tok.decode([t])) for t in ids) if tok is not None else ", ".join(map(str, ids))
+        shown = ", ".join(md_token(tok.decode([t])) for t in ids) if tok is not None else ", ".join(map(str, ids))
         lines.append(f"| {lab} | {per['jaccard_with_last'][lab]:.2f} | {shown} |")
     return lines
 

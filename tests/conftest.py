@@ -289,3 +289,28 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+MLFLOW_BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-mlflow", "bin", "mlflow")
+
+
+class MlflowServer(ServerProcess):
+    """A real `mlflow server` (from .venv-mlflow, `make mlflow-server`) on loopback, SQLite-backed."""
+
+    def __init__(self, home: str, start_timeout: float = 180.0):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([MLFLOW_BIN, "server", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
+                          "--default-artifact-root", f"{home}/artifacts", "--host", "127.0.0.1",
+                          "--port", str(self.port), "--workers", "1"],
+                         f"{self.url}/health", {**os.environ}, start_timeout, new_session=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A running MLflow tracking server (`.url`); skipped with the reason when .venv-mlflow is missing."""
+    if not os.path.exists(MLFLOW_BIN):
+        pytest.skip("no MLflow server: run `make mlflow-server` (builds .venv-mlflow)")
+    server = MlflowServer(str(tmp_path_factory.mktemp("mlflow-home")))
+    yield server
+    server.stop()
