@@ -182,9 +182,11 @@ def report(run: Run, entry: dict) -> str:
     lines = [f"# {entry['stage']} — run `{run.run_id}`", "",
              "| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in m.items()], "",
              f"Backend: `{b}`", "", "Sample responses:", ""]
-    for row in t:
-        lines.append(f"- prompt {row['prompt_id']} #{row['sample_idx']} ({row['finish_reason']}): "
-                     f"`{row['response_text'][:200]!r}`")
+    for row in t:  # as the model wrote it: line breaks kept, `<eos>` and markup literal in a code block
+        text = row["response_text"][:400].replace("```", "`\u200b``")
+        lines += [f"**prompt {row['prompt_id']} #{row['sample_idx']}** ({row['finish_reason']}"
+                  f"{', cut at 400 characters' if len(row['response_text']) > 400 else ''}):", "", "```text", text, "```",
+                  ""]
     return "\n".join(lines)
 
 
