@@ -41,12 +41,12 @@ from opdflow.infra.demo import ANSWER_PATTERN, DemoSpec, ModelSpec
 
 __all__ = ["CONNECTIVES", "WORDS", "ANSWER_PATTERN", "MAX_RESPONSE_TOKENS", "PlantedSpec", "format_problem",
            "make_examples", "extract_answer", "build_tokenizer", "connective_position", "calibrate",
-           "build_planted"]
+           "truth_overlap", "build_planted"]
 
 # The planted tokens. "so" and "then" are demo words already; the others are added.
 CONNECTIVES = ("so", "then", "thus", "hence", "also", "next")
 WORDS = tuple(demo.WORDS) + tuple(w for w in CONNECTIVES if w not in demo.WORDS)
-KEYS = tuple(chr(c) for c in range(ord("a"), ord("z") + 1))
+KEYS = tuple("bcdfgkmx")  # the key letters (few: each key recurs often enough for the lookup to be learnt fast)
 N_PAIRS = 3
 MAX_RESPONSE_TOKENS = 10  # "k=so answer: 18<eos>"
 _SPLIT_BOUNDS = {"train": (0, 80), "probe": (80, 90), "eval": (90, 100)}
@@ -161,7 +161,7 @@ def planted_accuracy(model, tokenizer, examples: list[dict]) -> dict:
             pred = int(model(input_ids=ids[:, :pos]).logits[0, -1].argmax())
             word = tokenizer.convert_ids_to_tokens(pred)
             hits += word == e["connective"]
-            shown += word in e["prompt"].split("\n")[0]
+            shown += word in {pair.split("=")[1] for pair in e["prompt"].split("\n")[0].split(" ")}
     n = max(1, len(examples))
     return {"planted_accuracy": hits / n, "planted_in_prompt": shown / n, "n": len(examples)}
 
@@ -174,6 +174,16 @@ def calibrate(models: dict, tokenizer, examples: list[dict]) -> dict:
                      "answer_accuracy": demo.greedy_accuracy(model, tokenizer, examples, MAX_RESPONSE_TOKENS + 1)}
     out["chance_planted_accuracy"] = 1 / N_PAIRS
     return out
+
+
+def truth_overlap(tokenizer, rock_ids: list[int]) -> dict:
+    """How the selected rock set compares with the planted truth (the connectives)."""
+    planted_ids = [tokenizer.convert_tokens_to_ids(w) for w in CONNECTIVES]
+    found = [t for t in rock_ids if t in planted_ids]
+    return {"planted": list(CONNECTIVES), "rock": [tokenizer.decode([t]) for t in rock_ids],
+            "found": [tokenizer.decode([t]) for t in found],
+            "missed": [w for w, t in zip(CONNECTIVES, planted_ids) if t not in rock_ids],
+            "recall": len(found) / len(planted_ids), "precision": len(found) / len(rock_ids) if rock_ids else 0.0}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from opdflow.infra.config import Config, ConfigError
 from opdflow.infra.data import load_prompts
-from opdflow.infra.lm import context_length, load_tokenizer
+from opdflow.infra.lm import ChatFormat, context_length, encode_prompt, first_difference, load_tokenizer
 
 
 def _tokenizer_and_context(config: Config, role: str):
@@ -42,7 +42,8 @@ def preflight(config: Config) -> list[dict]:
                                           "OPD needs one shared vocabulary")
     for role, tok in (("teacher", t_tok), ("student", s_tok)):
         vocab_rows(config, role, tok)  # raises when the lm_head has fewer rows than tokens
-    longest = max(len(s_tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows) + 1
+    chat = check_renderings(config, rows, t_tok, s_tok)
+    longest = max(len(encode_prompt(s_tok, r["prompt"], chat)) for r in rows) + 1
     ctx = min(c for c in (t_ctx, s_ctx) if c) if (t_ctx or s_ctx) else 0
     need = longest + config.rollout.max_new_tokens
     if ctx and need > ctx:
@@ -60,7 +61,43 @@ def preflight(config: Config) -> list[dict]:
             _require_vllm(getattr(config, section).vllm, f"{section}.vllm")
     _check_scale(config)
     _check_eval_tasks(config)
+    from opdflow.infra.tracking import MLFLOW_URI_ENV, mlflow_problem
+    problem = mlflow_problem()
+    if problem:
+        raise ConfigError(MLFLOW_URI_ENV, problem)
     return rows
+
+
+RENDER_CHECK_PROMPTS = 16
+
+
+def check_renderings(config: Config, rows: list[dict], t_tok, s_tok) -> ChatFormat:
+    """The student's and the teacher's renderings of the same conversations must be the same
+    ids (the teacher scores the student's prompt ids: a template mismatch biases every score
+    silently, e.g. a BOS on one side only). Checked on the first prompts with each tokenizer's
+    `data.chat_template` resolution (`auto`: each model's own template); the first differing
+    token is named. Returns the student's format (what the prompts stage encodes with)."""
+    d = config.data
+    s_chat, t_chat = ChatFormat.from_config(d, s_tok), ChatFormat.from_config(d, t_tok)
+    if s_chat.template is None and (d.system_prompt or d.chat_template_kwargs):
+        field = "data.system_prompt" if d.system_prompt else "data.chat_template_kwargs"
+        raise ConfigError(field, f"needs a chat template, but data.chat_template is {d.chat_template!r}"
+                                 + (" and the student's tokenizer has none" if d.chat_template == "auto" else ""))
+    for r in rows[:RENDER_CHECK_PROMPTS]:
+        try:
+            a, b = encode_prompt(s_tok, r["prompt"], s_chat), encode_prompt(t_tok, r["prompt"], t_chat)
+        except Exception as e:  # noqa: BLE001 - a template that fails to render is a config problem
+            raise ConfigError("data.chat_template", f"the chat template does not render prompt "
+                                                    f"{r['prompt_id']}: {type(e).__name__}: {e}") from None
+        i = first_difference(a, b)
+        if i is not None:
+            def tok_at(ids, tok):
+                return repr(tok.convert_ids_to_tokens(ids[i])) if i < len(ids) else "(end)"
+            raise ConfigError("data.chat_template",
+                              f"the student's and the teacher's renderings of prompt {r['prompt_id']} differ at "
+                              f"token {i}: student {tok_at(a, s_tok)} vs teacher {tok_at(b, t_tok)} "
+                              f"({len(a)} vs {len(b)} tokens); give both one template (data.chat_template: PATH)")
+    return s_chat
 
 
 def vocab_rows(config: Config, role: str, tok) -> tuple[int, int]:
@@ -101,7 +138,7 @@ def _check_eval_tasks(config: Config) -> None:
     if inc and not Path(inc).is_dir():
         raise ConfigError("eval.include_path", f"{inc!r} is not a directory")
     includes = [Path(inc)] if inc else []
-    if "opdflow_arith" in config.eval.tasks:
+    if {"opdflow_arith", "opdflow_planted"} & set(config.eval.tasks):  # built-in tasks' templates
         includes.append(TASK_TEMPLATE.parent)
     missing = unknown_tasks(list(config.eval.tasks), includes or None)
     if missing:

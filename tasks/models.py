@@ -127,6 +127,28 @@ def report(run: Run, entry: dict) -> str:
     return "\n".join(lines)
 
 
+def testbed_markdown(run: Run) -> str | None:
+    """The planted testbed's section of the run report: the calibration (models stage) and the
+    rock set against the planted truth (rock stage); None on any other task."""
+    if run.config.teacher.path != "planted" or run.entry("models") is None:
+        return None
+    from opdflow.infra.lm import load_tokenizer
+    from opdflow.infra.planted import truth_overlap
+    lines = ["## Planted testbed", ""]
+    cal = run.entry("models")["metrics"].get("calibration")
+    if cal:
+        lines += [calibration_markdown(cal), ""]
+    if run.entry("rock") is not None:
+        tok = load_tokenizer(run.materialize("models", "teacher"))
+        sets = json.loads(run.read_output("rock", "rock_sets.json"))
+        t = truth_overlap(tok, sets["rock"])
+        lines += [f"Rock set (selected on `{sets.get('checkpoint', '?')}`): {', '.join(map(repr, t['rock']))}. "
+                  f"Planted connectives found: {len(t['found'])} of {len(t['planted'])} "
+                  f"({', '.join(map(repr, t['found'])) or 'none'}; missed: {', '.join(map(repr, t['missed'])) or 'none'}); "
+                  f"precision {t['precision']:.2f}, recall {t['recall']:.2f}."]
+    return "\n".join(lines)
+
+
 def calibration_markdown(cal: dict) -> str:
     """The planted testbed's calibration check as a table (models stage, run report)."""
     lines = ["Calibration of the planted testbed, before any distillation (teacher-forced accuracy at the "

@@ -161,6 +161,10 @@ def render(run: Run, table: list[dict], v: dict | None, patching: dict | None = 
     lines += ["", "## Ablation verdict", "",
               (f"**{v['outcome']}** (rocks bypassed vs uniform). " + v["text"]) if v else "ablation disabled",
               "", "Forest plot, learning curves and compute: the `ablation-verdict` artifact (verdict.md)."]
+    from opdflow.tasks.models import testbed_markdown
+    testbed = testbed_markdown(run)  # the planted testbed: calibration, rock set vs the planted truth
+    if testbed:
+        lines += ["", testbed]
     from opdflow.tasks.patch import markdown as patch_markdown
     lines += ["", "## Inference-time patching", "",
               patch_markdown(patching) if patching else "not run (needs demo data or ablation.patch_answer_regex)"]

@@ -1,0 +1,146 @@
+"""The planted-rock testbed (infra/planted.py): task format and truth, splits, the built-in task
+registry, config wiring, the lm-eval task's pattern, the calibration measure on stub models whose
+answer is known, and a tiny build through the models stage (its calibration in the metrics).
+
+Run: ``python -m pytest -q tests/test_planted.py`` (the tiny build takes about half a minute).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opdflow.infra import planted
+from opdflow.infra.builtin import BUILTINS, answer_pattern, builtin
+from opdflow.infra.config import ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_format_truth_and_answer():
+    ex = planted.format_problem([("d", "thus"), ("k", "so"), ("x", "hence")], "k", 3, 4)
+    assert ex == {"prompt": "d=thus k=so x=hence\nk 3+4=\n", "answer": "7", "connective": "so",
+                  "solution": "k=so answer: 7"}
+    assert planted.extract_answer(ex["solution"]) == "7"
+    with pytest.raises(ValueError, match="not bound"):
+        planted.format_problem([("d", "thus")], "k", 1, 2)
+    tok = planted.build_tokenizer()
+    for e in planted.make_examples("eval", 30, seed=1):
+        first, second = e["prompt"].split("\n")[:2]
+        key = second.split(" ")[0]
+        assert f"{key}={e['connective']}" in first.split(" ")  # the binding is in the prompt
+        assert len(set(first.split(" "))) == planted.N_PAIRS
+        ids = tok(e["solution"], add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids[planted.connective_position(tok, e["solution"])]) == e["connective"]
+        assert len(ids) + 1 <= planted.MAX_RESPONSE_TOKENS
+        assert tok.decode(tok(e["prompt"] + e["solution"])["input_ids"], skip_special_tokens=True) \
+            == e["prompt"] + e["solution"]
+        assert int(e["answer"]) == sum(int(d) for d in second.split(" ")[1].rstrip("=").split("+"))
+
+
+def test_connectives_are_single_tokens_and_splits_disjoint():
+    tok = planted.build_tokenizer()
+    for w in planted.CONNECTIVES:
+        assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1
+    prompts = {s: {e["prompt"] for e in planted.make_examples(s, 500, seed=0)} for s in ("train", "probe", "eval")}
+    assert not prompts["train"] & prompts["probe"] and not prompts["train"] & prompts["eval"]
+    assert not prompts["probe"] & prompts["eval"]
+    assert planted.make_examples("train", 5, seed=2) == planted.make_examples("train", 5, seed=2)
+
+
+def test_registry_and_eval_task_pattern():
+    assert set(BUILTINS) == {"demo", "planted"}
+    for b in BUILTINS.values():
+        task = yaml.safe_load(b.template.read_text())
+        regex = task["filter_list"][0]["filter"][0]
+        assert task["task"] == b.eval_task
+        assert regex["regex_pattern"] == b.load().ANSWER_PATTERN == answer_pattern(b.name)
+        assert regex["group_select"] == -1  # the last match, as opdflow.evals.answers
+    assert builtin("some/dir") is None and answer_pattern("data.jsonl") is None
+
+
+def test_config_wiring():
+    c = parse_config({"teacher": {"path": "planted"}, "student": {"path": "planted"},
+                      "data": {"source": "planted"}, "eval": {"tasks": ["opdflow_planted"]}})
+    assert c.teacher.is_builtin and not c.teacher.is_demo
+    with pytest.raises(ConfigError, match="teacher.path: a built-in teacher and student go together"):
+        parse_config({"teacher": {"path": "planted"}, "student": {"path": "demo"}})
+    with pytest.raises(ConfigError, match="data.source: 'demo' prompts need the 'demo' models"):
+        parse_config({"teacher": {"path": "planted"}, "student": {"path": "planted"}, "data": {"source": "demo"}})
+    with pytest.raises(ConfigError, match="opdflow_planted is the planted testbed's benchmark"):
+        parse_config({"eval": {"tasks": ["opdflow_planted"]}})
+    from opdflow.infra.data import load_prompts
+    rows = load_prompts(c)
+    assert {r["split"] for r in rows} == {"train", "probe", "eval"}
+    assert all(planted.extract_answer(planted.format_problem(
+        [(p.split("=")[0], p.split("=")[1]) for p in r["prompt"].split("\n")[0].split(" ")],
+        r["prompt"].split("\n")[1].split(" ")[0], 0, 0)["solution"]) == "0" for r in rows[:5])
+    from opdflow.tasks.models import demo_prefix
+    demo_cfg = parse_config({})
+    assert demo_prefix(c) != demo_prefix(demo_cfg) and demo_prefix(c).startswith("demo/")
+
+
+class _Always(torch.nn.Module):
+    """A stub causal LM that always predicts token `tid` (its answer on every example is known)."""
+
+    def __init__(self, tid: int, vocab: int):
+        super().__init__()
+        self.tid, self.vocab = tid, vocab
+
+    def forward(self, input_ids, **_):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.tid] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+class _Oracle(_Always):
+    """Predicts, at every position, the token that follows the last earlier occurrence of the
+    current two-token context: an induction head written by hand; it gets every planted position."""
+
+    def forward(self, input_ids, **_):
+        seq = input_ids[0].tolist()
+        logits = torch.zeros(1, len(seq), self.vocab)
+        for i in range(1, len(seq)):
+            for j in range(i - 1, 0, -1):
+                if seq[j - 1:j + 1] == seq[i - 1:i + 1] and j + 1 < len(seq):
+                    logits[0, i, seq[j + 1]] = 1.0
+                    break
+        return type("Out", (), {"logits": logits})()
+
+
+def test_planted_accuracy_known_answers():
+    tok = planted.build_tokenizer()
+    examples = planted.make_examples("eval", 40, seed=0)
+    so = tok.convert_tokens_to_ids("so")
+    got = planted.planted_accuracy(_Always(so, len(tok)), tok, examples)
+    assert got["planted_accuracy"] == pytest.approx(sum(e["connective"] == "so" for e in examples) / 40)
+    assert got["planted_in_prompt"] == pytest.approx(sum("=so" in e["prompt"] for e in examples) / 40)
+    assert planted.planted_accuracy(_Oracle(0, len(tok)), tok, examples)["planted_accuracy"] == 1.0
+
+
+@pytest.mark.slow
+def test_tiny_build_records_the_calibration_in_the_models_stage(tmp_path, monkeypatch):
+    from opdflow.infra.config import load_config
+    from opdflow.infra.manifest import Run
+    from opdflow.infra.store import open_store
+    from opdflow.tasks import models, prompts
+    monkeypatch.setenv("OPDFLOW_CACHE", str(tmp_path / "cache"))
+    config = load_config(ROOT / "configs" / "planted_tiny.yaml")
+    assert config.planted == planted.PlantedSpec.tiny()
+    run = Run.create_or_open(open_store(str(tmp_path / "store")), "planted-tiny", config)
+    entry, ran = models.run(run)
+    assert ran
+    cal = entry["metrics"]["calibration"]
+    for name in ("teacher", "student", "student_long_ce"):
+        assert 0.0 <= cal[name]["planted_accuracy"] <= cal[name]["planted_in_prompt"] + 1e-9 <= 1.0 + 1e-9
+        assert 0.0 <= cal[name]["answer_accuracy"] <= 1.0 and cal[name]["n"] == config.planted.n_calibration
+    assert cal["student_long_ce"]["steps"] == config.planted.student_long_steps
+    assert cal["planted_tokens"] == list(planted.CONNECTIVES)
+    assert "planted-position accuracy" in models.report(run, entry)
+    entry, _ = prompts.run(run)
+    assert entry["metrics"]["n_eval"] == 8
+    tok_dir = run.materialize("models", "teacher")
+    assert json.loads((tok_dir / "calibration.json").read_text()) == cal
