@@ -15,7 +15,14 @@ What:
   stays, joined with a slash: ``"exact_match/strict-match"``. Standard errors go to a separate
   ``"stderr"`` field under the same names (None where lm-eval gives "N/A").
 
-Greedy decoding, 0-shot, no chat template. The demo tokenizer adds ``<bos>`` itself (lm-eval's
+Greedy decoding, 0-shot. A chat template (``data.chat_template`` as ``infra.lm.ChatFormat``
+resolves it) is passed as the training prompts use it: ``apply_chat_template=True``, the
+system prompt as lm-eval's ``system_instruction``, the template keyword arguments as HFLM's
+``chat_template_args`` (lm-eval hands them to ``tokenizer.apply_chat_template``), and the
+template text itself set on HFLM's tokenizer (lm-eval renders with the tokenizer's own
+template, so a template file must be put there); lm-eval encodes the rendered context without
+a second BOS when it starts with one, as ``infra.lm.encode_prompt`` does. Without a template:
+the raw prompt. The demo tokenizer adds ``<bos>`` itself (lm-eval's
 default ``add_bos_token=None`` leaves that to the tokenizer), exactly as the demo trains and as
 ``opdflow.infra.demo.greedy_generate`` prompts, so lm-eval's scores equal that greedy check.
 
@@ -126,8 +133,19 @@ def flatten_metrics(task_results: dict[str, Any]) -> tuple[dict[str, float], dic
     return metrics, stderr
 
 
+def _context(arguments) -> str | None:
+    """The context string lm-eval gave the model (after any chat template), from a logged sample's
+    ``arguments`` (``{"gen_args_0": {"arg_0": context, ...}}``, or a list of tuples)."""
+    if isinstance(arguments, dict) and arguments:
+        first = next(iter(arguments.values()))
+        return first.get("arg_0") if isinstance(first, dict) else None
+    if isinstance(arguments, (list, tuple)) and arguments and isinstance(arguments[0], (list, tuple)):
+        return arguments[0][0] if isinstance(arguments[0][0], str) else None
+    return None
+
+
 def _flatten_samples(samples: list[dict], metric_names: list[str]) -> list[dict]:
-    """lm-eval's per-sample log → ``{doc, response, filtered, target, <metric>: value}``, in doc order."""
+    """lm-eval's per-sample log → ``{doc, context, response, filtered, target, <metric>: value}``, in doc order."""
     out = []
     for s in sorted(samples, key=lambda s: s["doc_id"]):
         resps = s.get("resps") or [[None]]
@@ -135,6 +153,7 @@ def _flatten_samples(samples: list[dict], metric_names: list[str]) -> list[dict]
         row = {
             "doc_id": s["doc_id"],
             "doc": s["doc"],
+            "context": _context(s.get("arguments")),
             "response": resps[0][0] if isinstance(resps[0], list) else resps[0],
             "filtered": filtered[0],
             "target": s.get("target"),
@@ -151,13 +170,15 @@ def _flatten_samples(samples: list[dict], metric_names: list[str]) -> list[dict]
 def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Path] | None = None,
              limit: int | None = None, batch_size: int = 32, max_gen_toks: int = 64,
              device: str = "cpu", dtype: str = "float32", seed: int = 0,
-             doc_ids: dict[str, list[int]] | None = None) -> dict:
+             doc_ids: dict[str, list[int]] | None = None, chat=None) -> dict:
     """Run lm-eval's ``hf`` model on ``model_dir`` for ``tasks``; return flattened results.
     ``doc_ids`` (task -> document indices) evaluates those documents only: one shard.
 
     Returns ``{"results": {task: {metric: float}}, "stderr": {task: {metric: float | None}},
     "n_samples": {task: int}, "backend": {...settings...}, "samples": {task: [...]}}``.
     Greedy (``do_sample=False``, temperature 0), 0-shot; ``limit`` caps documents per task.
+    ``chat`` (an ``infra.lm.ChatFormat``): render the contexts with its template, system prompt
+    and keyword arguments (module docstring); None or a template-less format: raw prompts.
     """
     _force_offline()
     import lm_eval
@@ -165,9 +186,20 @@ def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Pat
     model_args = {"pretrained": str(Path(model_dir).resolve()), "dtype": dtype}
     gen_kwargs = {"max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0}
     task_manager = _task_manager(tasks, include_path)
+    templated = chat is not None and chat.template is not None
+    model: Any = "hf"
+    chat_args: dict = {}
+    if templated:
+        from lm_eval.models.huggingface import HFLM
+        chat_args = dict(chat.kwargs)
+        model = HFLM(pretrained=model_args["pretrained"], dtype=dtype, batch_size=batch_size, device=device,
+                     chat_template_args=chat_args)
+        model.tokenizer.chat_template = chat.template  # lm-eval renders with the tokenizer's template
     out = lm_eval.simple_evaluate(
-        model="hf",
+        model=model,
         model_args=model_args,
+        apply_chat_template=templated,
+        system_instruction=chat.system_prompt if templated else None,
         tasks=list(tasks),
         batch_size=batch_size,
         device=device,
@@ -199,8 +231,12 @@ def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Pat
         "limit": limit,
         "seed": seed,
         "num_fewshot": 0,
-        "apply_chat_template": False,
+        "apply_chat_template": templated,
     }
+    if templated:
+        import hashlib
+        backend.update(chat_template_sha256=hashlib.sha256(chat.template.encode()).hexdigest(),
+                       system_instruction=chat.system_prompt, chat_template_args=chat_args)
     return {"results": results, "stderr": stderr, "n_samples": n_samples, "backend": backend,
             "samples": samples}
 

@@ -332,8 +332,53 @@ def check_head_is_logits(model, pad_id: int, dev, tol: float = 1e-3) -> None:
             "set train.fused_lm_head: false")
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt token ids with the tokenizer's own special tokens (a BOS where the model
-    family uses one). The evaluation harness encodes contexts the same way
-    (`add_bos_token`), so what we train on is what the benchmark measures."""
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a prompt is rendered (`data.chat_template`, `data.system_prompt`,
+    `data.chat_template_kwargs`): `template` is the Jinja text, or None for the raw prompt."""
+    template: str | None = None
+    system_prompt: str | None = None
+    kwargs: tuple = ()  # sorted (name, value) pairs, so the dataclass stays hashable
+
+    @classmethod
+    def from_config(cls, data, tokenizer) -> "ChatFormat":
+        """`auto` is the tokenizer's own template (None when it has none), `none` the raw text,
+        anything else a template file."""
+        setting = data.chat_template
+        if setting == "none":
+            template = None
+        elif setting == "auto":
+            template = getattr(tokenizer, "chat_template", None) or None
+        else:
+            template = Path(setting).expanduser().read_text()
+        return cls(template, data.system_prompt, tuple(sorted((data.chat_template_kwargs or {}).items())))
+
+    def messages(self, text: str) -> list[dict]:
+        sys = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return sys + [{"role": "user", "content": text}]
+
+    def render(self, tokenizer, text: str) -> str:
+        """The prompt as the model reads it: the template with a generation prompt."""
+        return tokenizer.apply_chat_template(self.messages(text), chat_template=self.template, tokenize=False,
+                                             add_generation_prompt=True, **dict(self.kwargs))
+
+
+def encode_prompt(tokenizer, text: str, chat: ChatFormat | None = None) -> list[int]:
+    """Prompt token ids. Raw text (no template): with the tokenizer's own special tokens (a BOS
+    where the model family uses one). With a chat template: the rendered conversation, encoded
+    without adding special tokens when it already starts with the BOS text (the template put
+    it there), else with them. That is lm-eval's rule for its contexts (`HFLM.tok_encode`,
+    `add_bos_token` unset), so what we train on is what the benchmark measures."""
+    if chat is None or chat.template is None:
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+    rendered = chat.render(tokenizer, text)
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(rendered, add_special_tokens=not (bos and rendered.startswith(bos)))["input_ids"]
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first index where two id lists differ (or where one ends), None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))

@@ -30,6 +30,7 @@ import pyarrow as pa
 from opdflow.evals.harness import evaluate, merge_sample_scores, task_documents, write_arith_task
 from opdflow.infra.builtin import builtin
 from opdflow.infra.config import ConfigError
+from opdflow.infra.lm import ChatFormat, load_tokenizer
 from opdflow.infra.manifest import Run, StageContext, file_inputs
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import stage_task
@@ -69,7 +70,10 @@ def _stage(run: Run, stage: str):
     inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, prefix, "model")}
     if c.eval.include_path:  # the task definitions are read by path: their content is part of the identity
         inputs.update(file_inputs("eval.include_path", c.eval.include_path))
-    params = {"eval": c.section("eval"), "label": label, "dtype": dtype}
+    params = {"eval": c.section("eval"), "label": label, "dtype": dtype,
+              "chat": {k: c.section("data")[k] for k in ("chat_template", "system_prompt", "chat_template_kwargs")}}
+    if c.data.chat_template not in ("auto", "none"):
+        inputs.update(file_inputs("data.chat_template", c.data.chat_template))
 
     def shard_body(ctx: StageContext, i: int, n: int) -> None:
         with tempfile.TemporaryDirectory(prefix="opdflow-eval-") as tmp:
@@ -82,9 +86,11 @@ def _stage(run: Run, stage: str):
                                           "only mean-aggregated metrics merge across shards; set scale.shards: 1")
             ids = shard_doc_ids(docs, i, n)
             ctx.progress(0.05, f"lm-eval on {label}, shard {i + 1}/{n}")
-            res = evaluate(run.materialize(src_stage, prefix), list(c.eval.tasks), include_path=includes or None,
+            model_dir = run.materialize(src_stage, prefix)
+            chat = ChatFormat.from_config(c.data, load_tokenizer(model_dir))  # as the prompts stage renders
+            res = evaluate(model_dir, list(c.eval.tasks), include_path=includes or None,
                            batch_size=c.eval.batch_size, max_gen_toks=c.eval.max_gen_toks, dtype=dtype, seed=c.seed,
-                           doc_ids=ids) if ids else None
+                           doc_ids=ids, chat=chat) if ids else None
         rows = [{"task": t, "doc_id": s["doc_id"], "record": json.dumps({"task": t, **s}, default=str)}
                 for t, ss in (res or {}).get("samples", {}).items() for s in ss]
         ctx.put_table("part.parquet", pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))

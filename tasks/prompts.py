@@ -1,6 +1,7 @@
 """Stage `prompts`: the prompt dataset, split and tokenized once, as one Parquet table.
 
-Columns: prompt_id (stable), split (train/probe/eval), prompt, answer, prompt_ids.
+Columns: prompt_id (stable), split (train/probe/eval), prompt, answer, prompt_ids (the prompt
+rendered by `data.chat_template` with the student's tokenizer, `infra.lm.encode_prompt`).
 Every later stage reads prompts from here, so a rerun on another machine sees exactly
 the same prompts and token ids.
 """
@@ -12,7 +13,7 @@ import pyarrow as pa
 
 from opdflow.infra.config import BUILTINS
 from opdflow.infra.data import load_prompts
-from opdflow.infra.lm import encode_prompt, load_tokenizer
+from opdflow.infra.lm import ChatFormat, encode_prompt, load_tokenizer
 from opdflow.infra.manifest import Run, StageContext, file_inputs, run_stage
 from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks.common import stage_task
@@ -25,12 +26,15 @@ def run(run: Run, stage: str = "prompts", force: bool = False, progress=None) ->
     params = {"data": c.section("data"), "seed": c.seed}
     if c.data.source not in BUILTINS and not c.data.source.startswith("hf:"):
         tok_inputs.update(file_inputs("data.source", c.data.source))  # read by path: its content is identity
+    if c.data.chat_template not in ("auto", "none"):
+        tok_inputs.update(file_inputs("data.chat_template", c.data.chat_template))  # a template file: likewise
 
     def body(ctx: StageContext) -> None:
         rows = load_prompts(c)
         tok = load_tokenizer(run.materialize("models", "student"))
+        chat = ChatFormat.from_config(c.data, tok)  # data.chat_template; checked against the teacher's in preflight
         for r in rows:
-            r["prompt_ids"] = encode_prompt(tok, r["prompt"])
+            r["prompt_ids"] = encode_prompt(tok, r["prompt"], chat)
         ctx.put_table("prompts.parquet", pa.Table.from_pylist(rows))
         counts = collections.Counter(r["split"] for r in rows)
         ctx.metrics.update({f"n_{s}": counts.get(s, 0) for s in ("train", "probe", "eval")},
