@@ -135,6 +135,21 @@ def mlflow_uri() -> str | None:
     return os.environ.get(MLFLOW_URI_ENV) or None
 
 
+def mlflow_problem(uri: str | None = None, timeout: float = 5.0) -> str | None:
+    """Why the tracking server at `uri` cannot be used (None: it answers, or none is set).
+    Preflight calls it, so an unreachable server fails the run before any work, not at its end."""
+    uri = uri or mlflow_uri()
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.request
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except OSError as e:
+        return f"no MLflow tracking server answers at {uri} ({e}); start one or unset {MLFLOW_URI_ENV}"
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -171,7 +186,8 @@ def log_mlflow(run, experiment: str = "opdflow", uri: str | None = None) -> dict
     import json
     import time
 
-    from mlflow.entities import Metric, Param, RunTag
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a server gone mid-run: fail in seconds
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
