@@ -177,8 +177,9 @@ def plots(v: dict) -> dict[str, bytes]:
         acc = [pts[i]["mean"] for i in range(n)]
         ax1.plot(tok, acc, marker="o", color=COLOR[arm], label=TITLE[arm])
         ax2.plot(sec, acc, marker="o", color=COLOR[arm], label=TITLE[arm])
-    ax1.set_xlabel("tokens trained on (loss weight > 0), cumulative, mean over seeds")
-    ax2.set_xlabel("wall seconds (rollout + scoring + training), cumulative")
+    ax1.set_xlabel("tokens trained on (weight > 0), cumulative")
+    ax2.set_xlabel("wall s (rollout + scoring + training), cumulative")
+    fig.suptitle("per round, mean over seeds", fontsize=9, y=0.02)
     ax1.set_ylabel(v["metric"])
     ax1.set_title("Accuracy vs tokens trained")
     ax2.set_title("Accuracy vs wall time")
