@@ -38,7 +38,7 @@ def _flip(store, key: str) -> None:
 
 
 @pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.integration)])
-def test_verify_names_every_fault(where, tmp_path, request):
+def test_verify_names_every_fault(where, tmp_path, request, capsys):
     uri = str(tmp_path / "store") if where == "local" else request.getfixturevalue("s3_store_uri")
     store = open_store(uri)
     run = _make_run(store)
@@ -61,6 +61,10 @@ def test_verify_names_every_fault(where, tmp_path, request):
     assert "expected " + b["outputs"]["t.parquet"]["sha256"] in text
     assert repair_stages(rep) == ["a", "b", "c"]
     assert json.loads(json.dumps(rep.to_json()))["ok"] is False
+    from opdflow.flows.cli import main
+    assert main(["verify", "--run-id", "r1", "--store", store.uri]) == 1  # the command, on this store
+    out = capsys.readouterr().out
+    assert f"missing: {store.describe(a['outputs']['x.bin']['key'])}" in out and "3 faults" in out
 
     # readers name the file too
     with pytest.raises(CorruptObject, match=r"runs/r1/manifest/c\.json"):
