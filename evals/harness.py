@@ -43,7 +43,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["TASK_TEMPLATE", "write_arith_task", "evaluate", "flatten_metrics", "unknown_tasks"]
+__all__ = ["TASK_TEMPLATE", "DATA_TASK", "write_arith_task", "write_data_task", "evaluate", "flatten_metrics",
+           "unknown_tasks"]
 
 TASK_TEMPLATE = Path(__file__).parent / "tasks" / "opdflow_arith.yaml"
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -70,6 +71,67 @@ def write_arith_task(dest_dir: Path, examples: list[dict], task_name: str = "opd
         "cache_dir": str(dest_dir / ".hf_datasets_cache"),
     }
     (dest_dir / f"{task_name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dest_dir
+
+
+DATA_TASK = "opdflow_data"
+
+_DATA_TASK_YAML = """# Written by opdflow (evals/harness.py write_data_task): the held-out eval split of the run's
+# dataset as an lm-eval task, scored by opdflow.evals.answers.is_correct with eval.answer_regex.
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: generate_until
+doc_to_text: prompt
+doc_to_target: answer
+target_delimiter: ""
+num_fewshot: 0
+generation_kwargs:
+  until: []
+  do_sample: false
+  temperature: 0.0
+process_results: !function {utils}.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+_DATA_TASK_UTILS = """# Written by opdflow: scores a response with the one answer extraction.
+from opdflow.evals.answers import is_correct
+
+PATTERN = {pattern!r}
+
+
+def process_results(doc, results):
+    return {{"exact_match": float(is_correct(results[0], doc["answer"], PATTERN))}}
+"""
+
+
+def write_data_task(dest_dir: Path, rows: list[dict], answer_regex: str, task_name: str = DATA_TASK) -> Path:
+    """Write the eval split of a user's dataset (`rows` with ``prompt`` and ``answer``) as an
+    lm-eval task into ``dest_dir`` (JSONL, YAML, and a scoring module that calls
+    ``opdflow.evals.answers.is_correct`` with ``answer_regex``: the same extraction as every
+    other stage); return ``dest_dir``, lm-eval's ``include_path``. The prompt is the raw text: a
+    chat template is applied by lm-eval (``evaluate(chat=...)``), as for the training prompts."""
+    if not rows:
+        raise ValueError("write_data_task: no rows (data.n_eval is 0?)")
+    dest_dir = Path(dest_dir).resolve()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    data = dest_dir / f"{task_name}.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": str(r["answer"])}, sort_keys=True) + "\n"
+                            for r in rows))
+    utils = f"{task_name}_utils"
+    (dest_dir / f"{utils}.py").write_text(_DATA_TASK_UTILS.format(pattern=answer_regex))
+    (dest_dir / f"{task_name}.yaml").write_text(_DATA_TASK_YAML.format(
+        task=task_name, data=json.dumps(str(data)), cache=json.dumps(str(dest_dir / ".hf_datasets_cache")),
+        utils=utils))
     return dest_dir
 
 

@@ -304,6 +304,22 @@ class SensitivityConfig(_Section):
 class EvalConfig(_Section):
     tasks: list[str] = Field(["opdflow_arith"], min_length=1)
     include_path: str | None = None
+    answer_regex: str | None = Field(None, description="for the task `opdflow_data` (your dataset's held-out "
+                                     "data.n_eval split, written as an lm-eval task at run time): a regex whose "
+                                     "group 1 is the answer in a response; the last match counts, compared with "
+                                     "data.answer_field (opdflow.evals.answers.is_correct)")
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _one_group(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                rx = re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{v!r} is not a regex: {e}") from None
+            if rx.groups < 1:
+                raise ValueError(f"{v!r} needs a capturing group around the answer")
+        return v
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     max_gen_toks: int = Field(64, ge=1)
@@ -372,6 +388,9 @@ class Config(_Section):
         if self.train.tis_cap is not None and not self.samples_the_model():
             raise ValueError("train.tis_cap: importance weights need the sampler's logprobs under the model's own "
                              "distribution; use rollout.temperature 1, top_p 1 and top_k 0")
+        if "opdflow_data" in self.eval.tasks and not self.eval.answer_regex:
+            raise ValueError("eval.answer_regex: the task opdflow_data (the eval split of data.source) needs the "
+                             "regex that finds the answer in a response (group 1), e.g. 'answer is (-?[0-9]+)'")
         if "opdflow_arith" in self.eval.tasks and self.data.source != DEMO:
             raise ValueError("eval.tasks: opdflow_arith is the demo benchmark; it needs data.source: demo")
         if "opdflow_planted" in self.eval.tasks and self.data.source != PLANTED:

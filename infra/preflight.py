@@ -140,7 +140,8 @@ def _check_eval_tasks(config: Config) -> None:
     includes = [Path(inc)] if inc else []
     if {"opdflow_arith", "opdflow_planted"} & set(config.eval.tasks):  # built-in tasks' templates
         includes.append(TASK_TEMPLATE.parent)
-    missing = unknown_tasks(list(config.eval.tasks), includes or None)
+    # opdflow_data is written by the eval stage from the eval split (evals.harness.write_data_task)
+    missing = unknown_tasks([t for t in config.eval.tasks if t != "opdflow_data"], includes or None)
     if missing:
         where = f"lm-eval's tasks or {inc!r}" if inc else "lm-eval's tasks (set eval.include_path for your own)"
         said = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(map(repr, m))}?)" if m else "")

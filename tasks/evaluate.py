@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from opdflow.evals.harness import evaluate, merge_sample_scores, task_documents, write_arith_task
+from opdflow.evals.harness import (DATA_TASK, evaluate, merge_sample_scores, task_documents, write_arith_task,
+                                   write_data_task)
 from opdflow.infra.builtin import builtin
 from opdflow.infra.config import ConfigError
 from opdflow.infra.lm import ChatFormat, load_tokenizer
@@ -49,6 +50,9 @@ def _includes(run: Run, tmp: Path) -> list[Path]:
         rows = [r for r in prompts_stage.load(run) if r["split"] == "eval"]
         includes.append(write_arith_task(tmp, [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows],
                                          task_name=b.eval_task, template=b.template))
+    if DATA_TASK in c.eval.tasks:  # your own data's held-out split, scored with eval.answer_regex
+        rows = [r for r in prompts_stage.load(run) if r["split"] == "eval"]
+        includes.append(write_data_task(tmp / DATA_TASK, rows, c.eval.answer_regex))
     return includes
 
 
