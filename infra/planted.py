@@ -40,15 +40,16 @@ from opdflow.infra import demo
 from opdflow.infra.demo import ANSWER_PATTERN, DemoSpec, ModelSpec
 
 __all__ = ["CONNECTIVES", "WORDS", "ANSWER_PATTERN", "MAX_RESPONSE_TOKENS", "PlantedSpec", "format_problem",
-           "make_examples", "extract_answer", "build_tokenizer", "connective_position", "calibrate",
+           "make_examples", "extract_answer", "build_tokenizer", "connective_positions", "calibrate",
            "truth_overlap", "build_planted"]
 
 # The planted tokens. "so" and "then" are demo words already; the others are added.
 CONNECTIVES = ("so", "then", "thus", "hence", "also", "next")
 WORDS = tuple(demo.WORDS) + tuple(w for w in CONNECTIVES if w not in demo.WORDS)
 KEYS = tuple("bcdfgkmx")  # the key letters (few: each key recurs often enough for the lookup to be learnt fast)
-N_PAIRS = 3
-MAX_RESPONSE_TOKENS = 10  # "k=so answer: 18<eos>"
+N_PAIRS = 3    # key=connective pairs in the prompt's table
+N_QUERIES = 2  # keys the response looks up, in the order the prompt's second line gives
+MAX_RESPONSE_TOKENS = 14  # "k=so x=hence answer: 18<eos>"
 _SPLIT_BOUNDS = {"train": (0, 80), "probe": (80, 90), "eval": (90, 100)}
 
 
@@ -92,15 +93,18 @@ def _split_of(prompt: str) -> str:
     return next(s for s, (lo, hi) in _SPLIT_BOUNDS.items() if lo <= bucket < hi)
 
 
-def format_problem(pairs: list[tuple[str, str]], key: str, a: int, b: int) -> dict:
-    """One example; ``connective`` is the planted token the response must carry."""
+def format_problem(pairs: list[tuple[str, str]], keys: list[str], a: int, b: int) -> dict:
+    """One example: the table of `pairs`, the queried `keys` in that order, the sum a+b.
+    ``connectives``: the planted tokens the response must carry, one per queried key."""
     bound = dict(pairs)
-    if key not in bound:
-        raise ValueError(f"key {key!r} is not bound in {pairs}")
+    for key in keys:
+        if key not in bound:
+            raise ValueError(f"key {key!r} is not bound in {pairs}")
     table = " ".join(f"{k}={c}" for k, c in pairs)
     answer = str(a + b)
-    return {"prompt": f"{table}\n{key} {a}+{b}=\n", "answer": answer, "connective": bound[key],
-            "solution": f"{key}={bound[key]} answer: {answer}"}
+    lookups = " ".join(f"{k}={bound[k]}" for k in keys)
+    return {"prompt": f"{table}\n{' '.join(keys)} {a}+{b}=\n", "answer": answer,
+            "connectives": [bound[k] for k in keys], "solution": f"{lookups} answer: {answer}"}
 
 
 def make_examples(split: str, n: int, seed: int) -> list[dict]:
@@ -113,7 +117,7 @@ def make_examples(split: str, n: int, seed: int) -> list[dict]:
     while len(out) < n:
         keys = rng.sample(KEYS, N_PAIRS)
         pairs = list(zip(keys, rng.sample(CONNECTIVES, N_PAIRS)))
-        ex = format_problem(pairs, rng.choice(keys), rng.randint(0, 9), rng.randint(0, 9))
+        ex = format_problem(pairs, rng.sample(keys, N_QUERIES), rng.randint(0, 9), rng.randint(0, 9))
         if ex["prompt"] in seen or _split_of(ex["prompt"]) != split:
             continue
         seen.add(ex["prompt"])
@@ -132,11 +136,12 @@ def build_tokenizer():
     return demo.build_tokenizer(WORDS)
 
 
-def connective_position(tokenizer, solution: str) -> int:
-    """Index, within the response's token ids, of the planted connective (the token after the
-    first ``=``)."""
+def connective_positions(tokenizer, solution: str) -> list[int]:
+    """Indices, within the response's token ids, of the planted connectives (the tokens after
+    each ``=``)."""
     ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
-    return ids.index(tokenizer.convert_tokens_to_ids("=")) + 1
+    eq = tokenizer.convert_tokens_to_ids("=")
+    return [i + 1 for i, t in enumerate(ids) if t == eq]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,25 +150,29 @@ def connective_position(tokenizer, solution: str) -> int:
 
 
 def planted_accuracy(model, tokenizer, examples: list[dict]) -> dict:
-    """Teacher-forced on the reference responses: share of examples whose argmax at the planted
-    position is the bound connective, and share whose argmax is *one of the prompt's three*
-    connectives (what a model that cannot do the lookup still gets right)."""
+    """Teacher-forced on the reference responses, at the planted positions: the share whose
+    argmax is the bound connective (`planted_accuracy`; `first_lookup_accuracy` at the first
+    one only, where nothing can be inferred by elimination), and the share whose argmax is
+    *one of the prompt's* connectives (`planted_in_prompt`: what a model that cannot do the
+    lookup still gets right)."""
     import torch
 
-    prompts = tokenizer([e["prompt"] for e in examples])["input_ids"]
-    responses = tokenizer([e["solution"] for e in examples], add_special_tokens=False)["input_ids"]
-    hits = shown = 0
+    hits = shown = first = n_pos = 0
     model.eval()
     with torch.no_grad():
-        for p, r, e in zip(prompts, responses, examples):
-            pos = len(p) + connective_position(tokenizer, e["solution"])  # index in p + r
-            ids = torch.tensor([p + r])
-            pred = int(model(input_ids=ids[:, :pos]).logits[0, -1].argmax())
-            word = tokenizer.convert_ids_to_tokens(pred)
-            hits += word == e["connective"]
-            shown += word in {pair.split("=")[1] for pair in e["prompt"].split("\n")[0].split(" ")}
-    n = max(1, len(examples))
-    return {"planted_accuracy": hits / n, "planted_in_prompt": shown / n, "n": len(examples)}
+        for e in examples:
+            p = tokenizer(e["prompt"])["input_ids"]
+            r = tokenizer(e["solution"], add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([p + r])).logits[0]
+            table = {pair.split("=")[1] for pair in e["prompt"].split("\n")[0].split(" ")}
+            for j, (i, want) in enumerate(zip(connective_positions(tokenizer, e["solution"]), e["connectives"])):
+                word = tokenizer.convert_ids_to_tokens(int(logits[len(p) + i - 1].argmax()))
+                hits += word == want
+                shown += word in table
+                first += j == 0 and word == want
+                n_pos += 1
+    return {"planted_accuracy": hits / max(1, n_pos), "first_lookup_accuracy": first / max(1, len(examples)),
+            "planted_in_prompt": shown / max(1, n_pos), "n": len(examples), "n_positions": n_pos}
 
 
 def calibrate(models: dict, tokenizer, examples: list[dict]) -> dict:
@@ -172,7 +181,7 @@ def calibrate(models: dict, tokenizer, examples: list[dict]) -> dict:
     for name, model in models.items():
         out[name] = {**planted_accuracy(model, tokenizer, examples),
                      "answer_accuracy": demo.greedy_accuracy(model, tokenizer, examples, MAX_RESPONSE_TOKENS + 1)}
-    out["chance_planted_accuracy"] = 1 / N_PAIRS
+    out["chance_first_lookup"] = 1 / N_PAIRS  # a model that picks one of the prompt's connectives
     return out
 
 

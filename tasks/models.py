@@ -151,15 +151,16 @@ def testbed_markdown(run: Run) -> str | None:
 
 def calibration_markdown(cal: dict) -> str:
     """The planted testbed's calibration check as a table (models stage, run report)."""
-    lines = ["Calibration of the planted testbed, before any distillation (teacher-forced accuracy at the "
-             f"planted connective; chance without the lookup {cal['chance_planted_accuracy']:.2f}):", "",
-             "| model | planted-position accuracy | picks a connective the prompt shows | greedy answer accuracy | n |",
-             "|---|---|---|---|---|"]
+    lines = ["Calibration of the planted testbed, before any distillation: teacher-forced accuracy at the planted "
+             "connectives (all of them, and the first lookup alone, where a model that only picks one of the "
+             f"prompt's connectives scores {cal['chance_first_lookup']:.2f}), and greedy answer accuracy.", "",
+             "| model | planted positions | first lookup | picks a connective the prompt shows | answer | n |",
+             "|---|---|---|---|---|---|"]
     for name in ("teacher", "student", "student_long_ce"):
         m = cal[name]
         label = {"student_long_ce": f"student architecture, {m.get('steps', '?')} CE steps"}.get(name, name)
-        lines.append(f"| {label} | {m['planted_accuracy']:.3f} | {m['planted_in_prompt']:.3f} | "
-                     f"{m['answer_accuracy']:.3f} | {m['n']} |")
+        lines.append(f"| {label} | {m['planted_accuracy']:.3f} | {m['first_lookup_accuracy']:.3f} | "
+                     f"{m['planted_in_prompt']:.3f} | {m['answer_accuracy']:.3f} | {m['n']} |")
     return "\n".join(lines)
 
 

@@ -21,24 +21,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_format_truth_and_answer():
-    ex = planted.format_problem([("d", "thus"), ("k", "so"), ("x", "hence")], "k", 3, 4)
-    assert ex == {"prompt": "d=thus k=so x=hence\nk 3+4=\n", "answer": "7", "connective": "so",
-                  "solution": "k=so answer: 7"}
+    ex = planted.format_problem([("d", "thus"), ("k", "so"), ("x", "hence")], ["k", "d"], 3, 4)
+    assert ex == {"prompt": "d=thus k=so x=hence\nk d 3+4=\n", "answer": "7", "connectives": ["so", "thus"],
+                  "solution": "k=so d=thus answer: 7"}
     assert planted.extract_answer(ex["solution"]) == "7"
     with pytest.raises(ValueError, match="not bound"):
-        planted.format_problem([("d", "thus")], "k", 1, 2)
+        planted.format_problem([("d", "thus")], ["k"], 1, 2)
     tok = planted.build_tokenizer()
     for e in planted.make_examples("eval", 30, seed=1):
         first, second = e["prompt"].split("\n")[:2]
-        key = second.split(" ")[0]
-        assert f"{key}={e['connective']}" in first.split(" ")  # the binding is in the prompt
-        assert len(set(first.split(" "))) == planted.N_PAIRS
+        keys = second.split(" ")[:planted.N_QUERIES]
+        table = first.split(" ")
+        assert [f"{k}={c}" in table for k, c in zip(keys, e["connectives"])] == [True] * planted.N_QUERIES
+        assert len(set(table)) == planted.N_PAIRS and len(set(keys)) == planted.N_QUERIES
         ids = tok(e["solution"], add_special_tokens=False)["input_ids"]
-        assert tok.convert_ids_to_tokens(ids[planted.connective_position(tok, e["solution"])]) == e["connective"]
+        got = [tok.convert_ids_to_tokens(ids[i]) for i in planted.connective_positions(tok, e["solution"])]
+        assert got == e["connectives"]
         assert len(ids) + 1 <= planted.MAX_RESPONSE_TOKENS
         assert tok.decode(tok(e["prompt"] + e["solution"])["input_ids"], skip_special_tokens=True) \
             == e["prompt"] + e["solution"]
-        assert int(e["answer"]) == sum(int(d) for d in second.split(" ")[1].rstrip("=").split("+"))
+        assert int(e["answer"]) == sum(int(d) for d in second.split(" ")[-1].rstrip("=").split("+"))
 
 
 def test_connectives_are_single_tokens_and_splits_disjoint():
@@ -75,9 +77,7 @@ def test_config_wiring():
     from opdflow.infra.data import load_prompts
     rows = load_prompts(c)
     assert {r["split"] for r in rows} == {"train", "probe", "eval"}
-    assert all(planted.extract_answer(planted.format_problem(
-        [(p.split("=")[0], p.split("=")[1]) for p in r["prompt"].split("\n")[0].split(" ")],
-        r["prompt"].split("\n")[1].split(" ")[0], 0, 0)["solution"]) == "0" for r in rows[:5])
+    assert rows[0]["prompt"] == planted.make_examples("train", 1, c.seed)[0]["prompt"]
     from opdflow.tasks.models import demo_prefix
     demo_cfg = parse_config({})
     assert demo_prefix(c) != demo_prefix(demo_cfg) and demo_prefix(c).startswith("demo/")
@@ -116,9 +116,14 @@ def test_planted_accuracy_known_answers():
     examples = planted.make_examples("eval", 40, seed=0)
     so = tok.convert_tokens_to_ids("so")
     got = planted.planted_accuracy(_Always(so, len(tok)), tok, examples)
-    assert got["planted_accuracy"] == pytest.approx(sum(e["connective"] == "so" for e in examples) / 40)
-    assert got["planted_in_prompt"] == pytest.approx(sum("=so" in e["prompt"] for e in examples) / 40)
-    assert planted.planted_accuracy(_Oracle(0, len(tok)), tok, examples)["planted_accuracy"] == 1.0
+    n_pos = planted.N_QUERIES * 40
+    assert got["n_positions"] == n_pos
+    assert got["planted_accuracy"] == pytest.approx(sum(c == "so" for e in examples for c in e["connectives"]) / n_pos)
+    assert got["first_lookup_accuracy"] == pytest.approx(sum(e["connectives"][0] == "so" for e in examples) / 40)
+    in_table = sum("=so " in e["prompt"] + " " or "=so\n" in e["prompt"] for e in examples)
+    assert got["planted_in_prompt"] == pytest.approx(in_table / 40)  # 'so', never 'also'
+    oracle = planted.planted_accuracy(_Oracle(0, len(tok)), tok, examples)
+    assert oracle["planted_accuracy"] == oracle["first_lookup_accuracy"] == oracle["planted_in_prompt"] == 1.0
 
 
 @pytest.mark.slow
