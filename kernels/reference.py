@@ -218,6 +218,8 @@ def check_topk_ids(ids: Tensor, vocab: int, already_sorted: bool = False) -> Non
     and one host sync (the ``.item()`` that decides whether to raise): a bad id would otherwise
     read outside the student's row (Triton) or fail far away with an index error (torch).
     """
+    if ids.device.type == "meta":  # shape-only tracing (the benchmark's memory count): no values to check
+        return
     srt = ids.long() if already_sorted else torch.sort(ids.long(), dim=-1).values
     if srt.numel() == 0:
         return

@@ -41,9 +41,9 @@ SCRIPT = textwrap.dedent(
                "stride_t": "i64", "stride_g": "i64", "V": "i32", "inv_temp": "fp32", **dense_only},
               {"KIND": kind, "HAS_MASK": True, "BLOCK": 4096, "LAST_REVERSED": kind == 0})
         build(TD._sparse_kernel,
-              {**common, "S": "*bf16", "IDS": "*i32", "LPS": "*fp32", "G": "*bf16",
+              {**common, "S": "*bf16", "IDS": "*i32", "LPS": "*fp32", "TAIL": "*fp32", "G": "*bf16",
                "stride_s": "i64", "stride_ids": "i64", "stride_lps": "i64", "stride_g": "i64",
-               "V": "i32", "K": "i32", "tail_floor": "fp32", "BLOCK_K": "constexpr"},
+               "V": "i32", "K": "i32", "log_tail_floor": "fp32", "BLOCK_K": "constexpr"},
               {"KIND": kind, "HAS_MASK": True, "BLOCK": 4096, "BLOCK_K": 64})
     pipe = {"S": "*bf16", "T": "*bf16", "G": "*bf16", "WS": "*fp32", "DONE": "*i32",
             "TICKET": "*i32", "ROW_MASK": "*i8", "W_HEAD": "*fp32", "W_TAIL": "*fp32",

@@ -14,12 +14,8 @@ from opdflow.infra.manifest import Run
 from opdflow.infra.store import open_store
 from opdflow.infra.tables import parquet_to_table
 from opdflow.tasks.shards import read_parts
-from opdflow.tasks import evaluate, models, patch, prompts, report, rock, rollout, score, train
-from opdflow.tasks.plan import parse, plan
-
-RUNNERS = {"models": models.run, "prompts": prompts.run, "rollout": rollout.run, "score": score.run,
-           "train": train.run, "rock-probe": rock.run_probe, "rock-directions": rock.run_directions, "rock": rock.run,
-           "patch": patch.run, "eval": evaluate.run, "report": report.run}
+from opdflow.tasks import train
+from opdflow.tasks.plan import plan, stage_of
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +24,7 @@ def tiny_run(tmp_path_factory, tiny_config):
     preflight(tiny_config)
     run = Run.create_or_open(open_store(str(tmp_path_factory.mktemp("store"))), "tiny", tiny_config)
     for stage in plan(tiny_config):
-        RUNNERS[parse(stage).kind](run, stage)
+        stage_of(stage).run(run, stage)  # each stage's plain function, from the registry
     return run
 
 
@@ -211,11 +207,14 @@ def test_capacity_from_measured_throughputs(tiny_run):
 def test_patching_stage(tiny_run):
     e = tiny_run.require("patch")
     summary = json.loads(tiny_run.read_output("patch", "patching.json"))
-    assert set(summary) == {"none", "rock", "random_matched"}
-    assert all(s["n"] == tiny_run.config.data.n_eval for s in summary.values())
-    assert summary["none"]["patched_token_share"] == 0.0
+    assert {"arms", "comparisons", "rock_ids", "random_ids"} <= set(summary)
+    arms = summary["arms"]
+    assert set(arms) == {"none", "rock", "random"}
+    assert all(s["n"] == tiny_run.config.data.n_eval for s in arms.values())
+    assert arms["none"]["patched_token_share"] == 0.0
+    assert set(summary["comparisons"]) == {"rock_vs_none", "random_vs_none", "rock_vs_random"}
     # the unpatched arm is the final student's greedy decoding: lm-eval scored the same thing
     final = tiny_run.require("eval.final_student")["metrics"]["results"]["opdflow_arith"]["exact_match"]
-    assert summary["none"]["accuracy"] == pytest.approx(final)
-    assert e["metrics"]["accuracy_none"] == round(summary["none"]["accuracy"], 4)
+    assert arms["none"]["accuracy"] == pytest.approx(final)
+    assert e["metrics"]["accuracy_none"] == round(arms["none"]["accuracy"], 4)
     assert "Inference-time patching" in tiny_run.read_output("report", "report.md").decode()
