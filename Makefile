@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export OPDFLOW_CACHE ?= $(CURDIR)/.cache/opdflow
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-fast chromium clean mlflow-server vllm-env
+.PHONY: setup demo test test-fast chromium clean mlflow-server vllm-env config-docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/opdflow run configs/demo.yaml --store ./opdflow-store
+	$(VENV)/bin/opdflow run configs/demo.yaml
+
+# docs/config.md from the schema (infra/config.py); tests/test_config_docs.py fails when it is stale
+config-docs: $(STAMP)
+	$(PY) -m opdflow.infra.config_docs docs/config.md
 
 # the MLflow server the tracking tests start (its own venv: the full mlflow pins pyarrow < 26,
 # below what .venv has; .venv holds only the client, mlflow-skinny)

@@ -43,6 +43,8 @@ from typing import Any
 
 import yaml
 
+from opdflow.infra.config import EvalConfig, ModelConfig, default
+
 __all__ = ["TASK_TEMPLATE", "DATA_TASK", "write_arith_task", "write_data_task", "evaluate", "flatten_metrics",
            "unknown_tasks"]
 
@@ -230,8 +232,9 @@ def _flatten_samples(samples: list[dict], metric_names: list[str]) -> list[dict]
 
 
 def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Path] | None = None,
-             limit: int | None = None, batch_size: int = 32, max_gen_toks: int = 64,
-             device: str = "cpu", dtype: str = "float32", seed: int = 0,
+             limit: int | None = None, batch_size: int = default(EvalConfig, "batch_size"),
+             max_gen_toks: int = default(EvalConfig, "max_gen_toks"),
+             device: str = "cpu", dtype: str = default(ModelConfig, "dtype"), seed: int = 0,
              doc_ids: dict[str, list[int]] | None = None, chat=None) -> dict:
     """Run lm-eval's ``hf`` model on ``model_dir`` for ``tasks``; return flattened results.
     ``doc_ids`` (task -> document indices) evaluates those documents only: one shard.

@@ -27,14 +27,15 @@ import json
 import os
 import sys
 
-from opdflow.infra.config import ConfigError
+from typing import get_args
+
+from opdflow.infra.config import Config, ConfigError, ModelConfig, default
 from opdflow.infra.lm import offline
 from opdflow.infra.manifest import RunError
 from opdflow.infra.store import CorruptObject, StoreError
 
 
-def _default_store() -> str:
-    return os.environ.get("OPDFLOW_STORE", "./opdflow-store")
+DEFAULT_STORE = default(Config, "store")
 
 
 def _run_store(a: argparse.Namespace):
@@ -48,7 +49,7 @@ def _run_store(a: argparse.Namespace):
     elif os.environ.get("OPDFLOW_STORE"):
         uri, origin = os.environ["OPDFLOW_STORE"], "$OPDFLOW_STORE"
     else:
-        uri, origin = "./opdflow-store", "the default store"
+        uri, origin = DEFAULT_STORE, "the default store"
     try:
         return open_store(uri, create=False)
     except StoreMissing:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("config", nargs="?", help="the run's config; without it, --run-id resumes a stored run")
     r.add_argument("--store")
     r.add_argument("--run-id")
-    store_help = "the run's store (default: the store of --config, $OPDFLOW_STORE, ./opdflow-store)"
+    store_help = f"the run's store (default: the store of --config, $OPDFLOW_STORE, {DEFAULT_STORE})"
     config_help = "the run's config file: its store, and its default run id when --run-id is not given"
     s = sub.add_parser("stage", help="rerun one stage of an existing run")
     s.add_argument("name")
@@ -165,20 +166,24 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("model_dir")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    dtype = ModelConfig.model_fields["dtype"]
+    sv.add_argument("--dtype", default=dtype.default, choices=get_args(dtype.annotation))
     sv.add_argument("--name", default=None, help="model name clients use (default: the dir's name)")
     sv.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY' (default: "
                     "$OPDFLOW_SERVE_API_KEY; required for a non-loopback --host; prefer the variable: "
                     "arguments are visible to other users of the machine)")
-    sv.add_argument("--max-n", type=int, default=64, help="choices per request")
-    sv.add_argument("--max-prompts", type=int, default=64, help="prompts per request")
-    sv.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (default: the context)")
-    sv.add_argument("--max-logprobs", type=int, default=20, help="logprobs / prompt_logprobs per position "
-                    "(vLLM's default, 20); -1: no cap (the whole vocabulary)")
-    sv.add_argument("--max-response-mb", type=float, default=64.0, help="estimated response size")
-    sv.add_argument("--max-request-mb", type=float, default=8.0, help="request body size")
-    sv.add_argument("--request-timeout-s", type=float, default=300.0, help="503 after waiting this long for the "
-                    "model, 504 when the answer takes longer")
+    from opdflow.infra.serve import Limits
+    lim = Limits()  # the flags' defaults are the server's own
+    sv.add_argument("--max-n", type=int, default=lim.max_n, help="choices per request")
+    sv.add_argument("--max-prompts", type=int, default=lim.max_prompts, help="prompts per request")
+    sv.add_argument("--max-tokens", type=int, default=lim.max_tokens, help="max_tokens per request (default: the "
+                    "context)")
+    sv.add_argument("--max-logprobs", type=int, default=lim.max_logprobs, help="logprobs / prompt_logprobs per "
+                    f"position (vLLM's default, {lim.max_logprobs}); -1: no cap (the whole vocabulary)")
+    sv.add_argument("--max-response-mb", type=float, default=lim.max_response_mb, help="estimated response size")
+    sv.add_argument("--max-request-mb", type=float, default=lim.max_request_mb, help="request body size")
+    sv.add_argument("--request-timeout-s", type=float, default=lim.request_timeout_s, help="503 after waiting this "
+                    "long for the model, 504 when the answer takes longer")
     a = p.parse_args(argv)
     if a.cmd == "serve":
         return _serve(a)

@@ -34,14 +34,10 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from opdflow.infra.config import Config, OpenAIConfig
+from opdflow.infra.config import Config, OpenAIConfig, VllmConfig, without_execution
 from opdflow.infra.lm import Sample, SampleSettings
 
 LOCAL_MODEL_BACKENDS = ("transformers", "native")
-# transport settings: how a server is talked to, not what it computes
-OPENAI_TRANSPORT = ("api_key_env", "timeout_s", "max_retries", "concurrency")
-# where vLLM's environment is and how long to wait for it: not what it computes
-VLLM_TRANSPORT = ("python", "command", "startup_timeout_s", "concurrency", "kv_cache_gib")
 # `auto` picks native on CUDA only once its CUDA-graph path has passed tests/test_native.py's GPU
 # tests on a real device (flip this then); until then transformers, which has run everywhere
 NATIVE_CUDA_VERIFIED = False
@@ -64,12 +60,12 @@ def openai_client(cfg: OpenAIConfig):
 
 def result_settings(section: dict) -> dict:
     """A rollout/scoring config section without the server transport settings (stage params:
-    a retry count or concurrency change must not redo a stage)."""
+    a retry count or concurrency change must not redo a stage). Which settings are transport is
+    marked once, in the schema (`infra.config.EXECUTION`)."""
     out = dict(section)
-    if "openai" in out:
-        out["openai"] = {k: v for k, v in out["openai"].items() if k not in OPENAI_TRANSPORT}
-    if "vllm" in out:
-        out["vllm"] = {k: v for k, v in out["vllm"].items() if k not in VLLM_TRANSPORT}
+    for key, model in (("openai", OpenAIConfig), ("vllm", VllmConfig)):
+        if key in out:
+            out[key] = without_execution(out[key], model)
     return out
 
 

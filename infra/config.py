@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from opdflow.infra.demo import DemoSpec
 from opdflow.infra.planted import PlantedSpec
@@ -30,6 +31,13 @@ from opdflow.infra.planted import PlantedSpec
 DEMO = "demo"
 PLANTED = "planted"
 BUILTINS = (DEMO, PLANTED)  # the built-in tasks (infra/builtin.py): data source and model pair
+
+# Execution-only settings say where and how a run computes, never what: a run resumed with more
+# GPUs, another cluster, other shard counts or another server timeout keeps its identity and every
+# stage's key. A field, or a whole section, is marked once, here, with `json_schema_extra=EXECUTION`;
+# `Config.execution()` / `identity()` and the stages' params (`Config.result_section`,
+# `infra.backends.result_settings`) derive from the marking, and docs/config.md shows it.
+EXECUTION = {"execution": True}
 
 
 class ConfigError(ValueError):
@@ -47,7 +55,8 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: str = Field(DEMO, description="a Hugging Face model dir, or 'demo' / 'planted' for a built-in task's "
                                         "model (the embedded demo, the planted-rock testbed)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the dtype the weights are "
+                                                             "loaded and computed in")
 
     @property
     def is_demo(self) -> bool:
@@ -62,8 +71,9 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     source: str = Field(DEMO, description="'demo', 'planted' (the planted-rock testbed, infra/planted.py), a local "
                                           ".jsonl/.json/.parquet file, or 'hf:NAME[:SPLIT]'")
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
+    prompt_field: str = Field("prompt", description="the record field holding a prompt's text")
+    answer_field: str = Field("answer", description="the record field holding a prompt's reference answer "
+                              "(scored by eval task opdflow_data and stage `patch`)")
     n_train: int = Field(512, gt=0, description="prompts available to OPD rounds")
     n_probe: int = Field(64, gt=0, description="held-out prompts for rock-token analysis")
     n_eval: int = Field(200, gt=0, description="held-out prompts for evaluation (demo task)")
@@ -87,11 +97,13 @@ class OpenAIConfig(_Section):
     """An OpenAI-compatible completions server (vLLM, SGLang, `opdflow serve`): see infra/openai_backend.py."""
     base_url: str | None = Field(None, description="the server's API root, e.g. http://host:8000/v1")
     model: str | None = Field(None, description="the model name the server serves it under")
-    api_key_env: str = Field("OPENAI_API_KEY", description="the NAME of the environment variable holding the "
-                                                         "API key (never the key itself); unset or empty: no key")
-    timeout_s: float = Field(120.0, gt=0.0, description="per request")
-    max_retries: int = Field(5, ge=0, description="retries on 429, 5xx and connection errors")
-    concurrency: int = Field(8, ge=1, description="requests in flight")
+    api_key_env: str = Field("OPENAI_API_KEY", json_schema_extra=EXECUTION,
+                             description="the NAME of the environment variable holding the API key (never the "
+                                         "key itself); unset or empty: no key")
+    timeout_s: float = Field(120.0, gt=0.0, json_schema_extra=EXECUTION, description="seconds per request")
+    max_retries: int = Field(5, ge=0, json_schema_extra=EXECUTION,
+                             description="retries on 429, 5xx and connection errors")
+    concurrency: int = Field(8, ge=1, json_schema_extra=EXECUTION, description="requests in flight")
 
     @field_validator("api_key_env")
     @classmethod
@@ -104,20 +116,24 @@ class OpenAIConfig(_Section):
 class VllmConfig(_Section):
     """A `vllm serve` that opdflow starts and stops itself, in vLLM's own environment (vLLM's FastAPI
     pin cannot sit beside Prefect's): see infra/vllm_backend.py and `make vllm-env`."""
-    python: str = Field(".venv-vllm/bin/python", description="the Python of the environment vLLM is installed in "
+    python: str = Field(".venv-vllm/bin/python", json_schema_extra=EXECUTION,
+                        description="the Python of the environment vLLM is installed in "
                         "(a relative path is taken from the working directory; `make vllm-env` builds "
                         ".venv-vllm with vLLM's CPU build)")
-    command: list[str] = Field([], description="instead of `python -m vllm.entrypoints.cli.main serve`: the "
+    command: list[str] = Field([], json_schema_extra=EXECUTION,
+                               description="instead of `python -m vllm.entrypoints.cli.main serve`: the "
                                "command that starts vLLM's server, e.g. ['/opt/vllm/bin/vllm', 'serve']; "
                                "opdflow appends the model dir and its flags")
     extra_args: list[str] = Field([], description="more `vllm serve` flags, passed as they are (e.g. "
                                   "['--gpu-memory-utilization', '0.8']); recorded with the result")
     max_model_len: int | None = Field(None, ge=2, description="--max-model-len; unset: the model's context")
-    kv_cache_gib: float | None = Field(1.0, gt=0.0, description="KV-cache size in GiB (--kv-cache-memory-bytes); "
+    kv_cache_gib: float | None = Field(1.0, gt=0.0, json_schema_extra=EXECUTION,
+                                       description="KV-cache size in GiB (--kv-cache-memory-bytes); "
                                        "null: vLLM sizes it (a share of the GPU's memory, or on its CPU build of "
                                        "the machine's RAM)")
-    startup_timeout_s: float = Field(600.0, gt=0.0, description="how long to wait for the server's /health")
-    concurrency: int = Field(16, ge=1, description="requests in flight to the server")
+    startup_timeout_s: float = Field(600.0, gt=0.0, json_schema_extra=EXECUTION,
+                                     description="how long to wait for the server's /health")
+    concurrency: int = Field(16, ge=1, json_schema_extra=EXECUTION, description="requests in flight to the server")
 
 
 RolloutBackend = Literal["auto", "transformers", "native", "vllm", "openai"]
@@ -129,14 +145,16 @@ class RolloutConfig(_Section):
                                     "KV cache, CUDA graphs) | vllm (a `vllm serve` opdflow starts per round in "
                                     "vLLM's own environment; see rollout.vllm) | openai (a completions server that "
                                     "serves the current student; see rollout.openai)")
-    samples_per_prompt: int = Field(4, ge=1)
-    prompts_per_round: int = Field(32, ge=1)
-    temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    samples_per_prompt: int = Field(4, ge=1, description="responses sampled per prompt")
+    prompts_per_round: int = Field(32, ge=1, description="prompts sampled per OPD round")
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the smallest set of most likely "
+                         "tokens reaching this probability mass; 1 = off")
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens only; 0 = off")
-    max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(64, ge=1)
-    openai: OpenAIConfig = OpenAIConfig()
+    max_new_tokens: int = Field(48, ge=1, description="most tokens generated per response (EOS included)")
+    batch_size: int = Field(64, ge=1, description="sequences decoded at once (in-process backends)")
+    openai: OpenAIConfig = Field(OpenAIConfig(), description="rollout.backend: openai: the server that serves "
+                                 "the current student")
     vllm: VllmConfig = Field(VllmConfig(), description="rollout.backend: vllm: the server opdflow starts on "
                              "each round's student checkpoint")
 
@@ -148,10 +166,11 @@ class ScoringConfig(_Section):
                                                                "openai (a server serving the teacher; see "
                                                                "scoring.openai)")
     top_k: int = Field(64, ge=1, description="teacher top-k kept per position; k >= vocab size is exact")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="sequences scored per forward pass")
     chunk_tokens: int = Field(4096, ge=1, description="transformers backend: LM-head rows computed at once "
                                                       "(bounds the logits' memory)")
-    openai: OpenAIConfig = OpenAIConfig()
+    openai: OpenAIConfig = Field(OpenAIConfig(), description="scoring.backend: openai: the server that serves "
+                                 "the teacher (prompt_logprobs = top_k)")
     vllm: VllmConfig = Field(VllmConfig(), description="scoring.backend: vllm: the server opdflow starts on the "
                              "teacher (--max-logprobs = top_k)")
 
@@ -160,16 +179,19 @@ LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_r
 
 
 class LossConfig(_Section):
-    kind: LossKind = "reverse_kl"
+    kind: LossKind = Field("reverse_kl", description="the per-position divergence between teacher and student "
+                           "(kernels/reference.py): forward_kl | reverse_kl | jsd | skew_forward_kl | "
+                           "skew_reverse_kl | tvd | akl (adaptive KL)")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD beta / skew alpha")
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, description="must be 1.0: the teacher's stored top-k log-probs "
+                               "cannot be re-tempered")
 
 
 class OptimizerConfig(_Section):
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    name: Literal["adamw", "sgd"] = Field("adamw", description="the student's optimizer (torch.optim)")
+    lr: float = Field(1e-3, gt=0.0, description="learning rate (after warmup)")
+    weight_decay: float = Field(0.0, ge=0.0, description="weight decay, as torch.optim's optimizer applies it")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2)")
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup over the run's first N steps "
                                                    "(counted across rounds)")
@@ -186,20 +208,26 @@ class TrainConfig(_Section):
     rounds: int = Field(3, ge=1, description="OPD rounds: rollout -> score -> train")
     steps_per_round: int = Field(8, ge=1, description="optimizer steps per round")
     batch_size: int = Field(32, ge=1, description="sequences per optimizer step")
-    loss: LossConfig = LossConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    kernel: Literal["auto", "reference", "triton"] = "auto"
-    checkpoint_every: int = Field(0, ge=0, description="in-round checkpoints to the store every N steps "
+    loss: LossConfig = Field(LossConfig(), description="the distillation loss")
+    optimizer: OptimizerConfig = Field(OptimizerConfig(), description="the student's optimizer")
+    kernel: Literal["auto", "reference", "triton"] = Field("auto", description="the loss implementation: "
+                                                           "reference (PyTorch) | triton (CUDA) | auto (triton "
+                                                           "on CUDA when importable, else reference)")
+    checkpoint_every: int = Field(0, ge=0, json_schema_extra=EXECUTION,
+                                  description="in-round checkpoints to the store every N steps "
                                                         "(0 = only the round's final checkpoint); a retry resumes "
                                                         "from the latest one")
-    nproc_per_node: int = Field(1, ge=1, description="training processes on the stage's machine: 1 trains in the "
+    nproc_per_node: int = Field(1, ge=1, json_schema_extra=EXECUTION,
+                                description="training processes on the stage's machine: 1 trains in the "
                                                      "task's process, N > 1 under torchrun with FSDP2 (one per GPU)")
-    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward/backward on each process "
+    micro_batch_size: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
+                                         description="sequences per forward/backward on each process "
                                                                  "(gradient accumulation); default: the process's "
                                                                  "whole share of the batch")
     tis_cap: float | None = Field(None, gt=0.0, description="truncated importance sampling: weight each token's "
                                   "loss by min(p_trainer / p_sampler, tis_cap); unset: off")
-    fused_lm_head: bool = Field(False, description="apply the lm_head inside the loss, chunk by chunk "
+    fused_lm_head: bool = Field(False, json_schema_extra=EXECUTION,
+                                description="apply the lm_head inside the loss, chunk by chunk "
                                                    "(kernels.fused_linear), so the [tokens, vocab] logits never exist "
                                                    "at once; same loss up to float rounding")
 
@@ -208,7 +236,7 @@ class RockConfig(_Section):
     n_rock: int = Field(100, ge=1, description="ranks 1..n_rock are rock tokens")
     n_control: int = Field(100, ge=0, description="the next n_control ranks are control tokens")
     drop_top: int = Field(5, ge=0, description="most frequent token ids dropped before ranking")
-    samples_per_prompt: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(1, ge=1, description="responses sampled per probe prompt")
     checkpoints: list[str] = Field(["initial", "middle", "final"], min_length=1,
                                    description="student checkpoints compared (initial, middle, final or rN); the "
                                                "rock set is always selected on the latest of them in training "
@@ -302,8 +330,11 @@ class SensitivityConfig(_Section):
 
 
 class EvalConfig(_Section):
-    tasks: list[str] = Field(["opdflow_arith"], min_length=1)
-    include_path: str | None = None
+    tasks: list[str] = Field(["opdflow_arith"], min_length=1, description="lm-eval task names: opdflow_arith "
+                             "(demo), opdflow_planted (planted), opdflow_data (your data.n_eval split), or any "
+                             "task lm-eval resolves offline")
+    include_path: str | None = Field(None, description="a dir of more lm-eval task YAMLs (lm-eval's include "
+                                     "path); its files are part of the eval stages' keys")
     answer_regex: str | None = Field(None, description="for the task `opdflow_data` (your dataset's held-out "
                                      "data.n_eval split, written as an lm-eval task at run time): a regex whose "
                                      "group 1 is the answer in a response; the last match counts, compared with "
@@ -320,13 +351,14 @@ class EvalConfig(_Section):
             if rx.groups < 1:
                 raise ValueError(f"{v!r} needs a capturing group around the answer")
         return v
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=1)
-    max_gen_toks: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1, description="at most this many documents per task; unset: all")
+    batch_size: int = Field(64, ge=1, description="lm-eval's batch size")
+    max_gen_toks: int = Field(64, ge=1, description="most tokens generated per eval answer (greedy)")
 
 
 class ScaleConfig(_Section):
-    """Where the work runs. Execution settings: none of them changes a result."""
+    """Where the work runs. Execution settings (the whole section is marked in `Config`): none of them
+    changes a result."""
     shards: int = Field(1, ge=1, description="shards per rollout / teacher-scoring stage, one Prefect task each "
                                             "(cut at rollout batch boundaries, so fewer when batches run out)")
     task_runner: Literal["local", "dask"] = Field("local", description="local: threads in the flow's process; "
@@ -340,22 +372,29 @@ class ScaleConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = Field(0, ge=0)
-    store: str = "./opdflow-store"
-    teacher: ModelConfig = ModelConfig()
-    student: ModelConfig = ModelConfig()
-    demo: DemoSpec = DemoSpec()
+    seed: int = Field(0, ge=0, description="the run's seed: prompt order, rollout sampling and every other "
+                      "draw derive from it (infra.provenance.derive_seed)")
+    store: str = Field("./opdflow-store", description="where the run's artifacts go: a local dir or "
+                       "s3://bucket/prefix; not part of the run's identity (a run is the same wherever it is "
+                       "stored)")
+    teacher: ModelConfig = Field(ModelConfig(), description="the teacher model")
+    student: ModelConfig = Field(ModelConfig(), description="the student model, trained by the OPD rounds")
+    demo: DemoSpec = Field(DemoSpec(), description="the embedded demo's models (used when teacher.path / "
+                           "student.path are 'demo'): sizes, steps, early stops")
     planted: PlantedSpec = Field(PlantedSpec(), description="the planted-rock testbed's models (used when "
                                  "teacher.path / student.path are 'planted'): sizes, steps, calibration")
-    data: DataConfig = DataConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    scoring: ScoringConfig = ScoringConfig()
-    train: TrainConfig = TrainConfig()
-    rock: RockConfig = RockConfig()
-    ablation: AblationConfig = AblationConfig()
-    eval: EvalConfig = EvalConfig()
-    sensitivity: SensitivityConfig = SensitivityConfig()
-    scale: ScaleConfig = ScaleConfig()
+    data: DataConfig = Field(DataConfig(), description="the prompts: source, fields, splits, chat template")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="sampling the student's responses each round")
+    scoring: ScoringConfig = Field(ScoringConfig(), description="the teacher's log-probs of the responses")
+    train: TrainConfig = Field(TrainConfig(), description="the OPD rounds' training")
+    rock: RockConfig = Field(RockConfig(), description="rock-token analysis of the trained student")
+    ablation: AblationConfig = Field(AblationConfig(), description="the causal ablation (bypass arms x seeds) and "
+                                     "stage `patch`")
+    eval: EvalConfig = Field(EvalConfig(), description="lm-eval evaluation of the teacher and the students")
+    sensitivity: SensitivityConfig = Field(SensitivityConfig(), description="the optional backend-sensitivity "
+                                           "stage")
+    scale: ScaleConfig = Field(ScaleConfig(), json_schema_extra=EXECUTION, description="where the work runs: "
+                               "shards, task runner, Dask cluster, GPU slots")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -404,14 +443,9 @@ class Config(_Section):
         ro = self.rollout
         return ro.temperature == 1.0 and ro.top_p == 1.0 and ro.top_k == 0
 
-    # Execution settings say where and how a run computes, never what: a run can be resumed
-    # with more GPUs, another cluster or other shard counts without changing its identity.
-    EXECUTION_TRAIN: ClassVar[tuple[str, ...]] = ("checkpoint_every", "nproc_per_node", "micro_batch_size",
-                                                   "fused_lm_head")
-
     def execution(self) -> dict[str, Any]:
-        train = self.section("train")
-        return {"scale": self.section("scale"), "train": {k: train[k] for k in self.EXECUTION_TRAIN}}
+        """The execution-only settings (marked `EXECUTION` in the schema), nested as in the config."""
+        return execution_part(json.loads(self.to_json()), Config)
 
     def with_execution(self, ex: dict[str, Any]) -> "Config":
         return parse_config(merge(json.loads(self.to_json()), ex))
@@ -424,8 +458,57 @@ class Config(_Section):
     def section(self, name: str) -> dict[str, Any]:
         return json.loads(getattr(self, name).model_dump_json())
 
+    def result_section(self, name: str) -> dict[str, Any]:
+        """A section without its execution-only settings: what a stage's result depends on."""
+        return without_execution(self.section(name), type(getattr(self, name)))
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
+
+
+def default(model: type[BaseModel], name: str) -> Any:
+    """A field's default, for code that restates it (function signatures, CLI flags), so the
+    schema stays the one source: `default(ScoringConfig, "chunk_tokens")`."""
+    return model.model_fields[name].default
+
+
+def is_execution(field: FieldInfo) -> bool:
+    """Whether a field is marked execution-only (`json_schema_extra=EXECUTION`)."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("execution"))
+
+
+def section_type(field: FieldInfo) -> type[BaseModel] | None:
+    """The model class of a field that is a nested section, else None."""
+    t = field.annotation
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def execution_part(data: dict, model: type[BaseModel]) -> dict:
+    """The execution-only settings in `data` (a `model`'s JSON dump), nested as in it; a marked
+    section is taken whole."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if name not in data:
+            continue
+        sub = section_type(field)
+        if is_execution(field):
+            out[name] = data[name]
+        elif sub is not None and isinstance(data[name], dict) and (part := execution_part(data[name], sub)):
+            out[name] = part
+    return out
+
+
+def without_execution(data: dict, model: type[BaseModel]) -> dict:
+    """`data` (a `model`'s JSON dump) without its execution-only settings, in its own order."""
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        field = model.model_fields.get(name)
+        if field is not None and is_execution(field):
+            continue
+        sub = section_type(field) if field is not None else None
+        out[name] = without_execution(value, sub) if sub is not None and isinstance(value, dict) else value
+    return out
 
 
 def _check_openai(section: str, cfg) -> None:

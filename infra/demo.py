@@ -83,22 +83,24 @@ MAX_RESPONSE_TOKENS = 47  # longest solution incl. <eos>; see format_problem
 class ModelSpec(pydantic.BaseModel, extra="forbid", frozen=True):
     """Size and training budget of one demo model (a small Llama)."""
 
-    hidden_size: int = pydantic.Field(gt=0)
-    intermediate_size: int = pydantic.Field(gt=0)
-    num_hidden_layers: int = pydantic.Field(gt=0)
-    num_attention_heads: int = pydantic.Field(gt=0)
-    train_steps: int = pydantic.Field(ge=0)
-    batch_size: int = pydantic.Field(default=64, gt=0)
-    lr: float = pydantic.Field(default=3e-3, gt=0)
-    warmup_steps: int = pydantic.Field(default=30, ge=0)
-    weight_decay: float = pydantic.Field(default=0.01, ge=0)
+    hidden_size: int = pydantic.Field(gt=0, description="the Llama's hidden size")
+    intermediate_size: int = pydantic.Field(gt=0, description="the MLP's inner size")
+    num_hidden_layers: int = pydantic.Field(gt=0, description="transformer layers")
+    num_attention_heads: int = pydantic.Field(gt=0, description="attention heads (dividing hidden_size)")
+    train_steps: int = pydantic.Field(ge=0, description="most cross-entropy steps on the solutions")
+    batch_size: int = pydantic.Field(default=64, gt=0, description="problems per training step")
+    lr: float = pydantic.Field(default=3e-3, gt=0, description="AdamW learning rate (after warmup)")
+    warmup_steps: int = pydantic.Field(default=30, ge=0, description="linear learning-rate warmup steps")
+    weight_decay: float = pydantic.Field(default=0.01, ge=0, description="AdamW weight decay")
     # Early stop: every ``check_every`` steps, greedy accuracy on ``n_check`` train-split problems;
     # stop as soon as it reaches ``stop_at_accuracy``. This is how the student is made "weak but not
     # hopeless" robustly: its learning curve is steep, so a fixed step count would land anywhere
     # between 0 % and 90 % depending on the machine's float rounding. None = train all steps.
-    stop_at_accuracy: float | None = pydantic.Field(default=None, gt=0, le=1)
-    check_every: int = pydantic.Field(default=10, gt=0)
-    n_check: int = pydantic.Field(default=64, gt=0)
+    stop_at_accuracy: float | None = pydantic.Field(default=None, gt=0, le=1, description="stop training once "
+                                                    "greedy accuracy on n_check train problems reaches this; "
+                                                    "unset: train all train_steps")
+    check_every: int = pydantic.Field(default=10, gt=0, description="steps between early-stop checks")
+    n_check: int = pydantic.Field(default=64, gt=0, description="train-split problems of each early-stop check")
 
     @pydantic.model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelSpec":
@@ -110,21 +112,23 @@ class ModelSpec(pydantic.BaseModel, extra="forbid", frozen=True):
 class DemoSpec(pydantic.BaseModel, extra="forbid", frozen=True):
     """Everything that decides the demo models; the defaults are the real demo."""
 
-    seed: int = 0
-    max_position_embeddings: int = pydantic.Field(default=128, gt=64)
-    teacher: ModelSpec = ModelSpec(
+    seed: int = pydantic.Field(default=0, description="seed of the models' training problems and weights")
+    max_position_embeddings: int = pydantic.Field(default=128, gt=64, description="the models' context length")
+    teacher: ModelSpec = pydantic.Field(ModelSpec(
         hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
         train_steps=400, batch_size=64, lr=3e-3, stop_at_accuracy=1.0, check_every=25, n_check=128,
-    )
-    student: ModelSpec = ModelSpec(
+    ), description="the teacher: trained until it solves the task")
+    student: ModelSpec = pydantic.Field(ModelSpec(
         hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
         train_steps=400, batch_size=64, lr=3e-3, stop_at_accuracy=0.25,
-    )
+    ), description="the student: stopped early, weak but able to learn the task")
     # Steps for the capacity check (same student architecture, long training); not part of the build.
-    student_long_steps: int = pydantic.Field(default=1500, ge=0)
-    n_train: int = pydantic.Field(default=20000, gt=0)  # distinct training problems in the pool
-    n_eval_check: int = pydantic.Field(default=256, ge=0)  # eval-split sample for the summary JSON
-    torch_threads: int = pydantic.Field(default=2, gt=0)
+    student_long_steps: int = pydantic.Field(default=1500, ge=0, description="steps of the capacity check (the "
+                                             "student's architecture trained long); not part of the build")
+    n_train: int = pydantic.Field(default=20000, gt=0, description="distinct training problems in the pool")
+    n_eval_check: int = pydantic.Field(default=256, ge=0, description="eval-split problems for the build's "
+                                       "summary JSON")
+    torch_threads: int = pydantic.Field(default=2, gt=0, description="torch threads while the models are built")
 
     @classmethod
     def tiny(cls) -> "DemoSpec":

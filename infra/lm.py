@@ -29,6 +29,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from opdflow.infra.config import ModelConfig, RolloutConfig, default
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,7 +54,7 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32", dev: torch.device | None = None):
+def load_model(model_dir: str | Path, dtype: str = default(ModelConfig, "dtype"), dev: torch.device | None = None):
     offline()
     from transformers import AutoModelForCausalLM
     try:
@@ -158,11 +160,12 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float, to
 
 @dataclass(frozen=True)
 class SampleSettings:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    batch_size: int = 64
-    top_k: int = 0  # keep only the k most likely tokens before top-p; 0 = off
+    """How responses are sampled; the defaults are `rollout`'s (infra/config.py)."""
+    temperature: float = default(RolloutConfig, "temperature")
+    top_p: float = default(RolloutConfig, "top_p")
+    max_new_tokens: int = default(RolloutConfig, "max_new_tokens")
+    batch_size: int = default(RolloutConfig, "batch_size")
+    top_k: int = default(RolloutConfig, "top_k")  # keep only the k most likely tokens before top-p; 0 = off
     vocab_size: int | None = None  # the tokenizer's size: logits beyond it (padded rows) are never sampled
 
 

@@ -42,6 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Sequence
 
+from opdflow.infra.config import OpenAIConfig, default
 from opdflow.infra.lm import Sample, SampleSettings
 
 PROBE_TEXTS = (
@@ -201,8 +202,11 @@ def score_request(model: str, prompt: Sequence[int], response: Sequence[int], to
 class OpenAIBackend:
     """A client for one model on an OpenAI-compatible completions server."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 120,
-                 max_retries: int = 5, concurrency: int = 8, backoff_s: float = 0.5, max_backoff_s: float = 30.0):
+    def __init__(self, base_url: str, model: str, api_key: str | None = None,
+                 timeout_s: float = default(OpenAIConfig, "timeout_s"),
+                 max_retries: int = default(OpenAIConfig, "max_retries"),
+                 concurrency: int = default(OpenAIConfig, "concurrency"),
+                 backoff_s: float = 0.5, max_backoff_s: float = 30.0):
         import httpx
         self.root, self.model = server_root(base_url), model
         self.max_retries, self.concurrency = max_retries, max(1, concurrency)

@@ -58,18 +58,19 @@ class PlantedSpec(DemoSpec):
 
     The teacher has 2 layers (it can form an induction head); the student 1 (it cannot)."""
 
-    teacher: ModelSpec = ModelSpec(
+    teacher: ModelSpec = pydantic.Field(ModelSpec(
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         train_steps=1500, batch_size=64, lr=3e-3, stop_at_accuracy=None,
-    )
-    student: ModelSpec = ModelSpec(
+    ), description="the teacher: 2 layers, so it can form an induction head")
+    student: ModelSpec = pydantic.Field(ModelSpec(
         hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
         train_steps=400, batch_size=64, lr=3e-3, stop_at_accuracy=0.3, check_every=10,
-    )
+    ), description="the student: 1 layer, so it cannot")
     student_long_steps: int = pydantic.Field(default=1500, ge=0, description="cross-entropy steps of the "
                                              "calibration student (same architecture as the student)")
-    n_train: int = pydantic.Field(default=20000, gt=0)
-    n_eval_check: int = pydantic.Field(default=256, ge=0)
+    n_train: int = pydantic.Field(default=20000, gt=0, description="distinct training problems in the pool")
+    n_eval_check: int = pydantic.Field(default=256, ge=0, description="eval-split problems for the build's "
+                                       "summary JSON")
     n_calibration: int = pydantic.Field(default=256, ge=1, description="eval-split problems of the calibration "
                                         "check")
 

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from opdflow.infra.config import ScoringConfig, default
 from opdflow.infra.lm import real_logits
 from opdflow.kernels.reference import tail_log_mass
 
@@ -167,7 +168,7 @@ def check_head_path(model, base, head, transform, seq: Sequence[int], max_tokens
 
 @torch.no_grad()
 def teacher_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                   top_k: int, batch_size: int, chunk_tokens: int = 4096,
+                   top_k: int, batch_size: int, chunk_tokens: int = default(ScoringConfig, "chunk_tokens"),
                    progress: Callable[[float, str], None] | None = None, vocab: int | None = None) -> list[Scores]:
     """Per response: (teacher logprob of each token, top-k ids per token, top-k logprobs per
     token, tail log-mass per token), as `tasks.score.score_table` stores them, with

@@ -83,6 +83,8 @@ from typing import Any, Callable, Sequence
 
 import pydantic
 
+from opdflow.infra.config import ModelConfig, default
+
 DEFAULT_MAX_TOKENS = 16  # the OpenAI / vLLM default when a request does not say
 LOGPROB_FLOOR = -9999.0  # what vLLM sends instead of -inf (not valid JSON)
 API_KEY_ENV = "OPDFLOW_SERVE_API_KEY"
@@ -180,7 +182,7 @@ class Served:
 
 # -- loading --------------------------------------------------------------------------------
 
-def load_served(model_dir: str | Path, dtype: str = "float32", model_name: str | None = None,
+def load_served(model_dir: str | Path, dtype: str = default(ModelConfig, "dtype"), model_name: str | None = None,
                 sampler: Callable | None = None, limits: Limits | None = None) -> Served:
     from opdflow.infra import lm
     model = lm.load_model(model_dir, dtype)
@@ -544,7 +546,7 @@ def build_choice(served: Served, req: CompletionRequest, index: int, prompt: lis
 
 # -- the app --------------------------------------------------------------------------------
 
-def make_app(model_dir: str | Path, dtype: str = "float32", model_name: str | None = None,
+def make_app(model_dir: str | Path, dtype: str = default(ModelConfig, "dtype"), model_name: str | None = None,
              sampler: Callable | None = None, api_key: str | None = None, limits: Limits | None = None):
     """The FastAPI app serving `model_dir`. `sampler` has `infra.lm.sample`'s signature (the default);
     with `api_key`, every route but /health needs `Authorization: Bearer <api_key>`."""
@@ -631,7 +633,8 @@ def resolve_api_key(host: str, api_key: str | None) -> str | None:
     return key
 
 
-def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
+def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          dtype: str = default(ModelConfig, "dtype"),
           model_name: str | None = None, api_key: str | None = None, limits: Limits | None = None) -> None:
     """Run the server in the foreground (uvicorn) until interrupted."""
     import uvicorn

@@ -47,14 +47,22 @@ def _retry_condition(task, task_run, state) -> bool:
 
 
 def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    """Prefect artifact keys allow lowercase letters, digits and dashes only.
+
+    >>> artifact_key("demo-1a2b3c4d", "eval.rock_bypass.s1.r01")
+    'demo-1a2b3c4d-eval-rock-bypass-s1-r01'
+    """
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
 def config_name(run_id: str) -> str:
     """The config a run id was made from: its stem before the 8-hex suffix that default and
     deployment run ids carry (`demo-1a2b3c4d` -> `demo`); a run id without one is its own
-    name. Artifact keys start with it, so one key's history is one config's runs."""
+    name. Artifact keys start with it, so one key's history is one config's runs.
+
+    >>> config_name("demo-1a2b3c4d"), config_name("planted-seed3")
+    ('demo', 'planted-seed3')
+    """
     return re.sub(r"-[0-9a-f]{8}$", "", run_id) or run_id
 
 

@@ -54,6 +54,11 @@ class StageName:
 
 
 def round_stage(kind: str, r: int, arm: str = "main", seed: int | None = None) -> str:
+    """The name of a per-round stage; `parse` reads it back.
+
+    >>> round_stage("train", 1), round_stage("rollout", 2, ARMS["rock"], seed=1)
+    ('train.r01', 'ablate-rock.s1.rollout.r02')
+    """
     return str(StageName(arm, kind, r, seed=seed))
 
 
@@ -71,6 +76,19 @@ def _round_part(p: str) -> int | None:
 
 
 def parse(stage: str) -> StageName:
+    """What a stage name says: arm, kind, round, eval label, ablation seed.
+
+    >>> parse("train.r03")
+    StageName(arm='main', kind='train', round=3, label='', seed=None)
+    >>> parse("eval.rock_bypass.s1.r01")
+    StageName(arm='ablate-rock', kind='eval', round=1, label='rock_bypass.s1.r01', seed=1)
+    >>> str(parse("ablate-rock.s1.train.r02"))
+    'ablate-rock.s1.train.r02'
+    >>> parse("train.r00")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown stage name 'train.r00'; see `opdflow status --run-id ID` for this run's stages
+    """
     parts = stage.split(".")
     if parts[0] == "eval" and len(parts) == 2 and parts[1]:
         return StageName("main", "eval", label=parts[1])

@@ -31,7 +31,13 @@ def shard_name(stage: str, i: int, n: int) -> str:
 
 
 def split_shard_name(name: str) -> tuple[str, int, int] | None:
-    """(stage, shard index, shard count) of a shard's name; None for a stage's name."""
+    """(stage, shard index, shard count) of a shard's name; None for a stage's name.
+
+    >>> shard_name("rollout.r01", 1, 2)
+    'rollout.r01.shard-001-of-002'
+    >>> split_shard_name("rollout.r01.shard-001-of-002"), split_shard_name("rollout.r01")
+    (('rollout.r01', 1, 2), None)
+    """
     m = _SHARD.match(name)
     return (m["stage"], int(m["i"]), int(m["n"])) if m else None
 
@@ -42,7 +48,15 @@ def part_name(table: str, i: int) -> str:
 
 def shard_bounds(n_items: int, n_shards: int, align: int) -> list[tuple[int, int]]:
     """Contiguous [lo, hi) ranges, at most `n_shards`, each a multiple of `align` items
-    (but the last), none empty."""
+    (but the last), none empty unless there are no items at all.
+
+    >>> shard_bounds(10, 3, align=2)  # 4 items a shard: a multiple of 2 at least 10/3
+    [(0, 4), (4, 8), (8, 10)]
+    >>> shard_bounds(5, 8, align=1)  # fewer items than shards: fewer shards
+    [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    >>> shard_bounds(0, 4, align=1)  # still one shard, so the stage commits an empty table
+    [(0, 0)]
+    """
     per = math.ceil(math.ceil(n_items / max(1, n_shards)) / align) * align
     return [(lo, min(lo + per, n_items)) for lo in range(0, n_items, max(per, 1))] or [(0, 0)]
 

@@ -41,6 +41,10 @@ import math
 
 import numpy as np
 
+from opdflow.infra.config import AblationConfig, default
+
+N_RESAMPLES = default(AblationConfig, "n_resamples")
+
 ALPHA = 0.05
 OUTCOMES = ("harm", "benefit", "equivalent", "inconclusive")
 _BLOCK = 256  # bootstrap resamples drawn at once (bounds memory: BLOCK x seeds x items)
@@ -78,7 +82,7 @@ def percentile_ci(boot: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def mean_ci(x: np.ndarray, n_resamples: int = 4000, seed: int = 0, level: float = 0.95) -> dict:
+def mean_ci(x: np.ndarray, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95) -> dict:
     """Mean of x [seeds, items] with its hierarchical-bootstrap interval (the learning curves' band)."""
     x = np.asarray(x, dtype=np.float64)
     lo, hi = percentile_ci(bootstrap_means(x, n_resamples, seed), level)
@@ -107,7 +111,7 @@ def tost(boot: np.ndarray, margin: float) -> dict:
     return {"p_lower": p_lower, "p_upper": p_upper, "p": max(p_lower, p_upper)}
 
 
-def compare(a: dict[int, dict], b: dict[int, dict], margin: float, n_resamples: int = 4000, seed: int = 0) -> dict:
+def compare(a: dict[int, dict], b: dict[int, dict], margin: float, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
     """A vs B on per-item scores ({seed: {item_id: score}} each): the difference A - B, its
     95% and 90% hierarchical-bootstrap intervals, the sign-flip p-value, TOST against
     `margin`, and the verdict (see the module docstring)."""

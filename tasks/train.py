@@ -154,7 +154,7 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
         inputs["rock_sets"] = run.output("rock", "rock_sets.json")
     elif name.arm != "main":
         inputs["bypass.json"] = run.output(round_stage("train", 1, name.arm, name.seed), "bypass.json")
-    train_params = {k: v for k, v in c.section("train").items() if k not in c.EXECUTION_TRAIN}
+    train_params = c.result_section("train")
     params = {"train": train_params, "seed": c.seed, "round": name.round, "arm": name.arm,
               "student": c.section("student")}
     if name.arm != "main":
