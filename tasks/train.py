@@ -51,6 +51,9 @@ weights and optimizer in safetensors, RNG state, the log so far; `state.json` wr
 last commits it). A retry of the same stage (same key) resumes from the latest committed
 one, under any world size, and reaches the same weights as an uninterrupted run:
 batches are a fixed seeded sequence, so the data position is just the step number.
+Each committed checkpoint is announced on stderr and in the task's log (`opdflow-checkpoint
+step N KEY`); `OPDFLOW_HOLD_AFTER_CHECKPOINT=[STAGE:]STEP` stops the round there until it is
+killed, which is how the crash tests kill it at a known point (`train_worker`).
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ from opdflow.tasks import score as score_stage
 from opdflow.tasks.common import stage_task
 from opdflow.infra.lm import derive_seed
 from opdflow.tasks.plan import ARMS, parse, rollout_of, round_stage, seed_tag, student_before
-from opdflow.tasks.train_worker import PROGRESS, train_round, zeroed_ids
+from opdflow.tasks.train_worker import CHECKPOINT, PROGRESS, announce, train_round, zeroed_ids
 
 
 def zeroed_counts(rows: pa.Table, position: str) -> dict[int, int]:
@@ -122,7 +125,7 @@ def latest_partial(store, prefix: str, dest: Path) -> Path | None:
 
 
 def launch(spec_path: Path, nproc: int, progress) -> None:
-    """torchrun on this machine, N processes; progress lines from rank 0 are forwarded."""
+    """torchrun on this machine, N processes; rank 0's progress and checkpoint lines are forwarded."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "opdflow.tasks.train_worker", str(spec_path)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -132,6 +135,8 @@ def launch(spec_path: Path, nproc: int, progress) -> None:
         if line.startswith(PROGRESS):
             _, frac, *msg = line.rstrip("\n").split(" ", 2)
             progress(float(frac), msg[0] if msg else "")
+        elif CHECKPOINT in line:
+            announce(line[line.index(CHECKPOINT):].rstrip("\n"))
         else:
             tail = (tail + [line.rstrip()])[-60:]
     if proc.wait() != 0:
@@ -201,7 +206,7 @@ def prepare(run: Run, ctx: StageContext, work: Path, name, src_stage, src_prefix
             "seed_tag": list(seed_tag(name)),
             "src_model": str(run.materialize(src_stage, src_prefix)), "rows": str(work / "rows.parquet"),
             "bypass": sorted(record["ids"]) if record else [], "bypass_record": record,
-            "store": run.store.uri, "work": str(work),
+            "stage": str(name), "store": run.store.uri, "work": str(work),
             "partial_prefix": f"{ctx.out_prefix}/partial", "out": str(work / "out"), "optimizer": None,
             "resume": None}
     if name.round > 1:

@@ -15,7 +15,13 @@ the same code either way:
 * Per-token losses are gathered to rank 0, which alone writes outputs (to the work
   directory; the stage commits them) and in-round checkpoints (to the store).
 * In-round checkpoints are `torch.distributed.checkpoint` shards (safetensors), so a round
-  interrupted under N processes resumes under M.
+  interrupted under N processes resumes under M. Each committed one is announced on stderr
+  (and in the Prefect task's log) as `opdflow-checkpoint step N <store key of state.json>`:
+  the point a retry would resume from. Under torchrun the stage forwards rank 0's line.
+* `OPDFLOW_HOLD_AFTER_CHECKPOINT=[STAGE:]STEP` (opt-in, for crash tests and for trying a
+  resume by hand) makes every rank stop after that checkpoint is committed and wait until
+  the process is killed; the announcement then ends in `held`. A kill after that line
+  lands, deterministically, between a committed checkpoint and the end of the round.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ from opdflow.kernels import DistillationLoss, FusedLinearDistillationLoss, resol
 from opdflow.kernels.reference import token_logprobs
 
 PROGRESS = "opdflow-progress"
+CHECKPOINT = "opdflow-checkpoint"  # the line announcing a committed in-round checkpoint
+HOLD_ENV = "OPDFLOW_HOLD_AFTER_CHECKPOINT"
 # trainer_logprob: the trainer's own log-prob of the sampled token (float32, before the step's
 # update), for the sampler-vs-trainer mismatch report (`opdflow.tasks.mismatch`)
 RECORD_COLUMNS = ("step", "prompt_id", "sample_idx", "position", "token_id", "loss", "weight", "trainer_logprob")
@@ -260,7 +268,44 @@ def save_partial(d: distributed.Dist, spec: dict, model, opt, state: TrainState)
         shas = {f.relative_to(local).as_posix(): store.put_file(f"{base}/{f.relative_to(local).as_posix()}", f)
                 for f in sorted(local.rglob("*")) if f.is_file()}
         store.put_bytes(f"{base}/state.json", json.dumps({**state.meta(), "sha256": shas}).encode())
+        held = " held" if holds_after(os.environ.get(HOLD_ENV, ""), spec.get("stage", ""), state.step) else ""
+        announce(f"{CHECKPOINT} step {state.step} {base}/state.json{held}")
     distributed.barrier(d)
+    if holds_after(os.environ.get(HOLD_ENV, ""), spec.get("stage", ""), state.step):
+        while True:  # until killed: see the module docstring
+            time.sleep(3600)
+
+
+def holds_after(hold: str, stage: str, step: int) -> bool:
+    """Whether `OPDFLOW_HOLD_AFTER_CHECKPOINT=hold` stops stage `stage` after checkpoint `step`.
+
+    >>> holds_after("9", "train.r01", 9), holds_after("9", "train.r01", 6)
+    (True, False)
+    >>> holds_after("train.r02:3", "train.r01", 3), holds_after("train.r02:3", "train.r02", 3)
+    (False, True)
+    >>> holds_after("", "train.r01", 3)
+    False
+    """
+    if not hold:
+        return False
+    want_stage, _, want_step = hold.rpartition(":")
+    return int(want_step) == step and want_stage in ("", stage)
+
+
+def announce(line: str) -> None:
+    """A line for whoever watches the round: stderr (above any progress bar) and, inside a
+    Prefect task run, the task's log."""
+    from tqdm import tqdm
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+    if "prefect" in sys.modules:  # never import Prefect into a torchrun worker for this
+        try:
+            from prefect.context import TaskRunContext
+            if TaskRunContext.get() is not None:
+                from prefect.logging import get_run_logger
+                get_run_logger().info(line)
+        except Exception:  # noqa: BLE001 - logging must never fail a round
+            pass
 
 
 def load_partial(resume: Path, model, opt, state: TrainState) -> None:

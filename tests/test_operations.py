@@ -89,9 +89,11 @@ def test_deploy_run_kill_worker_and_retry(prefect_server, tmp_path):
                    "--param", f"store={store}", "--param", f"overrides={overrides}", env=env)
     flow_run_id = next(line.split()[-1] for line in out.stdout.splitlines() if "UUID" in line)
 
-    worker = Worker(env, tmp_path / "worker1.log")
+    # kill the worker (and the flow-run process it started) while round 2 trains: the round holds
+    # after its step-3 checkpoint (OPDFLOW_HOLD_AFTER_CHECKPOINT), so the kill cannot come too late
+    from opdflow.tasks.train_worker import HOLD_ENV
+    worker = Worker({**env, HOLD_ENV: "train.r02:3"}, tmp_path / "worker1.log")
     try:
-        # kill the worker (and the flow-run process it started) while round 2 trains
         deadline = checked = time.monotonic() + 600
         checked = time.monotonic()
         while not list(store.glob("runs/*/stages/train.r02/*/partial/step-000003/state.json")):
@@ -126,7 +128,7 @@ def test_deploy_run_kill_worker_and_retry(prefect_server, tmp_path):
         attempts = list((store / "runs" / run_id / "attempts" / stage).glob("*.json"))
         assert len(attempts) == 1, stage
     train2 = json.loads((store / "runs" / run_id / "manifest" / "train.r02.json").read_text())
-    assert train2["metrics"]["resumed_from_step"] >= 3
+    assert train2["metrics"]["resumed_from_step"] == 3
     status = json.loads(subprocess.run([sys.executable, "-m", "opdflow.flows.cli", "status", "--run-id", run_id,
                                         "--store", str(store), "--json"], capture_output=True, text=True,
                                        cwd=ROOT).stdout)
