@@ -54,7 +54,7 @@ def _flow_runs(api_url: str, name: str) -> list:
             return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
 
 
-def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict) -> None:
+def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict, subtests) -> None:
     """Issue 18: the flow run named and tagged, the run-summary's headline and order, the
     curves in TensorBoard event files and in MLflow, read back; screenshots of the pages."""
     import re
@@ -104,30 +104,28 @@ def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict) ->
     assert [v for _, v in got] == pytest.approx([v for _, v in tb["train/loss"]], rel=1e-6)
     # what a person sees
     import opdflow_tests_ui as ui  # registered by conftest.py
-    if ui.chromium_path() is None:
-        return
-    out = ROOT / "test-output"
-    out.mkdir(exist_ok=True)
-    base = prefect_server.url[: -len("/api")]
-    dom = ui.capture(ui.artifact_page_url(base, summary.id), out / "lifecycle-run-summary.png")
-    ui.assert_rendered(dom, headings=["Run e2e", "Wall time", "Curves"], text=["Completed", "total"],
-                       image_prefix="data:image/png;base64,")
-    dom = ui.capture(ui.flow_run_url(base, runs[0].id), out / "lifecycle-flow-run.png")
-    ui.assert_rendered(dom, text=["e2e"])
-    url = f"{mlflow_server.url}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}"
-    dom = ui.capture(url, out / "lifecycle-mlflow-run.png")
-    assert "e2e" in dom and "final_student.opdflow_arith.exact_match" in dom
-    ui.capture(f"{mlflow_server.url}/#/experiments/{exp.experiment_id}/runs/{lines['main'].info.run_id}/"
-               "model-metrics", out / "lifecycle-mlflow-main-curves.png")
+    with subtests.test("run summary and MLflow pages in the browser"):
+        ui.require_chromium()  # a skip of this check alone when there is no browser
+        out = ROOT / "test-output"
+        out.mkdir(exist_ok=True)
+        base = prefect_server.url[: -len("/api")]
+        dom = ui.capture(ui.artifact_page_url(base, summary.id), out / "lifecycle-run-summary.png")
+        ui.assert_rendered(dom, headings=["Run e2e", "Wall time", "Curves"], text=["Completed", "total"],
+                           image_prefix="data:image/png;base64,")
+        dom = ui.capture(ui.flow_run_url(base, runs[0].id), out / "lifecycle-flow-run.png")
+        ui.assert_rendered(dom, text=["e2e"])
+        url = f"{mlflow_server.url}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}"
+        dom = ui.capture(url, out / "lifecycle-mlflow-run.png")
+        assert "e2e" in dom and "final_student.opdflow_arith.exact_match" in dom
+        ui.capture(f"{mlflow_server.url}/#/experiments/{exp.experiment_id}/runs/{lines['main'].info.run_id}/"
+                   "model-metrics", out / "lifecycle-mlflow-main-curves.png")
 
 
 def _look_at_the_ui(server, arts) -> None:
     """What a person sees: the rock report and the evaluation table, rendered by the
     Prefect UI in headless Chromium; screenshots go to test-output/."""
     import opdflow_tests_ui as ui  # registered by conftest.py
-    if ui.chromium_path() is None:
-        print("chromium not installed (.ci/install-chromium): UI screenshots skipped")
-        return
+    ui.require_chromium()  # run in a subtest: a skip of this check alone when there is no browser
     out = ROOT / "test-output"
     out.mkdir(exist_ok=True)
     base = server.url[: -len("/api")]
@@ -146,7 +144,7 @@ def _look_at_the_ui(server, arts) -> None:
     ui.assert_rendered(dom, text=["run-summary", "evaluation"])
 
 
-def test_lifecycle_end_to_end(prefect_server, mlflow_server, tmp_path):
+def test_lifecycle_end_to_end(prefect_server, mlflow_server, tmp_path, subtests):
     store = tmp_path / "store"
     env = {"PREFECT_API_URL": prefect_server.url, "MLFLOW_TRACKING_URI": mlflow_server.url}
     t0 = time.time()
@@ -169,8 +167,9 @@ def test_lifecycle_end_to_end(prefect_server, mlflow_server, tmp_path):
     rock_md = arts["rock"][0].data
     assert "data:image/png;base64," in rock_md and "Rock-token report" in rock_md
     assert any(a.type == "progress" for a in arts.get("<progress>", []))
-    _look_at_the_ui(prefect_server, arts)
-    _check_reviewable(prefect_server, mlflow_server, store, arts)
+    with subtests.test("rock, evaluation, train and verdict reports in the Prefect UI"):
+        _look_at_the_ui(prefect_server, arts)
+    _check_reviewable(prefect_server, mlflow_server, store, arts, subtests)
 
     # The same command again: no stage runs.
     n = _attempts(store, "e2e")

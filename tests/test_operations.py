@@ -79,7 +79,7 @@ class Worker:
         self.proc.wait(30)
 
 
-def test_deploy_run_kill_worker_and_retry(prefect_server, tmp_path):
+def test_deploy_run_kill_worker_and_retry(prefect_server, tmp_path, subtests):
     env = {**prefect_server.env, "OPDFLOW_CACHE": os.environ["OPDFLOW_CACHE"]}
     _prefect("work-pool", "create", "opdflow-local", "--type", "process", env=env)
     _prefect("deploy", "--all", env=env)
@@ -136,7 +136,8 @@ def test_deploy_run_kill_worker_and_retry(prefect_server, tmp_path):
 
     # what a person sees: the deployment's flow run with its artifacts, in the Prefect UI
     import opdflow_tests_ui as ui  # registered by conftest.py
-    if ui.chromium_path() is not None:
+    with subtests.test("deployment flow run in the Prefect UI"):
+        ui.require_chromium()  # a skip of this check alone when there is no browser
         (ROOT / "test-output").mkdir(exist_ok=True)
         dom = ui.capture(ui.flow_run_artifacts_url(prefect_server.url[: -len("/api")], flow_run_id),
                          ROOT / "test-output" / "deployment-flow-run-artifacts.png")

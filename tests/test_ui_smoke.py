@@ -29,8 +29,7 @@ import opdflow_tests_ui as ui  # noqa: E402  (registered by conftest.py)
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(ui.chromium_path() is None,
-                       reason="chromium not installed: run .ci/install-chromium (apt-get install chromium)"),
+    pytest.mark.skipif(ui.chromium_path() is None, reason=ui.NO_CHROMIUM),
 ]
 
 HEADING = "Rock token report"

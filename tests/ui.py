@@ -48,6 +48,21 @@ _CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-s
 _NOISE = ("dbus", "unexpected operator", "Fontconfig", "gpu_init", "viz_main", "sandbox")
 
 
+NO_CHROMIUM = ("chromium not installed: run .ci/install-chromium (apt-get install chromium) "
+               "or set OPDFLOW_CHROMIUM to a Chromium/Chrome executable")
+
+
+def require_chromium() -> str:
+    """The Chromium executable, or a pytest skip saying why there is none. A UI check that is
+    one part of a bigger test runs in a subtest (`with subtests.test("..."):`), so the skip
+    is reported as a skip of that check while the rest of the test passes or fails on its own."""
+    exe = chromium_path()
+    if exe is None:
+        import pytest
+        pytest.skip(NO_CHROMIUM)
+    return exe
+
+
 def chromium_path() -> str | None:
     """The Chromium/Chrome executable to use: `$OPDFLOW_CHROMIUM`, else the first on PATH, else None."""
     explicit = os.environ.get("OPDFLOW_CHROMIUM")
