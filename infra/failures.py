@@ -12,9 +12,13 @@ that says what to change:
 * no hub access (`huggingface_hub`'s `OfflineModeIsEnabled`, `LocalEntryNotFoundError`,
   transformers' "couldn't connect ... offline mode" `OSError`): opdflow runs offline, the
   model must be a complete local dir;
-* CUDA out of memory (`torch.OutOfMemoryError`): the same batch runs out again; the
-  settings that bound memory are named;
-* a training subprocess (torchrun) that exited non-zero: `SubprocessFailed`, with its log tail.
+* out of memory: CUDA (`torch.OutOfMemoryError`), host memory (`MemoryError`, or torch's
+  CPU allocator's `RuntimeError: ... can't allocate memory`): the same batch runs out again;
+  the settings that bound memory are named;
+* a training subprocess (torchrun) that exited non-zero: `SubprocessFailed`, with its log
+  tail; out of memory when the tail says so (or a process was SIGKILLed, as the kernel's
+  OOM killer does), else: fix what the tail names, and the retry resumes from the round's
+  last in-round checkpoint.
 
 `weights_header_problem(path)` reads a safetensors file's header and checks that every
 tensor's bytes are inside the file, without loading any tensor: `opdflow validate` runs it
@@ -41,6 +45,26 @@ OOM_HINT = ("the same work runs out of memory again on a retry: lower train.micr
 OFFLINE_HINT = ("opdflow runs with the Hugging Face hub offline (HF_HUB_OFFLINE=1): point the config at a complete "
                 "local model dir (config.json, tokenizer files, *.safetensors)")
 WEIGHTS_HINT = "the weights file is corrupt or truncated: rebuild or re-download the model dir"
+SUBPROCESS_HINT = ("a retry runs the same command and fails the same way: fix what the log tail above names (a setting, "
+                   "a file, the machine), then run the stage again; it resumes from the round's last in-round "
+                   "checkpoint (train.checkpoint_every)")
+KILLED_HINT = ("a training process was SIGKILLed, most often by the kernel's out-of-memory killer (see dmesg): "
+               "give it more host memory or bound it: ")
+# how running out of memory reads in a message or a subprocess's log (CUDA, torch's CPU allocator)
+OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "can't allocate memory", "MemoryError")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA or host memory ran out (torch's CPU allocator raises a plain RuntimeError).
+
+    >>> is_out_of_memory(MemoryError()), is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    (True, True)
+    >>> is_out_of_memory(RuntimeError("NCCL timeout"))
+    False
+    """
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"OutOfMemoryError", "MemoryError"}) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _is_offline_error(exc: BaseException) -> bool:
@@ -61,12 +85,17 @@ def permanent_cause(exc: BaseException) -> str | None:
         return str(exc)
     if "SafetensorError" in names:
         return WEIGHTS_HINT
-    if "OutOfMemoryError" in names:  # torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError)
+    if isinstance(exc, SubprocessFailed):
+        tail = str(exc)
+        if any(m in tail for m in OOM_MARKERS):
+            return OOM_HINT
+        if "SIGKILL" in tail or "exit code -9" in tail:
+            return KILLED_HINT + OOM_HINT.split(": ", 1)[1]
+        return SUBPROCESS_HINT
+    if is_out_of_memory(exc):  # torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError), host memory
         return OOM_HINT
     if _is_offline_error(exc):
         return OFFLINE_HINT
-    if isinstance(exc, SubprocessFailed):
-        return "the training subprocess failed (its log tail is above); a retry runs the same command again"
     return None
 
 
