@@ -9,7 +9,13 @@ checkpoint B into a server started on A must equal a fresh server's on B (and di
 
 Checkpoints: the demo student (`--model-dir`, or a tiny one built here with head_dim 32, which
 vLLM's CPU attention needs) as A, and A with every weight perturbed by Gaussian noise as B (same
-architecture). Each server runs with `--enforce-eager` unless `--compile`.
+architecture). Each server runs with `--enforce-eager` unless `--compile`. The demo models tie
+the LM head to the input embeddings (as Qwen2-0.5B does), so the check is repeated on an untied
+copy of A and B (`lm_head.weight` its own tensor): vLLM 0.32's layerwise in-place reload loads no
+weight into a tied `ParallelLMHead` (its log: "ParallelLMHead: Failed to load weights") and puts
+the old tensor back, which leaves the head on A's embeddings. Per case the row counts the prompts
+whose greedy output after the reload differs from a fresh server's on B and from A's, and keeps
+the server's reload warnings.
 
 Results (one JSON line: device, versions, git commit, timestamp, restart_s, reload_s, checks) are
 appended to ``benchmarks/results/vllm_reload.jsonl``. CPU figures are not GPU figures: on a GPU a
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -42,6 +49,32 @@ def perturbed_copy(src: Path, dest: Path, scale: float, seed: int = 0) -> Path:
             p.add_(torch.randn(p.shape, generator=g) * scale)
     model.save_pretrained(dest)
     return dest
+
+
+def untied_copy(src: Path, dest: Path) -> Path:
+    """`src` with its LM head untied from the input embeddings (same values, its own tensor)."""
+    import torch
+    from opdflow.infra.lm import load_model
+    shutil.copytree(src, dest)
+    model = load_model(src)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.save_pretrained(dest)
+    again = load_model(dest)
+    assert not again.config.tie_word_embeddings
+    assert again.lm_head.weight.data_ptr() != again.get_input_embeddings().weight.data_ptr()
+    return dest
+
+
+def n_differ(a: list[list[int]], b: list[list[int]]) -> int:
+    return sum(x != y for x, y in zip(a, b))
+
+
+def reload_warnings(srv) -> list[str]:
+    """The server log's lines about weights a reload did not load."""
+    text = srv.log_path.read_text(errors="replace") if srv.log_path.exists() else ""
+    return sorted({ln.split("] ", 1)[-1].strip() for ln in text.splitlines()
+                   if "Failed to load weights" in ln or "were not loaded" in ln})
 
 
 def greedy(srv, cfg, tok, prompts, n_new: int) -> list[list[int]]:
@@ -85,30 +118,49 @@ def main() -> None:
         def args(d):
             return vllm_backend.server_args(d, "float32", cfg, max_logprobs=1, logprobs_mode=None)
 
-        with vllm_backend.VllmServer(cfg, args(ckpt_a), dev_mode=True) as srv:
-            start_a = srv.startup_s
-            out_a = greedy(srv, cfg, tok, prompts, 32)
-            reloads = [srv.reload(ckpt_b)]
-            out_reloaded = greedy(srv, cfg, tok, prompts, 32)
-            reloads += [srv.reload(ckpt_a), srv.reload(ckpt_b)]  # more timings, back and forth
-            out_reloaded_again = greedy(srv, cfg, tok, prompts, 32)
+        def reload_case(a_dir: Path, b_dir: Path, fresh_b: list[list[int]] | None) -> dict:
+            """A dev-mode server on A, reloaded to B (and back and forth); its outputs against a
+            fresh server's on B (started here unless given)."""
+            with vllm_backend.VllmServer(cfg, args(a_dir), dev_mode=True) as srv:
+                start_a = srv.startup_s
+                out_a = greedy(srv, cfg, tok, prompts, 32)
+                reloads = [srv.reload(b_dir)]
+                out_reloaded = greedy(srv, cfg, tok, prompts, 32)
+                reloads += [srv.reload(a_dir), srv.reload(b_dir)]  # more timings, back and forth
+                out_reloaded_again = greedy(srv, cfg, tok, prompts, 32)
+                warnings = reload_warnings(srv)
+            restart = None
+            if fresh_b is None:
+                with vllm_backend.VllmServer(cfg, args(b_dir)) as srv:
+                    restart = srv.startup_s
+                    fresh_b = greedy(srv, cfg, tok, prompts, 32)
+            return {"start_a_s": round(start_a, 2), "restart_b_s": None if restart is None else round(restart, 2),
+                    "reload_s": [round(x, 3) for x in reloads],
+                    "reload_equals_fresh_server": out_reloaded == fresh_b and out_reloaded_again == fresh_b,
+                    "b_differs_from_a": out_a != fresh_b,
+                    "n_differ_reloaded_vs_fresh_b": n_differ(out_reloaded, fresh_b),
+                    "n_differ_reloaded_again_vs_fresh_b": n_differ(out_reloaded_again, fresh_b),
+                    "n_differ_reloaded_vs_a": n_differ(out_reloaded, out_a), "n_differ_a_vs_b": n_differ(out_a, fresh_b),
+                    "reload_warnings": warnings}
+
+        # restart cost: a fresh server on B, stopped, and started again (stop + start = a restart)
         with vllm_backend.VllmServer(cfg, args(ckpt_b)) as srv:
             restart_b = srv.startup_s
+            out_b = greedy(srv, cfg, tok, prompts, 32)
             t0 = time.monotonic()
             srv.stop()
             stop_s = time.monotonic() - t0
-            srv_b = vllm_backend.VllmServer(cfg, args(ckpt_b)).start()
-        try:
-            out_b = greedy(srv_b, cfg, tok, prompts, 32)
-        finally:
-            srv_b.stop()
+        tied = reload_case(ckpt_a, ckpt_b, out_b)
+        untied = reload_case(untied_copy(ckpt_a, work / "a-untied"), untied_copy(ckpt_b, work / "b-untied"), None)
         row = {"bench": "vllm_reload", "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "device": provenance.device_name(), "git_commit": provenance.git_commit(), "vllm": version,
+               "device": provenance.device_name(), "cpu_threads": os.cpu_count(),
+               "load_avg_1m": round(os.getloadavg()[0], 2), "git_commit": provenance.git_commit(), "vllm": version,
                "torch": provenance.dist_version("torch"), "server_flags": cfg.extra_args,
-               "restart_s": [round(start_a, 2), round(restart_b, 2), round(srv_b.startup_s, 2)],
-               "stop_s": round(stop_s, 2), "reload_s": [round(x, 3) for x in reloads],
-               "reload_equals_fresh_server": out_reloaded == out_b and out_reloaded_again == out_b,
-               "b_differs_from_a": out_a != out_b,
+               "restart_s": [round(restart_b, 2), tied["start_a_s"], untied["start_a_s"], untied["restart_b_s"]],
+               "stop_s": round(stop_s, 2), "reload_s": tied["reload_s"] + untied["reload_s"],
+               "tied_lm_head": tied, "untied_lm_head": untied,
+               "reload_equals_fresh_server": {"tied_lm_head": tied["reload_equals_fresh_server"],
+                                              "untied_lm_head": untied["reload_equals_fresh_server"]},
                "n_prompts": len(prompts), "new_tokens": 32, "noise": a.noise}
     finally:
         shutil.rmtree(work, ignore_errors=True)
