@@ -36,8 +36,10 @@ How to run::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +233,7 @@ def _flatten_samples(samples: list[dict], metric_names: list[str]) -> list[dict]
     return out
 
 
-def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Path] | None = None,
+def _evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Path] | None = None,
              limit: int | None = None, batch_size: int = default(EvalConfig, "batch_size"),
              max_gen_toks: int = default(EvalConfig, "max_gen_toks"),
              device: str = "cpu", dtype: str = default(ModelConfig, "dtype"), seed: int = 0,
@@ -252,13 +254,14 @@ def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Pat
     gen_kwargs = {"max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0}
     task_manager = _task_manager(tasks, include_path)
     templated = chat is not None and chat.template is not None
-    model: Any = "hf"
-    chat_args: dict = {}
+    from lm_eval.models.huggingface import HFLM
+
+    from opdflow.infra.lm import MODEL_LOAD_LOCK
+    chat_args: dict = dict(chat.kwargs) if templated else {}
+    with MODEL_LOAD_LOCK:  # built here, as simple_evaluate would from "hf" + model_args, under the load lock
+        model: Any = HFLM(pretrained=model_args["pretrained"], dtype=dtype, batch_size=batch_size, device=device,
+                          **({"chat_template_args": chat_args} if templated else {}))
     if templated:
-        from lm_eval.models.huggingface import HFLM
-        chat_args = dict(chat.kwargs)
-        model = HFLM(pretrained=model_args["pretrained"], dtype=dtype, batch_size=batch_size, device=device,
-                     chat_template_args=chat_args)
         model.tokenizer.chat_template = chat.template  # lm-eval renders with the tokenizer's template
     out = lm_eval.simple_evaluate(
         model=model,
@@ -306,6 +309,20 @@ def evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Pat
             "samples": samples}
 
 
+# One lm-eval run at a time per process: `simple_evaluate` seeds the process-global random /
+# numpy / torch generators, builds accelerate's process-wide state and loads tasks into
+# lm-eval's registries, none of it safe from two threads. So evaluations that the flow runs
+# at the same time as threads (flows/lifecycle.run_stages) take turns here, while other
+# stages keep running beside them; on Dask worker processes they run side by side.
+_LM_EVAL_LOCK = threading.Lock()
+
+
+@functools.wraps(_evaluate)
+def evaluate(*args, **kwargs) -> dict:
+    with _LM_EVAL_LOCK:
+        return _evaluate(*args, **kwargs)
+
+
 def _task_manager(tasks: list[str], include_path):
     from lm_eval.tasks import TaskManager
     if isinstance(include_path, (list, tuple)):
@@ -337,7 +354,8 @@ def task_documents(tasks: list[str], include_path=None, limit: int | None = None
     into exactly the score of one unsharded evaluation."""
     _force_offline()
     from lm_eval.api.metrics import mean
-    loaded = _task_manager(tasks, include_path).load(list(tasks))["tasks"]
+    with _LM_EVAL_LOCK:  # lm-eval's task registries (see `evaluate`)
+        loaded = _task_manager(tasks, include_path).load(list(tasks))["tasks"]
     out = {}
     for name, task in loaded.items():
         n = len(list(task.eval_docs))

@@ -4,21 +4,29 @@
                         -> rock-probe -> rock-directions -> rock
                         -> ablation arms (rollout -> score -> train, rocks / random
                         tokens bypassed) -> eval per model -> report
-                        (the order is tasks/plan.py's `plan`, the one list of stages)
+                        (tasks/plan.py's `plan`: each stage's declaration says what it needs)
     opdflow-stage       one stage (or one shard) of an existing run, from its stored inputs
+
+Each stage is submitted once the stages it `needs` have committed, with `wait_for` on their
+futures, so stages that do not depend on each other (the ablation's arms and seeds, the
+evaluations of different models) run at the same time, at most `scale.concurrent_stages`
+of them, and the Prefect UI draws the dependency graph. A failed stage stops new
+submissions; the stages already running finish (and commit), then the flow fails with it.
 
 Every task takes (store URI, run id, stage name) and finds its inputs in the run's
 manifest, so any stage can be rerun alone, on another machine, or by retrying the flow
 run in the Prefect UI: committed stages are skipped, the failed one runs again.
 
-Rollout, scoring, the rock stages and evaluation run as `scale.shards` mapped tasks on the flow's task runner:
+Every sharded stage (rollout, scoring, the rock stages, patch, evaluation) runs as mapped shard
+tasks (`scale.shards` of them; one with the default 1, so each has its progress bar) on the flow's task runner:
 threads in this process (`scale.task_runner: local`) or prefect-dask's DaskTaskRunner
 (`dask`: a local cluster per flow run, or an existing one at `scale.dask_address`), in
 which case the lifecycle runs as a subflow on that runner. With
 `scale.gpus_per_worker: N` each shard task takes one "GPU" resource of its Dask worker
 (workers of the local cluster get N; start your own with `--resources GPU=N`), so a
 worker never runs more shard tasks than it has GPUs; the local runner then runs at most
-N shard tasks at once.
+N tasks at once. On Dask the train and sensitivity stage tasks take GPU slots too (train:
+`train.nproc_per_node`, at most `gpus_per_worker`).
 """
 from __future__ import annotations
 
@@ -28,42 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, tags, unmapped
+from prefect.futures import as_completed
 
 from opdflow.infra.config import Config, ConfigError, load_config, parse_config
 from opdflow.infra.manifest import Run
 from opdflow.infra.preflight import preflight
 from opdflow.infra.store import open_store
 from opdflow.tasks.common import config_name, publish_markdown, quiet_console_tracebacks
-from opdflow.tasks.evaluate import eval_shard_task, eval_task
-from opdflow.tasks.models import models_task
-from opdflow.tasks.patch import patch_shard_task, patch_task
-from opdflow.tasks.plan import parse, plan
-from opdflow.tasks.prompts import prompts_task
-from opdflow.tasks import patch as patch_stage
-from opdflow.tasks import rock as rock_stage
-from opdflow.tasks import rollout as rollout_stage
-from opdflow.tasks import score as score_stage
-from opdflow.tasks.report import report_task, run_status, summary_markdown
-from opdflow.tasks.rock import rock_directions_task, rock_probe_task, rock_shard_task, rock_task
-from opdflow.tasks.rollout import rollout_shard_task, rollout_task
-from opdflow.tasks.score import score_shard_task, score_task
-from opdflow.tasks.sensitivity import sensitivity_task
+from opdflow.tasks.plan import needs, plan, stage_of
+from opdflow.tasks.report import run_status, summary_markdown
 from opdflow.tasks.shards import shard_name, split_shard_name
-from opdflow.tasks.train import train_task
-
-TASKS = {"models": models_task, "prompts": prompts_task, "train": train_task, "report": report_task,
-         "sensitivity": sensitivity_task}
-
-# sharded stage kinds: (shard task, stage task, number of shards of a stage)
-SHARDED = {
-    "rollout": (rollout_shard_task, rollout_task, lambda run, stage: rollout_stage.n_shards(run.config)),
-    "score": (score_shard_task, score_task, score_stage.n_shards),
-    "rock-probe": (rock_shard_task, rock_probe_task, lambda run, stage: rock_stage.probe_shards(run.config)),
-    "rock-directions": (rock_shard_task, rock_directions_task, lambda run, stage: rock_stage.n_parts(run)),
-    "rock": (rock_shard_task, rock_task, lambda run, stage: rock_stage.n_parts(run)),
-    "eval": (eval_shard_task, eval_task, lambda run, stage: run.config.scale.shards),
-    "patch": (patch_shard_task, patch_task, lambda run, stage: patch_stage.n_shards(run.config)),
-}
 
 
 def default_run_id(config: Config, config_path: str | None) -> str:
@@ -118,43 +100,91 @@ def task_runner(config: Config):
     return DaskTaskRunner(cluster_kwargs=kwargs)
 
 
-def sharded(shard_task, stage_task_, uri: str, rid: str, stage: str, n: int, gpu: bool, force: bool = False) -> dict:
-    """Map a stage's shards over the task runner, then commit the stage from them."""
-    if n > 1 or force:
-        names = [shard_name(stage, i, n) for i in range(n)]
-        with _gpu_slot(gpu):
-            futures = shard_task.map(uri, rid, names, force=unmapped(force))
-        futures.result()  # raises if a shard failed after its retries
-    return stage_task_(uri, rid, stage, force=force)  # commits from the shards (again, if forced)
-
-
 def uses_gpu_slots(config: Config) -> bool:
     return config.scale.task_runner == "dask" and config.scale.gpus_per_worker > 0
 
 
-def _gpu_slot(gpu: bool):
-    """Each shard task takes one GPU resource of its Dask worker."""
+def _gpu_slot(gpus: int):
+    """A task submitted inside takes `gpus` GPU resources of its Dask worker (0: none)."""
     import contextlib
-    if not gpu:
+    if not gpus:
         return contextlib.nullcontext()
     import dask
-    return dask.annotate(resources={"GPU": 1})
+    return dask.annotate(resources={"GPU": gpus})
+
+
+def run_stages(run: Run, names: list[str], force: bool = False) -> dict[str, dict]:
+    """Run `names` (stages of the plan, in plan order) on the current flow's task runner;
+    returns each stage task's result.
+
+    A stage is submitted when every stage it needs (among `names`) has committed, with
+    `wait_for` on their futures; at most `scale.concurrent_stages` stages are in flight (a
+    sharded stage from its first shard to its commit). A sharded stage maps its shard tasks,
+    then, once they all committed, its stage task, which links their parts. Nothing waits
+    inside a worker thread, so a bounded runner cannot deadlock. After a failure nothing
+    new starts; what runs finishes, then the first failure is raised."""
+    c, uri, rid = run.config, run.store.uri, run.run_id
+    wanted = set(names)
+    deps = {n: [d for d in needs(c, n) if d in wanted] for n in names}
+    gpu_slots = uses_gpu_slots(c)
+    waiting, pending = list(names), {}      # pending: future -> stage name
+    shards: dict[str, list] = {}            # stage -> its shard futures, while they run
+    done: dict[str, Any] = {}               # stage -> its stage task's completed future
+    results: dict[str, dict] = {}
+    failed: list = []
+
+    def submit_stage(name: str, wait_for: list) -> None:
+        st = stage_of(name)
+        gpus = min(st.gpus(c), c.scale.gpus_per_worker) if gpu_slots else 0
+        with _gpu_slot(gpus):
+            pending[st.task.submit(uri, rid, name, force=force, wait_for=wait_for)] = name
+
+    def start(name: str) -> None:
+        st, wait_for = stage_of(name), [done[d] for d in deps[name]]
+        if not st.sharded:
+            return submit_stage(name, wait_for)
+        n = st.n_shards(run, name)
+        with _gpu_slot(1 if gpu_slots else 0):
+            futures = list(st.shard_task.map(uri, rid, [shard_name(name, i, n) for i in range(n)],
+                                             force=unmapped(force), wait_for=wait_for))
+        shards[name] = futures
+        pending.update({f: name for f in futures})
+
+    while pending or (waiting and not failed):
+        in_flight = len(set(pending.values()))
+        for name in [n for n in waiting if all(d in done for d in deps[n])]:
+            if failed or in_flight >= c.scale.concurrent_stages:
+                break
+            waiting.remove(name)
+            start(name)
+            in_flight += 1
+        if not pending:
+            raise RuntimeError(f"stages {waiting} wait on stages that never commit")  # needs outside the plan
+        future = next(as_completed(list(pending)))
+        name = pending.pop(future)
+        future.wait()  # done: this records its final state on the future
+        if not future.state.is_completed():
+            failed.append(future)
+        elif name in shards:
+            if not any(pending.get(f) == name for f in shards[name]):  # the stage's last shard
+                futures = shards.pop(name)
+                if all(f.state.is_completed() for f in futures):
+                    submit_stage(name, futures)
+        else:
+            done[name], results[name] = future, future.result()
+    if failed:
+        failed[0].result()  # raises the stage's exception
+    return results
 
 
 def stage(run: Run, name: str, force: bool = False) -> dict:
     """Run one stage through its Prefect task(s): a sharded stage maps its shards first."""
-    kind = parse(name).kind
-    if kind in SHARDED:
-        shard_task, task, count = SHARDED[kind]
-        return sharded(shard_task, task, run.store.uri, run.run_id, name, count(run, name), uses_gpu_slots(run.config),
-                       force=force)
-    return TASKS[kind](run.store.uri, run.run_id, name, force=force)
+    return run_stages(run, [name], force=force)[name]
 
 
 def run_lifecycle(run: Run) -> None:
-    """The lifecycle's stages in order (tasks/plan.py), on the current flow's task runner."""
-    for name in plan(run.config):
-        stage(run, name)
+    """The lifecycle's stages (tasks/plan.py), each once its needs have committed."""
+    run_stages(run, plan(run.config))
 
 
 def _lifecycle_or_stage(run: Run, stage: str | None) -> dict | None:
@@ -243,8 +273,7 @@ def rerun_stage(run: Run, name: str) -> dict:
     (`rollout.r01.shard-000-of-004`) that shard alone."""
     shard = split_shard_name(name)
     if shard:
-        shard_task = SHARDED[parse(shard[0]).kind][0]
-        return shard_task(run.store.uri, run.run_id, name, force=True)
+        return stage_of(shard[0]).shard_task(run.store.uri, run.run_id, name, force=True)
     return stage(run, name, force=True)
 
 
@@ -279,8 +308,8 @@ def repair(run: Run, names: list[str]) -> list[str]:
             rerun_stage(run, name)
             if shard[0] not in names and shard[0] not in parents:
                 parents.append(shard[0])
-        elif parse(name).kind in SHARDED:
-            SHARDED[parse(name).kind][1](run.store.uri, run.run_id, name, force=True)
+        elif stage_of(name).sharded:
+            stage_of(name).task(run.store.uri, run.run_id, name, force=True)
         else:
             rerun_stage(run, name)
     for parent in parents:

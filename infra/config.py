@@ -369,6 +369,9 @@ class ScaleConfig(_Section):
     gpus_per_worker: int = Field(0, ge=0, description="GPU slots per worker: each shard task takes one (Dask worker "
                                                       "resources; the local runner runs at most this many at once). "
                                                       "0: no limit")
+    concurrent_stages: int = Field(2, ge=1, description="stages that do not depend on each other run at the same "
+                                   "time, at most this many (ablation arms and seeds, evaluations of different "
+                                   "models); each holds its own models in memory. 1: one stage at a time")
 
 
 class Config(_Section):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -54,11 +55,22 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
+# Models are built one at a time per process: transformers' `from_pretrained` builds a model
+# on the meta device and fills it from the checkpoint while process-wide patches are in
+# place (torch.nn.init's functions and torch.linspace replaced), and two loads at once in
+# threads left meta tensors behind ("Cannot copy out of meta tensor", seen when the flow
+# first ran two rollouts side by side). The flow runs stages as threads at the same time
+# (flows/lifecycle.run_stages): every from_pretrained of a model, ours and lm-eval's
+# (evals/harness.py), holds this lock. Tokenizers and forward passes do not.
+MODEL_LOAD_LOCK = threading.RLock()
+
+
 def load_model(model_dir: str | Path, dtype: str = default(ModelConfig, "dtype"), dev: torch.device | None = None):
     offline()
     from transformers import AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[dtype])
+        with MODEL_LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[dtype])
     except Exception as e:
         if "SafetensorError" not in {c.__name__ for c in type(e).__mro__}:
             raise

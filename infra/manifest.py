@@ -11,7 +11,8 @@ A run lives under `runs/<run_id>/` in the artifact store:
 
 Rules (DESIGN.md, "Contracts between stages"):
 * A stage's identity is its *key*: sha256 of (stage name, its parameters, its input
-  objects' sha256, the code version). Same key and outputs present = skip.
+  objects' sha256, the code version of the stage's module and what it imports,
+  `stage_code_version`). Same key and outputs present = skip.
 * A stage commits by writing its manifest entry last. Objects without a committed entry
   (a crashed attempt) are never read: readers only follow manifest entries.
 * Every read of a stage output goes through `Run.read(ref)`, which checks the sha256 the
@@ -34,6 +35,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from opdflow.infra.config import Config, parse_config
-from opdflow.infra.provenance import code_version, stack
+from opdflow.infra.provenance import code_version, module_code_version, stack
 from opdflow.infra.config import ConfigError
 from opdflow.infra.failures import explain
 from opdflow.infra.store import (ChecksumError, CorruptObject, ObjectMissing, Store, StoreError, open_store,
@@ -89,9 +91,24 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+def stage_code_version(name: str) -> str:
+    """The code version in a stage's key: the hash of the sources its declaring module runs
+    (`provenance.module_code_version`: the module and what it imports from opdflow); a
+    shard's is its stage's. A name that no stage declares (a test's own stage): the whole
+    package's `code_version()`."""
+    from opdflow.tasks.plan import stage_of
+    from opdflow.tasks.shards import split_shard_name
+    try:
+        declared = stage_of((split_shard_name(name) or (name,))[0])
+    except ValueError:
+        return code_version()
+    return module_code_version(declared.module)
+
+
 def stage_key(name: str, params: dict, inputs: dict[str, Ref]) -> str:
+    """sha256 of the stage's name, parameters, inputs' sha256 and code version."""
     h = hashlib.sha256()
-    h.update(_canonical({"stage": name, "params": params, "code": code_version(),
+    h.update(_canonical({"stage": name, "params": params, "code": stage_code_version(name),
                          "inputs": {k: v["sha256"] for k, v in sorted(inputs.items())}}))
     return h.hexdigest()
 
@@ -295,14 +312,31 @@ def _cache_fault(path: Path, ref: Ref) -> str | None:
     return None
 
 
+# one lock per cache directory: stages running at the same time in this process (the flow's
+# threads) that read the same model fetch it once, and never replace a copy another is reading
+_DIR_LOCKS: dict[str, threading.Lock] = {}
+_DIR_LOCKS_GUARD = threading.Lock()
+
+
+def _dir_lock(digest: str) -> threading.Lock:
+    with _DIR_LOCKS_GUARD:
+        return _DIR_LOCKS.setdefault(digest, threading.Lock())
+
+
 def materialize_refs(store: Store, refs: dict[str, Ref]) -> Path:
     """Verified local copy of a set of objects, as a directory named by their content.
 
     A copy already in the cache is checked against the refs' sha256 (once per process per
     file); a bad one is evicted and fetched again from the store. If the store's copy is bad
-    too, the ChecksumError names both paths."""
+    too, the ChecksumError names both paths. Safe from several threads (a lock per
+    directory) and processes (a complete copy that another process renamed into place first
+    is kept, never replaced)."""
     digest = hashlib.sha256(_canonical({k: r["sha256"] for k, r in sorted(refs.items())})).hexdigest()[:24]
-    dest = cache_root() / "objects" / digest
+    with _dir_lock(digest):
+        return _materialize(store, refs, cache_root() / "objects" / digest)
+
+
+def _materialize(store: Store, refs: dict[str, Ref], dest: Path) -> Path:
     evicted = ""
     if (dest / ".complete").exists():
         faults = {rel: f for rel, ref in refs.items() if (f := _cache_fault(dest / rel, ref)) is not None}
@@ -327,9 +361,15 @@ def materialize_refs(store: Store, refs: dict[str, Ref]) -> Path:
                                     e.expected, e.actual) from None
             _VERIFIED[str(dest / rel)] = (*_signature(tmp / rel), ref["sha256"])  # rename keeps size and mtime
         (tmp / ".complete").write_text("ok")
-        if dest.exists():  # a concurrent materialization won, or a stale incomplete copy
+        if (dest / ".complete").exists() and not evicted:  # another process finished first: keep its copy
+            return dest
+        if dest.exists():  # a stale incomplete copy
             shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process renamed its complete copy into place just now
+            if not (dest / ".complete").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -396,7 +436,8 @@ def run_stage(run: Run, name: str, *, params: dict, inputs: dict[str, Ref],
 
     Skips when a committed entry with the same key exists and its outputs are present,
     unless `force`. Records an attempt before running and commits the manifest entry
-    last. On failure the attempt record says why and the exception propagates.
+    last. On failure the attempt record says why and the exception propagates. `progress`
+    hears 0 when the body starts and 1 once the stage committed (a skipped stage: nothing).
     """
     key = stage_key(name, params, inputs)
     try:
@@ -425,6 +466,7 @@ def run_stage(run: Run, name: str, *, params: dict, inputs: dict[str, Ref],
     if progress is not None:
         ctx.progress = progress
     try:
+        ctx.progress(0.0, "running")  # every stage that runs shows a bar, even one whose body reports nothing
         body(ctx)
     except BaseException as e:
         explained = explain(e) if isinstance(e, Exception) else None  # says what to change, fails at once
@@ -447,6 +489,7 @@ def run_stage(run: Run, name: str, *, params: dict, inputs: dict[str, Ref],
     record.update(status="committed", finished_at=entry["finished_at"], seconds=seconds,
                   finished_unix=round(time.time(), 3))
     run.store.put_bytes(attempt_key, json.dumps(record).encode())
+    ctx.progress(1.0, "committed")
     return entry, True
 
 

@@ -413,7 +413,10 @@ def _state_dict_of(source, model) -> Mapping[str, torch.Tensor]:
     if isinstance(source, (str, Path)):
         offline()
         from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_pretrained(str(source), dtype=model.dtype).state_dict()
+
+        from opdflow.infra.lm import MODEL_LOAD_LOCK
+        with MODEL_LOAD_LOCK:  # one from_pretrained at a time per process (infra/lm.py)
+            return AutoModelForCausalLM.from_pretrained(str(source), dtype=model.dtype).state_dict()
     raise TypeError(f"update_weights takes a state dict, a model or a model dir, not {type(source).__name__}")
 
 

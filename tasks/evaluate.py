@@ -34,9 +34,9 @@ from opdflow.infra.config import ConfigError
 from opdflow.infra.lm import ChatFormat, load_tokenizer
 from opdflow.infra.manifest import Run, StageContext, file_inputs
 from opdflow.tasks import prompts as prompts_stage
-from opdflow.tasks.common import stage_task
-from opdflow.tasks.plan import checkpoint_of, parse
-from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds, shard_runner
+from opdflow.tasks.plan import checkpoint_of, eval_labels, parse
+from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds
+from opdflow.tasks.stage import ShardParts, Stage
 
 ARITH = "opdflow_arith"
 SAMPLE_SCHEMA = pa.schema([("task", pa.string()), ("doc_id", pa.int64()), ("record", pa.string())])
@@ -66,7 +66,7 @@ def shard_doc_ids(docs: dict[str, dict], i: int, n: int) -> dict[str, list[int]]
     return out
 
 
-def _stage(run: Run, stage: str):
+def _stage(run: Run, stage: str) -> ShardParts:
     c = run.config
     label = parse(stage).label
     src_stage, prefix = checkpoint_of(c, label)
@@ -140,5 +140,7 @@ def report(run: Run, entry: dict) -> str:
     return "\n".join(lines)
 
 
-eval_task = stage_task("eval", run, report)
-eval_shard_task = stage_task("eval-shard", shard_runner(_stage))
+STAGES = (Stage("eval", run, instances=lambda config: [f"eval.{label}" for label in eval_labels(config)],
+                needs=lambda config, stage: ["prompts", checkpoint_of(config, parse(stage).label)[0]], report=report,
+                shard_parts=_stage, n_shards=lambda run, stage: run.config.scale.shards),)
+eval_task, eval_shard_task = STAGES[0].task, STAGES[0].shard_task

@@ -25,7 +25,7 @@ from opdflow.infra.config import Config
 from opdflow.infra.manifest import Ref, Run, StageContext, cache_root, run_stage
 from opdflow.infra.provenance import dir_fingerprint
 from opdflow.infra.store import Store
-from opdflow.tasks.common import stage_task
+from opdflow.tasks.stage import Stage, single
 
 
 def demo_prefix(config: Config) -> str:
@@ -164,4 +164,5 @@ def calibration_markdown(cal: dict) -> str:
     return "\n".join(lines)
 
 
-models_task = stage_task("models", run, report)
+STAGES = (Stage("models", run, instances=single("models"), needs=lambda config, name: [], report=report),)
+models_task = STAGES[0].task

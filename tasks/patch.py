@@ -43,9 +43,9 @@ from opdflow.infra.config import Config
 from opdflow.infra.lm import derive_seed, left_padded, load_model, load_tokenizer, real_logits
 from opdflow.infra.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
-from opdflow.tasks.common import stage_task
-from opdflow.tasks.plan import checkpoint_of
-from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds, shard_runner
+from opdflow.tasks.plan import checkpoint_of, patching_enabled
+from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds
+from opdflow.tasks.stage import ShardParts, Stage
 from opdflow.tasks.stats import mcnemar, mean_ci
 
 PATCH_ARMS = ("none", "rock", "random")
@@ -197,7 +197,7 @@ def knockout_summary(rows: list[dict], arms: dict[str, list[int]], seed: int = 0
     return {"single": single, "cumulative": cumulative}
 
 
-def _stage(run: Run):
+def _stage(run: Run) -> ShardParts:
     c = run.config
     final_stage, final_prefix = checkpoint_of(c, "final_student")
     inputs = {"prompts": run.output("prompts", "prompts.parquet"), "rock_sets": run.output("rock", "rock_sets.json"),
@@ -355,5 +355,7 @@ def report(run: Run, entry: dict) -> str:
     return "\n".join(lines)
 
 
-patch_task = stage_task("patch", run, report)
-patch_shard_task = stage_task("patch-shard", shard_runner(lambda run, stage: _stage(run)))
+STAGES = (Stage("patch", run, instances=lambda config: ["patch"] if patching_enabled(config) else [],
+                needs=lambda config, stage: ["models", "prompts", "rock", checkpoint_of(config, "final_student")[0]],
+                report=report, shard_parts=lambda run, stage: _stage(run), n_shards=lambda run, stage: n_shards(run.config)),)
+patch_task, patch_shard_task = STAGES[0].task, STAGES[0].shard_task

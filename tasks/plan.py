@@ -13,7 +13,11 @@
     report                                            evaluation table + ablation verdict
 
 This module is the one place that knows the names: `StageName` / `parse` / `str()`
-round-trip, and `plan` lists a run's stages in order.
+round-trip, and `plan` lists a run's stages in order. `REGISTRY` is the one list of stage
+kinds: each line names a kind's name pattern and the module that declares it (a
+`tasks/stage.Stage`: what it needs, its plain function, shards, report, Prefect tasks);
+`parse`, the plan, the flow's tasks and the tests all derive from it. The plan is every
+declared stage's `instances`, ordered so that each stage comes after what it `needs`.
 
 An ablation seed's arms share everything but the loss weights: the same prompts per
 round, the same sampling seeds (`seed_tag`), the same batch order. Round 1 starts every
@@ -24,16 +28,61 @@ arms: the plan samples and scores them once, in the uniform arm
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opdflow.infra.config import BUILTINS, Config
+
+if TYPE_CHECKING:
+    from opdflow.tasks.stage import Stage
 
 ARMS = {"uniform": "ablate-uniform", "rock": "ablate-rock", "random": "ablate-random"}
 LABEL_OF_ARM = {"ablate-uniform": "uniform", "ablate-rock": "rock_bypass", "ablate-random": "random_bypass"}
 ARM_OF_LABEL = {v: k for k, v in LABEL_OF_ARM.items()}
 UNIFORM = ARMS["uniform"]
-SINGLE = ("models", "prompts", "rock-probe", "rock-directions", "rock", "patch", "sensitivity", "report")
-ROUND_KINDS = ("rollout", "score", "train")
+
+# The stage registry: kind -> (name pattern, the module under opdflow.tasks whose `STAGES`
+# declares it). Patterns: "single" (`rock`), "round" (`[ablate-<arm>.s<seed>.]<kind>.rNN`),
+# "eval" (`eval.<model label>`). Adding a stage: its module and one line here, in the order
+# its stages should be listed among stages that do not depend on each other.
+REGISTRY: dict[str, tuple[str, str]] = {
+    "models": ("single", "models"),
+    "prompts": ("single", "prompts"),
+    "rollout": ("round", "rollout"),
+    "score": ("round", "score"),
+    "train": ("round", "train"),
+    "rock-probe": ("single", "rock"),
+    "rock-directions": ("single", "rock"),
+    "rock": ("single", "rock"),
+    "patch": ("single", "patch"),
+    "eval": ("eval", "evaluate"),
+    "sensitivity": ("single", "sensitivity"),
+    "report": ("single", "report"),
+}
+SINGLE = tuple(k for k, (pattern, _) in REGISTRY.items() if pattern == "single")
+ROUND_KINDS = tuple(k for k, (pattern, _) in REGISTRY.items() if pattern == "round")
+
+
+@functools.cache
+def stages() -> dict[str, "Stage"]:
+    """kind -> its `Stage` declaration, imported from the registry's modules on first use
+    (they import this module, so not at import time)."""
+    out = {}
+    for kind, (_, module) in REGISTRY.items():
+        declared = {s.kind: s for s in importlib.import_module(f"opdflow.tasks.{module}").STAGES}
+        if kind not in declared:
+            raise TypeError(f"opdflow.tasks.{module}.STAGES declares no stage of kind {kind!r}")
+        out[kind] = declared[kind]
+    return out
+
+
+def stage_of(name: str) -> "Stage":
+    """The declaration of a stage name's kind (`rollout.r01` -> rollout's); ValueError for a
+    name that is no stage's."""
+    kind = parse(name).kind
+    return stages()[kind]
 
 
 @dataclass(frozen=True)
@@ -172,19 +221,70 @@ def student_before(config: Config, arm: str, r: int, seed: int | None = None) ->
     return ("models", "student") if r == 1 else (round_stage("train", r - 1, arm, seed), "model")
 
 
-def plan(config: Config) -> list[str]:
-    stages = ["models", "prompts"]
-    for r in range(1, config.train.rounds + 1):
-        stages += [round_stage(k, r) for k in ROUND_KINDS]
-    stages += ["rock-probe", "rock-directions", "rock"] + (["patch"] if patching_enabled(config) else [])
-    for s in (config.ablation.seeds if config.ablation.enabled else []):
+def arm_round_stages(config: Config, kind: str) -> list[str]:
+    """Every ablation seed x arm x round stage of a round kind; an arm's round-1 rollout and
+    score exist once per seed, in the uniform arm (`rollout_of`)."""
+    if not config.ablation.enabled:
+        return []
+    out = []
+    for s in config.ablation.seeds:
         for arm in ablation_arms(config):
             for r in range(1, config.ablation.rounds + 1):
-                name = StageName(arm, "train", r, seed=s)
-                own = [round_stage(k, r, arm, s) for k in ("rollout", "score")]
-                stages += [st for st in own if st in rollout_of(name)] + [str(name), f"eval.{arm_label(arm, s, r)}"]
-    stages += [f"eval.{label}" for label in ("teacher", "initial_student", "final_student")]
-    if config.sensitivity.enabled:  # the final student under every backend (tasks/sensitivity.py)
-        stages.append("sensitivity")
-    stages.append("report")
-    return stages
+                name = round_stage(kind, r, arm, s)
+                if kind == "train" or name in rollout_of(StageName(arm, "train", r, seed=s)):
+                    out.append(name)
+    return out
+
+
+def round_instances(kind: str):
+    """`instances` of a round kind: the main run's rounds, then every arm x seed x round."""
+    return lambda config: [round_stage(kind, r) for r in range(1, config.train.rounds + 1)] + \
+        arm_round_stages(config, kind)
+
+
+def _listing_key(name: StageName, rank: int, index: int) -> tuple:
+    """Where a stage is listed among those it does not depend on: inputs, the main run's
+    rounds, each ablation seed x arm's rounds (with their evals), then the rest, each group
+    in registry order (`rank`) and a kind's own order (`index`)."""
+    if name.seed is not None:
+        return (2, name.seed, list(ARMS.values()).index(name.arm), name.round, rank)
+    if name.round:
+        return (1, name.round, rank)
+    return (0 if rank < list(REGISTRY).index("rollout") else 3, rank, index)
+
+
+def instances(config: Config) -> list[str]:
+    """Every stage name of a run, kind by kind in registry order (not yet ordered by needs)."""
+    return [name for st in stages().values() for name in st.instances(config)]
+
+
+def needs(config: Config, name: str) -> list[str]:
+    """The stages whose outputs `name` reads (its declaration's `needs`), each once."""
+    return list(dict.fromkeys(stage_of(name).needs(config, name)))
+
+
+def plan(config: Config) -> list[str]:
+    """A run's stages in order: every stage after the stages it needs (depth first, each
+    stage listed by `_listing_key`)."""
+    ranks = {kind: i for i, kind in enumerate(REGISTRY)}
+    listed = []
+    for st in stages().values():
+        listed += [(_listing_key(parse(n), ranks[st.kind], i), n) for i, n in enumerate(st.instances(config))]
+    names = {n for _, n in listed}
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in seen:
+            return
+        if name in path:
+            raise ValueError(f"stages depend on each other in a circle: {' -> '.join(path + (name,))}")
+        for dep in needs(config, name):
+            if dep not in names:
+                raise ValueError(f"stage {name} needs {dep}, which this run does not have")
+            visit(dep, path + (name,))
+        seen.add(name)
+        out.append(name)
+    for _, name in sorted(listed):
+        visit(name, ())
+    return out

@@ -16,7 +16,7 @@ from opdflow.infra.data import load_prompts
 from opdflow.infra.lm import ChatFormat, encode_prompt, load_tokenizer
 from opdflow.infra.manifest import Run, StageContext, file_inputs, run_stage
 from opdflow.infra.tables import parquet_to_table
-from opdflow.tasks.common import stage_task
+from opdflow.tasks.stage import Stage, single
 
 
 def run(run: Run, stage: str = "prompts", force: bool = False, progress=None) -> tuple[dict, bool]:
@@ -53,4 +53,5 @@ def report(run: Run, entry: dict) -> str:
             f"longest prompt {m['max_prompt_tokens']} tokens.")
 
 
-prompts_task = stage_task("prompts", run, report)
+STAGES = (Stage("prompts", run, instances=single("prompts"), needs=lambda config, name: ["models"], report=report),)
+prompts_task = STAGES[0].task

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 
 from opdflow.infra.manifest import Run, StageContext, run_stage
-from opdflow.tasks.common import publish_markdown, publish_table, stage_task
-from opdflow.tasks.plan import eval_labels, patching_enabled, plan
+from opdflow.tasks.common import publish_markdown, publish_table
+from opdflow.tasks.plan import eval_labels, instances, patching_enabled, plan
+from opdflow.tasks.stage import Stage, single
 
 
 def eval_table(run: Run) -> list[dict]:
@@ -192,7 +193,10 @@ def report(run: Run, entry: dict) -> str:
     return run.read_output("report", "report.md").decode()
 
 
-report_task = stage_task("report", run, report)
+# the report reads every stage's entry (evaluations, the rock summary, train losses, the run's curves)
+STAGES = (Stage("report", run, instances=single("report"), report=report,
+                needs=lambda config, stage: [n for n in instances(config) if n != "report"]),)
+report_task = STAGES[0].task
 
 
 def run_status(run: Run) -> dict:

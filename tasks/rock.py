@@ -66,9 +66,11 @@ from opdflow.infra.streaming import aggregate_dataset, token_dataset
 from opdflow.infra.tables import parquet_to_table
 from opdflow.kernels import per_token_divergence_and_grad
 from opdflow.tasks import prompts as prompts_stage
-from opdflow.tasks.common import publish_table, stage_task
+from opdflow.tasks.common import publish_table
+from opdflow.tasks.control import matched_random, token_share
 from opdflow.tasks.plan import checkpoint_of, round_stage
-from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds, shard_runner
+from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds
+from opdflow.tasks.stage import ShardParts, Stage, single
 from opdflow.tasks.rollout import generate
 
 # -- the method as plain functions (tested with known answers) ---------------------------
@@ -228,51 +230,6 @@ def stability(records: dict[str, list], fractions: list[float], rc, seed: int,
     return out
 
 
-def token_share(counts: dict[int, int], ids) -> float:
-    """The share of all counted positions whose id is in `ids`."""
-    total = sum(counts.values())
-    keep = set(ids)
-    return sum(n for t, n in counts.items() if t in keep) / total if total else 0.0
-
-
-def matched_random(counts: dict[int, int], rock: list[int], excluded: set[int], seed: int, tolerance: float,
-                   attempts: int = 2000) -> dict:
-    """A random control set that takes the same share of `counts` (positions per id) as the
-    rock set, within `tolerance` (absolute).
-
-    Candidates: ids with a count that are neither rocks nor in `excluded` (the caller's
-    controls, dropped and special ids). Each attempt walks a seeded random permutation of
-    the candidates and adds an id when the share stays below target + tolerance, until the
-    share reaches target - tolerance; the first attempt inside the window wins. Returns
-    {ids, share, target_share, within_tolerance, n_candidates}; when no attempt lands inside
-    (the candidates cannot reach the rocks' share), the closest one, with
-    within_tolerance false: the report shows both shares, so that is visible, not hidden."""
-    target = token_share(counts, rock)
-    total = sum(counts.values())
-    cands = sorted(t for t, n in counts.items() if n > 0 and t not in set(rock) and t not in excluded)
-    rng = random.Random(derive_seed(seed, "matched-random"))
-    best: tuple[float, list[int], float] | None = None
-    for _ in range(attempts if cands and total else 0):
-        order = cands[:]
-        rng.shuffle(order)
-        picked, share = [], 0.0
-        for t in order:
-            if share >= target - tolerance:
-                break
-            s = counts[t] / total
-            if share + s <= target + tolerance:
-                picked.append(t)
-                share += s
-        gap = abs(share - target)
-        if best is None or gap < best[0]:
-            best = (gap, sorted(picked), share)
-        if gap <= tolerance:
-            break
-    gap, ids, share = best if best else (target, [], 0.0)
-    return {"ids": ids, "share": share, "target_share": target, "within_tolerance": gap <= tolerance,
-            "n_candidates": len(cands)}
-
-
 def special_ids(tok) -> list[int]:
     """The tokenizer's special ids (BOS, EOS, pad, unk, ...)."""
     ids = set(getattr(tok, "all_special_ids", []) or [])
@@ -418,7 +375,7 @@ def probe_settings(config: Config):
     return base if config.rock.probe_decoding == "sampled" else replace(base, temperature=0.0, top_p=1.0, top_k=0)
 
 
-def _probe_stage(run: Run):
+def _probe_stage(run: Run) -> ShardParts:
     c = run.config
     final_stage, final_prefix = checkpoint_of(c, "final_student")
     inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(final_stage, final_prefix, "final")}
@@ -433,7 +390,7 @@ def _probe_stage(run: Run):
     return params, inputs, shard_body
 
 
-def _directions_stage(run: Run):
+def _directions_stage(run: Run) -> ShardParts:
     c = run.config
     final_stage, final_prefix = checkpoint_of(c, "final_student")
     inputs = {**run.outputs_under(PROBE, "probes"), "token_counts": run.output(PROBE, "token_counts.safetensors"),
@@ -449,7 +406,7 @@ def _directions_stage(run: Run):
     return params, inputs, shard_body
 
 
-def _rock_stage(run: Run):
+def _rock_stage(run: Run) -> ShardParts:
     c = run.config
     ckpts = checkpoint_labels(c)
     inputs = {**run.outputs_under(PROBE, "probes"), "token_counts": run.output(PROBE, "token_counts.safetensors"),
@@ -525,7 +482,22 @@ def run(run: Run, stage: str = "rock", force: bool = False, progress=None) -> tu
                        shard_body=shard_body, finish=finish, force=force, progress=progress)
 
 
-_STAGES = {PROBE: _probe_stage, DIRECTIONS: _directions_stage, "rock": _rock_stage}
+def _final(config: Config) -> str:
+    return checkpoint_of(config, "final_student")[0]
+
+
+STAGES = (
+    Stage(PROBE, run_probe, instances=single(PROBE), needs=lambda config, stage: ["prompts", _final(config)],
+          shard_parts=lambda run, stage: _probe_stage(run), n_shards=lambda run, stage: probe_shards(run.config)),
+    Stage(DIRECTIONS, run_directions, instances=single(DIRECTIONS),
+          needs=lambda config, stage: [PROBE, "models", _final(config)],
+          shard_parts=lambda run, stage: _directions_stage(run), n_shards=lambda run, stage: n_parts(run)),
+    # `report` is defined below; the lambda looks it up when a task publishes
+    Stage("rock", run, instances=single("rock"), report=lambda run, entry: report(run, entry),
+          needs=lambda config, stage: [PROBE, DIRECTIONS, "models",
+                                       *dict.fromkeys(st for _, st, _ in checkpoint_labels(config))],
+          shard_parts=lambda run, stage: _rock_stage(run), n_shards=lambda run, stage: n_parts(run)),
+)
 
 
 def analyse(run: Run, ctx: StageContext, records_dir: Path) -> None:
@@ -842,10 +814,7 @@ def report(run: Run, entry: dict) -> str:
     return md
 
 
-rock_task = stage_task("rock", run, report)
-rock_probe_task = stage_task("rock-probe", run_probe)
-rock_directions_task = stage_task("rock-directions", run_directions)
-rock_shard_task = stage_task("rock-shard", shard_runner(lambda run, stage: _STAGES[stage](run)))
+rock_probe_task, rock_directions_task, rock_task = (s.task for s in STAGES)
 
 __all__ = ["aggregate", "select", "shares", "stagnation", "stability", "matched_random", "token_share", "special_ids",
            "checkpoint_labels", "selection_checkpoint", "probe_settings", "category", "jaccard",

@@ -31,9 +31,9 @@ from opdflow.infra.config import Config
 from opdflow.infra.lm import SampleSettings, derive_seed, load_model, load_tokenizer
 from opdflow.infra.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
-from opdflow.tasks.common import stage_task
-from opdflow.tasks.plan import parse, seed_tag, student_before
-from opdflow.tasks.shards import read_parts, run_sharded, shard_bounds, shard_runner
+from opdflow.tasks.plan import parse, round_instances, seed_tag, student_before
+from opdflow.tasks.shards import read_parts, run_sharded, shard_bounds
+from opdflow.tasks.stage import ShardParts, Stage
 
 
 def round_prompt_ids(config: Config, train_ids: list[int], r: int, tag: tuple = ()) -> list[int]:
@@ -144,7 +144,7 @@ def n_shards(config: Config) -> int:
     return len(shard_bounds(n_jobs, config.scale.shards, config.rollout.batch_size))
 
 
-def _stage(run: Run, stage: str) -> tuple[dict, dict, callable]:
+def _stage(run: Run, stage: str) -> ShardParts:
     """(params, inputs, shard body) of a rollout stage: shared by the stage and its shards."""
     c = run.config
     name = parse(stage)
@@ -190,5 +190,11 @@ def report(run: Run, entry: dict) -> str:
     return "\n".join(lines)
 
 
-rollout_task = stage_task("rollout", run, report)
-rollout_shard_task = stage_task("rollout-shard", shard_runner(_stage))
+def needs(config: Config, stage: str) -> list[str]:
+    name = parse(stage)
+    return ["models", "prompts", student_before(config, name.arm, name.round, name.seed)[0]]
+
+
+STAGES = (Stage("rollout", run, instances=round_instances("rollout"), needs=needs, report=report, shard_parts=_stage,
+                n_shards=lambda run, stage: n_shards(run.config)),)
+rollout_task, rollout_shard_task = STAGES[0].task, STAGES[0].shard_task

@@ -34,9 +34,9 @@ from opdflow.infra.lm import load_model, load_tokenizer, response_logits
 from opdflow.infra.manifest import Run, RunError, StageContext
 from opdflow.infra.scoring import score_logits
 from opdflow.infra.tables import parquet_to_table
-from opdflow.tasks.common import stage_task
-from opdflow.tasks.plan import parse, round_stage
-from opdflow.tasks.shards import read_parts, run_sharded, shard_runner
+from opdflow.tasks.plan import parse, round_instances, round_stage
+from opdflow.tasks.shards import read_parts, run_sharded
+from opdflow.tasks.stage import ShardParts, Stage
 
 
 TAIL_COLUMN = "teacher_tail_logmass"
@@ -82,7 +82,7 @@ def score_table(model, pad_id: int, rollouts: pa.Table, top_k: int, batch_size: 
     return scores_table(rollouts, per_seq)
 
 
-def _stage(run: Run, stage: str):
+def _stage(run: Run, stage: str) -> ShardParts:
     """(params, inputs, shard body) of a scoring stage: shard i scores rollout part i."""
     c = run.config
     ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm, parse(stage).seed)
@@ -156,5 +156,11 @@ def report(run: Run, entry: dict) -> str:
                       *[f"| {k} | {v} |" for k, v in m.items()], "", f"Backend: `{entry['backend']}`"])
 
 
-score_task = stage_task("score", run, report)
-score_shard_task = stage_task("score-shard", shard_runner(_stage))
+def needs(config, stage: str) -> list[str]:
+    name = parse(stage)
+    return ["models", round_stage("rollout", name.round, name.arm, name.seed)]
+
+
+STAGES = (Stage("score", run, instances=round_instances("score"), needs=needs, report=report, shard_parts=_stage,
+                n_shards=n_shards),)
+score_task, score_shard_task = STAGES[0].task, STAGES[0].shard_task

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from opdflow.infra.lm import Sample, SampleSettings
+from opdflow.tasks.stage import Stage
 
 HIST_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -243,9 +244,11 @@ def report(run, entry: dict) -> str:
     return f"# sensitivity — run `{run.run_id}`\n\n" + run.read_output("sensitivity", "sensitivity.md").decode()
 
 
-def _task():
-    from opdflow.tasks.common import stage_task
-    return stage_task("sensitivity", run, report)
+def _needs(config, stage: str) -> list[str]:
+    from opdflow.tasks.plan import checkpoint_of
+    return ["prompts", checkpoint_of(config, config.sensitivity.checkpoint)[0]]
 
 
-sensitivity_task = _task()
+STAGES = (Stage("sensitivity", run, instances=lambda config: ["sensitivity"] if config.sensitivity.enabled else [],
+                needs=_needs, report=report, gpus=lambda config: 1),)
+sensitivity_task = STAGES[0].task

@@ -20,7 +20,7 @@ reference code does.
 The bypass set is fixed in an arm's round 1 and written as `bypass.json` (rounds 2..R
 copy it). The random control is drawn there, once per seed, from ids that are not rocks,
 controls, dropped or special, to match the share of the round's trained positions that
-the rock set takes (`rock.matched_random`, within `ablation.random_share_tolerance`):
+the rock set takes (`control.matched_random`, within `ablation.random_share_tolerance`):
 round 1 trains every arm of a seed on the same rollouts, so that share is exactly what the
 rock arm bypasses in its first round. Later rounds' realised shares are in each round's
 `bypassed_fraction`, shown side by side in the report.
@@ -71,9 +71,9 @@ import pyarrow.parquet as pq
 from opdflow.infra.manifest import Run, RunError, StageContext, run_stage
 from opdflow.tasks import rollout as rollout_stage
 from opdflow.tasks import score as score_stage
-from opdflow.tasks.common import stage_task
 from opdflow.infra.lm import derive_seed
-from opdflow.tasks.plan import ARMS, parse, rollout_of, round_stage, seed_tag, student_before
+from opdflow.tasks.plan import ARMS, parse, rollout_of, round_instances, round_stage, seed_tag, student_before
+from opdflow.tasks.stage import Stage
 from opdflow.tasks.train_worker import CHECKPOINT, PROGRESS, announce, train_round, zeroed_ids
 
 
@@ -88,7 +88,7 @@ def zeroed_counts(rows: pa.Table, position: str) -> dict[int, int]:
 
 def draw_bypass(c, name, rock_sets: dict, rows: pa.Table) -> dict:
     """An arm's bypass set for its seed (bypass.json), chosen in round 1 on that round's rows."""
-    from opdflow.tasks.rock import matched_random, token_share
+    from opdflow.tasks.control import matched_random, token_share
     counts = zeroed_counts(rows, c.ablation.position)
     rock = sorted(rock_sets["rock"])
     out = {"arm": name.arm, "seed": name.seed, "position": c.ablation.position,
@@ -281,4 +281,16 @@ def report(run: Run, entry: dict) -> str:
                       f"Kernel/device: `{entry['backend']}`", *mismatch_section(run, entry)])
 
 
-train_task = stage_task("train", run, report)
+def needs(config, stage: str) -> list[str]:
+    """The round's rollout and scores, the checkpoint it starts from; an arm's round 1 the rock
+    sets, its later rounds round 1's bypass set."""
+    name = parse(stage)
+    out = [*rollout_of(name), student_before(config, name.arm, name.round, name.seed)[0]]
+    if name.arm != "main":
+        out.append("rock" if name.round == 1 else round_stage("train", 1, name.arm, name.seed))
+    return list(dict.fromkeys(out))
+
+
+STAGES = (Stage("train", run, instances=round_instances("train"), needs=needs, report=report,
+                gpus=lambda config: config.train.nproc_per_node),)
+train_task = STAGES[0].task

@@ -54,6 +54,43 @@ def _flow_runs(api_url: str, name: str) -> list:
             return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
 
 
+def _check_concurrency_and_progress(api_url: str, flow_run_id) -> None:
+    """Issue 13: stages that do not need each other ran at the same time (task run start and
+    end times), stage tasks waited on what they need (`wait_for`: the UI's graph), and every
+    stage of the plan opened a progress artifact (the tiny config runs `scale.shards: 1`)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType, FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from opdflow.infra.config import load_config
+    from opdflow.tasks.plan import needs, plan
+    from opdflow.tasks.shards import split_shard_name
+    config = load_config(TINY)
+    stages = plan(config)
+    assert config.scale.shards == 1
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                              limit=1000)
+            progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+                                             limit=1000)
+    base = lambda name: (split_shard_name(name) or (name,))[0]  # noqa: E731
+    shown = {base(a.description.split(":")[0].removesuffix(" progress")) for a in progress if a.description}
+    assert set(stages) <= shown, sorted(set(stages) - shown)
+    runs = [t for t in task_runs if t.start_time and t.end_time and base(t.name) in stages]
+    assert {base(t.name) for t in runs} == set(stages)
+    upstream: dict[str, set[str]] = {}
+    for name in stages:  # plan order: what a stage needs, transitively
+        upstream[name] = set(needs(config, name)).union(*(upstream[d] for d in needs(config, name)))
+    overlaps = [(a.name, b.name) for a in runs for b in runs
+                if base(a.name) != base(b.name) and base(a.name) not in upstream[base(b.name)]
+                and base(b.name) not in upstream[base(a.name)] and a.start_time < b.end_time
+                and b.start_time < a.end_time]
+    assert overlaps, "no two independent stages ran at the same time"
+    train = next(t for t in runs if t.name == "train.r02")
+    assert train.task_inputs.get("wait_for"), train.task_inputs  # submitted waiting on rollout/score/train.r01
+
+
 def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict, subtests) -> None:
     """Issue 18: the flow run named and tagged, the run-summary's headline and order, the
     curves in TensorBoard event files and in MLflow, read back; screenshots of the pages."""
@@ -69,8 +106,9 @@ def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict, su
     md = summary.data
     assert md.splitlines()[2].startswith("**Completed**"), md[:500]
     assert re.search(r"Student exact_match on `opdflow_arith`: \*\*\d\.\d{3} → \d\.\d{3}\*\* \(teacher", md), md[:800]
-    assert "Ablation verdict" in md.split("## Wall time")[0]  # the headline holds the verdict's sentence
-    order = [md.index(h) for h in ("## Wall time", "## Curves", "## Everything else")]
+    assert "Ablation verdict" in md.split("## Curves")[0]  # the headline holds the verdict's sentence
+    assert re.search(r"^Wall time .+; slowest: `", md.split("## Curves")[0], re.M), md[:800]
+    order = [md.index(h) for h in ("## Curves", "## Everything else", "## Wall time per stage")]
     assert order == sorted(order), order
     secs = [float(x) for x in re.findall(r"^\| `[^`]+` \| committed \| ([\d.]+) s \|", md, re.M)]
     assert len(secs) > 10 and secs == sorted(secs, reverse=True), secs
@@ -90,6 +128,7 @@ def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict, su
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=mlflow_server.url)
     exp = client.get_experiment_by_name("opdflow")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`opdflow.run_id` = 'e2e'")
     assert len(parents) == 1
     parent = parents[0]
@@ -170,12 +209,19 @@ def test_lifecycle_end_to_end(prefect_server, mlflow_server, tmp_path, subtests)
     with subtests.test("rock, evaluation, train and verdict reports in the Prefect UI"):
         _look_at_the_ui(prefect_server, arts)
     _check_reviewable(prefect_server, mlflow_server, store, arts, subtests)
+    _check_concurrency_and_progress(prefect_server.url, _flow_runs(prefect_server.url, "e2e")[0].id)
 
     # The same command again: no stage runs.
     n = _attempts(store, "e2e")
     again = cli("run", TINY, "--store", store, "--run-id", "e2e", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _attempts(store, "e2e") == n
+    # ... and MLflow still holds one run of it, with one child run per line (the earlier ones deleted)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp_id = client.get_experiment_by_name("opdflow").experiment_id
+    assert len(client.search_runs([exp_id], filter_string="tags.`opdflow.run_id` = 'e2e'")) == 1
+    assert len(client.search_runs([exp_id], filter_string="tags.`opdflow.run_id` = 'e2e/main'")) == 1
 
     # Delete one stage's committed outputs; `opdflow stage` recreates them, identical.
     entry = json.loads((store / "runs/e2e/manifest/score.r02.json").read_text())

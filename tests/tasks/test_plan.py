@@ -68,3 +68,48 @@ def test_ablation_config_fields():
         parse_config({"ablation": {"seeds": [1, 1]}})
     with pytest.raises(ConfigError, match="ablation.position"):
         parse_config({"ablation": {"position": "output"}})
+
+
+def test_registry_declares_every_kind_and_the_plan_respects_needs():
+    """One registry (kind -> pattern, module): each module declares its kinds; parse knows
+    exactly the registry's kinds; every planned stage comes after every stage it needs, and
+    a stage only needs stages of the plan."""
+    from opdflow.tasks.plan import REGISTRY, needs, stages
+    decl = stages()
+    assert list(decl) == list(REGISTRY)
+    for kind, st in decl.items():
+        assert st.kind == kind and st.module == f"opdflow.tasks.{REGISTRY[kind][1]}"
+        assert st.task.name == kind and (st.shard_task.name == f"{kind}-shard" if st.sharded else True)
+    for c in (_config(), _config(enabled=False), parse_config({"sensitivity": {"enabled": True}})):
+        stages_ = plan(c)
+        assert {parse(s).kind for s in stages_} <= set(REGISTRY)
+        pos = {s: i for i, s in enumerate(stages_)}
+        for s in stages_:
+            for dep in needs(c, s):
+                assert dep in pos and pos[dep] < pos[s], (s, dep)
+    assert "sensitivity" in plan(parse_config({"sensitivity": {"enabled": True}}))
+    assert "sensitivity" not in plan(_config())
+    # the main run's round 2 waits on its round 1; an arm's round 1 on the rock sets, not on the main rounds' scores
+    c = _config()
+    assert needs(c, "train.r02") == ["rollout.r02", "score.r02", "train.r01"]
+    assert needs(c, "ablate-rock.s1.train.r01") == ["ablate-uniform.s1.rollout.r01", "ablate-uniform.s1.score.r01",
+                                                    "models", "rock"]
+    assert needs(c, "eval.teacher") == ["prompts", "models"]
+
+
+def test_stage_code_versions_cover_what_each_stage_imports():
+    """A stage's code version hashes its module's import closure (`infra/provenance`): train's
+    holds the training loop, the kernels and the stages it reads, not the report, the rock
+    analysis (plots) or the verdict; the report's holds the verdict."""
+    from opdflow.infra.manifest import stage_code_version
+    from opdflow.infra.provenance import code_version, module_closure
+    train = set(module_closure("opdflow.tasks.train"))
+    assert {"opdflow.tasks.train_worker", "opdflow.kernels.loss", "opdflow.tasks.score", "opdflow.tasks.control",
+            "opdflow.infra.manifest"} <= train
+    assert not train & {"opdflow.tasks.report", "opdflow.tasks.rock", "opdflow.tasks.verdict", "opdflow.tasks.summary",
+                        "opdflow.tasks.patch", "opdflow.tasks.evaluate", "opdflow.flows.lifecycle"}
+    assert "opdflow.tasks.verdict" in module_closure("opdflow.tasks.report")
+    assert stage_code_version("train.r01") == stage_code_version("ablate-rock.s1.train.r02") \
+        == stage_code_version("train.r01.shard-000-of-001")
+    assert stage_code_version("rock-probe") == stage_code_version("rock") != stage_code_version("train.r01")
+    assert stage_code_version("not-a-stage") == code_version()
