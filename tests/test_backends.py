@@ -90,7 +90,7 @@ def test_openai_rollout_and_scoring_equal_the_local_backends(tmp_path, monkeypat
     local = backends.scorer_for(ref.config)(teacher, tok, ro["prompt_ids"].to_pylist(), ro["response_ids"].to_pylist(),
                                             lambda f, m="": None)
     assert sc["prompt_id"].equals(ro["prompt_id"]) and sc["sample_idx"].equals(ro["sample_idx"])
-    for got_lp, got_ids, got_top, (lp, ids, top) in zip(sc["teacher_logprobs"].to_pylist(), sc["topk_ids"].to_pylist(),
+    for got_lp, got_ids, got_top, (lp, ids, top, _tail) in zip(sc["teacher_logprobs"].to_pylist(), sc["topk_ids"].to_pylist(),
                                                        sc["topk_logprobs"].to_pylist(), local):
         assert len(got_lp) == len(lp) and max((abs(a - b) for a, b in zip(got_lp, lp)), default=0.0) < 1e-5
         for gi, gt, i, t in zip(got_ids, got_top, ids, top):  # ties may come in another order: compare by id
