@@ -67,7 +67,7 @@ $(VLLM_STAMP):
 vllm-env: $(VLLM_STAMP)
 
 test: $(STAMP) $(MLFLOW_STAMP) vllm-env
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=15 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not integration and not slow"
