@@ -32,6 +32,10 @@ from typing import Iterable
 TRAIN_SCALARS = ("loss", "divergence", "grad_norm", "lr", "tokens_per_s", "mismatch_k3", "mismatch_abs",
                  "bypassed_fraction")
 MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
+# MLflow 3's UI shows an experiment without this tag as a GenAI one ("Evaluation runs", traces);
+# opdflow's runs are model training: runs table, metric charts
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
 
 
 def train_scalars(steps: list[dict]) -> list[tuple[str, int, float]]:
@@ -191,8 +195,12 @@ def log_mlflow(run, experiment: str = "opdflow", uri: str | None = None) -> dict
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, tags=EXPERIMENT_TAGS)
+    if exp is not None and exp.tags.get(EXPERIMENT_KIND) is None:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
     for old in client.search_runs([exp_id], filter_string=f"tags.`opdflow.run_id` = '{run.run_id}'"):
+        for child in client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{old.info.run_id}'"):
+            client.delete_run(child.info.run_id)
         client.delete_run(old.info.run_id)
     now = int(time.time() * 1000)
     config = json.loads(run.config.identity().to_json())
@@ -214,8 +222,19 @@ def log_mlflow(run, experiment: str = "opdflow", uri: str | None = None) -> dict
         client.set_terminated(child.info.run_id)
     client.set_terminated(pid)
     base = uri.rstrip("/")
-    url = f"{base}/#/experiments/{exp_id}/runs/{pid}" if base.startswith("http") else None
+    url = run_page_url(base, exp_id, pid) if base.startswith("http") else None
     return {"experiment_id": exp_id, "run_id": pid, "url": url}
+
+
+def run_page_url(base: str, experiment_id: str, run_id: str, tab: str = "") -> str:
+    """The MLflow UI's page of a run (`tab`: "" the overview, "model-metrics" its charts), in
+    the UI's model-training view (its default view is GenAI's, whatever the experiment).
+
+    >>> run_page_url("http://127.0.0.1:5000/", "1", "ab12", "model-metrics")
+    'http://127.0.0.1:5000/#/experiments/1/runs/ab12/model-metrics?workflowType=machine_learning'
+    """
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")
+            + "?workflowType=machine_learning")
 
 
 # -- the same curves as a picture -------------------------------------------------------------
@@ -223,7 +242,10 @@ def log_mlflow(run, experiment: str = "opdflow", uri: str | None = None) -> dict
 def curves_png(curves: dict[str, list[tuple[str, int, float]]],
                tags: tuple[str, ...] = ("train/loss", "train/grad_norm", "train/mismatch_k3")) -> bytes | None:
     """Training loss, gradient norm and sampler/trainer mismatch per step, and every
-    evaluation metric per round, one panel each, a line per run line; None if nothing to draw."""
+    evaluation metric per round, one panel each, a line per run line; None if nothing to draw.
+
+    Two panels a row, 900 px wide: the Prefect UI shows an artifact's image at its column's
+    width (about 860 px), so the labels stay at the size they were drawn."""
     evals = sorted({t for sc in curves.values() for t, _, _ in sc if t.startswith("eval/")})
     panels = [t for t in tags if any(tt == t for sc in curves.values() for tt, _, _ in sc)] + evals[:2]
     if not panels:
@@ -231,25 +253,31 @@ def curves_png(curves: dict[str, list[tuple[str, int, float]]],
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, tag in zip(axes[0], panels):
+    from matplotlib.ticker import MaxNLocator
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, tag in zip(axes.flat, panels):
         for line, scalars in sorted(curves.items()):
             pts = sorted((s, v) for t, s, v in scalars if t == tag)
             if pts:
-                style = {"linestyle": "--", "color": "grey"} if line == "teacher" else {"marker": "o" if
-                                                                                         tag.startswith("eval/") else None,
-                                                                                         "markersize": 3}
+                style = ({"linestyle": "--", "color": "grey"} if line == "teacher"
+                         else {"marker": "o" if tag.startswith("eval/") or len(pts) <= 12 else None, "markersize": 3})
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=line, **style)
-        ax.set_title(tag, fontsize=9)
-        ax.set_xlabel("round" if tag.startswith("eval/") else "step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        ax.set_title(tag, fontsize=11)
+        ax.set_xlabel("round" if tag.startswith("eval/") else "step", fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and rounds are whole numbers
+        ax.tick_params(labelsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
 
 
 __all__ = ["train_scalars", "run_curves", "write_events", "read_events", "write_run_events", "log_mlflow",
-           "mlflow_uri", "final_scores", "curves_png", "TRAIN_SCALARS"]
+           "mlflow_uri", "final_scores", "curves_png", "run_page_url", "TRAIN_SCALARS"]

@@ -200,6 +200,24 @@ def entry_summary(entry: dict) -> dict:
             "metrics": entry.get("metrics", {})}
 
 
+def done_line(stage: str, entry: dict, ran: bool, n: int = 6) -> str:
+    """The task run's log line when its stage ends (the Logs tab's account of the run): time and
+    the stage's first `n` scalar metrics.
+
+    >>> done_line("train.r01", {"seconds": 7.23, "metrics": {"steps": 2, "loss_mean": 0.259128,
+    ...           "losses": [0.28, 0.23], "tokens_per_s": 215.3, "mismatch": {"k3": 0.0}}}, True)
+    'train.r01 committed in 7.2 s: steps 2, loss_mean 0.2591, tokens_per_s 215.3'
+    >>> done_line("models", {"seconds": 49.0, "metrics": {}}, False)
+    'models: committed earlier, skipped'
+    """
+    if not ran:
+        return f"{stage}: committed earlier, skipped"
+    nums = [(k, v) for k, v in entry.get("metrics", {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)][:n]
+    return (f"{stage} committed in {entry['seconds']:.1f} s"
+            + (": " + ", ".join(f"{k} {v:.4g}" for k, v in nums) if nums else ""))
+
+
 def stage_task(kind: str, run_fn: Callable[..., tuple[dict, bool]],
                report_fn: Callable[[Run, dict], str] | None = None, retries: int = 2):
     """Wrap a stage's plain `run_fn(run, stage, force, progress)` as a Prefect task."""
@@ -217,6 +235,8 @@ def stage_task(kind: str, run_fn: Callable[..., tuple[dict, bool]],
         if report_fn is not None:
             publish_markdown(stage, report_fn(run, entry),
                              f"{stage} of run {run_id}" + ("" if ran else " (committed earlier, skipped)"))
+        from prefect.logging import get_run_logger
+        get_run_logger().info(done_line(stage, entry, ran))
         return {**entry_summary(entry), "ran": ran}
 
     _task.__doc__ = f"Prefect task for the {kind} stage (see opdflow.tasks.{kind})."

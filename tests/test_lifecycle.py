@@ -106,8 +106,9 @@ def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict, su
     md = summary.data
     assert md.splitlines()[2].startswith("**Completed**"), md[:500]
     assert re.search(r"Student exact_match on `opdflow_arith`: \*\*\d\.\d{3} → \d\.\d{3}\*\* \(teacher", md), md[:800]
-    assert "Ablation verdict" in md.split("## Wall time")[0]  # the headline holds the verdict's sentence
-    order = [md.index(h) for h in ("## Wall time", "## Curves", "## Everything else")]
+    assert "Ablation verdict" in md.split("## Curves")[0]  # the headline holds the verdict's sentence
+    assert re.search(r"^Wall time .+; slowest: `", md.split("## Curves")[0], re.M), md[:800]
+    order = [md.index(h) for h in ("## Curves", "## Everything else", "## Wall time per stage")]
     assert order == sorted(order), order
     secs = [float(x) for x in re.findall(r"^\| `[^`]+` \| committed \| ([\d.]+) s \|", md, re.M)]
     assert len(secs) > 10 and secs == sorted(secs, reverse=True), secs
@@ -127,6 +128,7 @@ def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict, su
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=mlflow_server.url)
     exp = client.get_experiment_by_name("opdflow")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`opdflow.run_id` = 'e2e'")
     assert len(parents) == 1
     parent = parents[0]
@@ -214,6 +216,12 @@ def test_lifecycle_end_to_end(prefect_server, mlflow_server, tmp_path, subtests)
     again = cli("run", TINY, "--store", store, "--run-id", "e2e", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _attempts(store, "e2e") == n
+    # ... and MLflow still holds one run of it, with one child run per line (the earlier ones deleted)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp_id = client.get_experiment_by_name("opdflow").experiment_id
+    assert len(client.search_runs([exp_id], filter_string="tags.`opdflow.run_id` = 'e2e'")) == 1
+    assert len(client.search_runs([exp_id], filter_string="tags.`opdflow.run_id` = 'e2e/main'")) == 1
 
     # Delete one stage's committed outputs; `opdflow stage` recreates them, identical.
     entry = json.loads((store / "runs/e2e/manifest/score.r02.json").read_text())

@@ -123,13 +123,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def capture(url: str, out_png: Path | None = None, *, width: int = 1400, height: int = 1800,
-            wait_ms: int = 8000, timeout_s: float | None = None) -> str:
+            wait_ms: int = 8000, timeout_s: float | None = None, chromium_args: tuple[str, ...] = ()) -> str:
     """Render `url` once; save a PNG screenshot to `out_png` (if given) and return the rendered DOM.
 
     The screenshot and the DOM come from the same page load, so an assertion on the DOM describes
-    what is in the picture.
+    what is in the picture. `chromium_args`: more Chromium flags (e.g. `--host-resolver-rules=...`).
     """
-    extra = ["--dump-dom"]
+    extra = ["--dump-dom", *chromium_args]
     if out_png is not None:
         out_png = Path(out_png).resolve()
         out_png.parent.mkdir(parents=True, exist_ok=True)

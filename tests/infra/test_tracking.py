@@ -44,6 +44,10 @@ def test_tensorboard_events_round_trip(tmp_path):
     assert back["eval/t/acc"] == [(0, 0.25), (2, 0.5)]
     png = curves_png({"main": scalars + [("eval/t/acc", 0, 0.25)], "teacher": [("eval/t/acc", 0, 0.9)]})
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import io
+    from PIL import Image
+    width, height = Image.open(io.BytesIO(png)).size  # 3 panels: 2 a row
+    assert 800 <= width <= 1000 and height > 500  # the artifact column is ~860 px: labels not shrunk
     assert curves_png({}) is None
 
 
