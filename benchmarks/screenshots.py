@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         mf = mlflow.url.replace("127.0.0.1", MLFLOW_HOST)
         # (file, URL, texts the page must show, height)
         shots = [
-            ("prefect-flow-run.png", ui.flow_run_url(base, fr.id), [RUN_ID], a.height),
+            ("prefect-flow-run.png", ui.flow_run_url(base, fr.id),
+             [f"Beginning flow run '{RUN_ID}'", "committed in"], a.height),
             ("prefect-flow-run-artifacts.png", ui.flow_run_artifacts_url(base, fr.id), ["run-summary"], a.height),
             ("prefect-run-summary.png", ui.artifact_page_url(base, arts[f"{RUN_ID}-run-summary"].id),
              ["Wall time", "Completed", "Curves"], a.height + 400),

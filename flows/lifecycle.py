@@ -250,7 +250,15 @@ def finish(run: Run, t0: float, failed: BaseException | None = None) -> None:
         logger.warning(f"could not publish the run-summary: {type(e).__name__}: {e}")
 
 
-@flow(name="opdflow-lifecycle")
+def _lifecycle_run_name() -> str:
+    """The flow run's name from its first log line on: the run id when the caller gives it (the
+    CLI always does); else Prefect's generated name, until `label_flow_run` renames the run."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.names import generate_slug
+    return (flow_run.parameters or {}).get("run_id") or generate_slug(2)
+
+
+@flow(name="opdflow-lifecycle", flow_run_name=_lifecycle_run_name)
 def lifecycle(config_path: str | None = None, store: str | None = None, run_id: str | None = None,
               overrides: dict[str, Any] | None = None) -> dict:
     """The whole OPD lifecycle on one run id; committed stages are skipped."""

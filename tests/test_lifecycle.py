@@ -100,6 +100,16 @@ def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict, su
     runs = _flow_runs(prefect_server.url, "e2e")
     assert len(runs) == 1, [r.name for r in runs]
     assert {"opdflow", "config:e2e", "run:e2e", "teacher:demo", "student:demo"} <= set(runs[0].tags), runs[0].tags
+    # the Logs tab: named from its first line, then a line per stage with its time and numbers
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
+        with get_client(sync_client=True) as client:
+            logs = [log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])), limit=200)]
+    assert "Beginning flow run 'e2e' for flow 'opdflow-lifecycle'" in logs, logs[:3]
+    assert any(m.startswith("train.r01 committed in ") and "loss_mean" in m for m in logs), logs[:20]
     # the run-summary: a flow-level artifact (listed above the task runs' ones in the V1 UI)
     summary = arts["run-summary"][0]
     assert summary.flow_run_id == runs[0].id and summary.task_run_id is None
