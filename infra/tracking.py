@@ -191,6 +191,8 @@ def log_mlflow(run, experiment: str = "opdflow", uri: str | None = None) -> dict
     import time
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a server gone mid-run: fail in seconds
+    # not two "View run ... at" lines per run line on the console: the run-summary links the run
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=uri)
