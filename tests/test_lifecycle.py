@@ -59,7 +59,8 @@ def _check_concurrency_and_progress(api_url: str, flow_run_id) -> None:
     end times), stage tasks waited on what they need (`wait_for`: the UI's graph), and every
     stage of the plan opened a progress artifact (the tiny config runs `scale.shards: 1`)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType,
+                                                FlowRunFilter, FlowRunFilterId)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from opdflow.infra.config import load_config
@@ -68,12 +69,20 @@ def _check_concurrency_and_progress(api_url: str, flow_run_id) -> None:
     config = load_config(TINY)
     stages = plan(config)
     assert config.scale.shards == 1
+    def pages(read, **filters) -> list:  # the API returns at most 200 per call
+        out: list = []
+        while True:
+            got = read(**filters, limit=200, offset=len(out))
+            out += got
+            if len(got) < 200:
+                return out
+
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         with get_client(sync_client=True) as client:
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                              limit=1000)
-            progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
-                                             limit=1000)
+            task_runs = pages(client.read_task_runs,
+                              flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            progress = pages(client.read_artifacts, artifact_filter=ArtifactFilter(
+                type=ArtifactFilterType(any_=["progress"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     base = lambda name: (split_shard_name(name) or (name,))[0]  # noqa: E731
     shown = {base(a.description.split(":")[0].removesuffix(" progress")) for a in progress if a.description}
     assert set(stages) <= shown, sorted(set(stages) - shown)
