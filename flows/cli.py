@@ -266,8 +266,9 @@ def _print_failure(run) -> None:
         run = Run.open(run.store, run.run_id)
         _print_status(run_status(run))
         for r in stage_table(run):
-            if r["status"] == "failed":
-                print(f"\nFAILED: {r['stage']}: {' '.join(str(r.get('error') or 'see the log').split())[:600]}\n"
+            if r["status"] == "failed" or r.get("rerun_failed"):
+                kept = " (its earlier committed outputs are kept)" if r.get("rerun_failed") else ""
+                print(f"\nFAILED: {r['stage']}: {' '.join(str(r.get('error') or 'see the log').split())[:600]}{kept}\n"
                       f"after fixing the cause: opdflow stage {r['stage']} --run-id {run.run_id} --store {run.store.uri}"
                       " (committed stages are kept; the full traceback is in the Prefect log)", file=sys.stderr)
                 break

@@ -297,6 +297,7 @@ class NativeSampler:
         key = (st.temperature, st.top_p, st.top_k, getattr(st, "vocab_size", None), eos_id)
         if not self.use_graph or key in self._checked or not run.active():
             if not self.use_graph:
+                _WARMUP.clear()  # the last check only, not keys left by an earlier one
                 _WARMUP.update(checked=False, mode="eager", reason=f"no CUDA graph on {self.device.type}")
             return step
         slots = torch.tensor(run.active(), device=self.device)
@@ -313,6 +314,7 @@ class NativeSampler:
         captured, eager = one(step), one(lambda: self._decode(st, eos_id))
         self._checked.add(key)
         diff = compare_steps(*captured, *eager)
+        _WARMUP.clear()
         _WARMUP.update(checked=True, mode="graph" if diff is None else "eager", difference=diff)
         if diff is None:
             return step

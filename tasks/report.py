@@ -87,7 +87,8 @@ def stage_table(run: Run) -> list[dict]:
         e = run.entry(name)
         if e is not None:
             rows.append({"stage": name, "status": "committed", "seconds": e["seconds"], "attempt": e["attempt"],
-                         "outputs": len(e["outputs"]), "location": run.store.describe(f"{run.prefix}/stages/{name}")})
+                         "outputs": len(e["outputs"]), "location": run.store.describe(f"{run.prefix}/stages/{name}"),
+                         **failed_rerun(run, name, e)})
         else:
             att = run.attempts(name)
             failed = failed_shards(run, name)
@@ -98,6 +99,25 @@ def stage_table(run: Run) -> list[dict]:
                          **({"failed_shards": failed} if failed else {}),
                          **({"error": last.get("error")} if status == "failed" and last.get("error") else {})})
     return rows
+
+
+def _latest_attempt(run: Run, stage: str) -> dict | None:
+    keys = sorted(run.store.list(f"{run.prefix}/attempts/{stage}/"))
+    return run.store.get_json(keys[-1]) if keys else None
+
+
+def failed_rerun(run: Run, stage: str, entry: dict) -> dict:
+    """For a committed stage: `{"rerun_failed": True, "error": ...}` when a later attempt (a
+    forced `opdflow stage`, or one of its shards) failed; the committed outputs stay valid, and
+    this is what failed last. `{}` otherwise."""
+    last = _latest_attempt(run, stage)
+    if last is not None and last.get("attempt", 0) > entry["attempt"] and last.get("status") == "failed":
+        return {"rerun_failed": True, "error": last.get("error")}
+    shards = failed_shards(run, stage)
+    if shards:
+        att = _latest_attempt(run, shards[0]) or {}
+        return {"rerun_failed": True, "failed_shards": shards, "error": att.get("error")}
+    return {}
 
 
 def failed_shards(run: Run, stage: str) -> list[str]:

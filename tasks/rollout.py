@@ -149,7 +149,8 @@ def _stage(run: Run, stage: str) -> ShardParts:
     c = run.config
     name = parse(stage)
     src_stage, src_prefix = student_before(c, name.arm, name.round, name.seed)
-    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **run.model_inputs(src_stage, src_prefix, "student")}
+    student = run.model_inputs(src_stage, src_prefix, "student")  # first: a missing input names the earliest stage
+    inputs = {"prompts": run.output("prompts", "prompts.parquet"), **student}
     params = {"rollout": backends.result_settings(c.section("rollout")), "seed": c.seed, "round": name.round,
               "student": c.section("student")}
 

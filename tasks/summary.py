@@ -42,7 +42,7 @@ def _first_sentence(text: str) -> str:
 def headline(run: Run, rows: list[dict]) -> list[str]:
     """The lines above everything else: outcome, scores, verdict."""
     out = []
-    failed = [r for r in rows if r["status"] == "failed"]
+    failed = [r for r in rows if r["status"] == "failed" or r.get("rerun_failed")]
     if failed:
         f = failed[0]
         out.append(f"**FAILED at `{f['stage']}`**: {f.get('error') or 'see the task run logs'}")

@@ -34,11 +34,19 @@ def _attempts(store: Path, run_id: str) -> int:
 
 def _artifacts(api_url: str) -> dict[str, list]:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         with get_client(sync_client=True) as client:
+            # this run's flow runs only: the server is shared with other tests' runs (dask, ...)
+            ours = [f.id for f in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="e2e")))]
             out: dict[str, list] = {}
-            for a in client.read_artifacts(limit=200):
+            arts, page = [], None
+            while page is None or len(page) == 200:  # the API's page limit
+                page = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ours)),
+                                             limit=200, offset=len(arts))
+                arts += page
+            for a in arts:
                 # keys are namespaced by config name (the run id `e2e` is its own): one key, one line of runs
                 assert a.key is None or a.key.startswith("e2e-"), a.key
                 out.setdefault(a.key.removeprefix("e2e-") if a.key else f"<{a.type}>", []).append(a)
@@ -113,10 +121,14 @@ def _check_reviewable(prefect_server, mlflow_server, store: Path, arts: dict, su
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
-        with get_client(sync_client=True) as client:
-            logs = [log.message for log in client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])), limit=200)]
+    logs: list[str] = []
+    deadline = time.time() + 60  # the server writes log batches asynchronously: wait until they are in
+    while time.time() < deadline and not any(m.startswith("train.r01 committed in ") for m in logs):
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
+            with get_client(sync_client=True) as client:
+                logs = [log.message for log in client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])), limit=200)]
+        time.sleep(0 if logs else 2)
     assert "Beginning flow run 'e2e' for flow 'opdflow-lifecycle'" in logs, logs[:3]
     assert any(m.startswith("train.r01 committed in ") and "loss_mean" in m for m in logs), logs[:20]
     # the run-summary: a flow-level artifact (listed above the task runs' ones in the V1 UI)
@@ -204,7 +216,8 @@ def _look_at_the_ui(server, arts) -> None:
 
 def test_lifecycle_end_to_end(prefect_server, mlflow_server, tmp_path, subtests):
     store = tmp_path / "store"
-    env = {"PREFECT_API_URL": prefect_server.url, "MLFLOW_TRACKING_URI": mlflow_server.url}
+    # INFO, as a user's run logs (the test session's default is WARNING): the Logs tab is checked
+    env = {"PREFECT_API_URL": prefect_server.url, "MLFLOW_TRACKING_URI": mlflow_server.url, "PREFECT_LOGGING_LEVEL": "INFO"}
     t0 = time.time()
     first = cli("run", TINY, "--store", store, "--run-id", "e2e", env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]

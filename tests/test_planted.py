@@ -144,7 +144,7 @@ def test_tiny_build_records_the_calibration_in_the_models_stage(tmp_path, monkey
         assert 0.0 <= cal[name]["answer_accuracy"] <= 1.0 and cal[name]["n"] == config.planted.n_calibration
     assert cal["student_long_ce"]["steps"] == config.planted.student_long_steps
     assert cal["planted_tokens"] == list(planted.CONNECTIVES)
-    assert "planted-position accuracy" in models.report(run, entry)
+    assert "| model | planted positions | first lookup |" in models.report(run, entry)
     entry, _ = prompts.run(run)
     assert entry["metrics"]["n_eval"] == 8
     tok_dir = run.materialize("models", "teacher")
