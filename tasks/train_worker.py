@@ -272,8 +272,10 @@ def save_partial(d: distributed.Dist, spec: dict, model, opt, state: TrainState)
         announce(f"{CHECKPOINT} step {state.step} {base}/state.json{held}")
     distributed.barrier(d)
     if holds_after(os.environ.get(HOLD_ENV, ""), spec.get("stage", ""), state.step):
-        while True:  # until killed: see the module docstring
-            time.sleep(3600)
+        parent = os.getppid()
+        while os.getppid() == parent:  # until killed (see the module docstring), or orphaned: a torchrun
+            time.sleep(0.5)            # rank is its own process group, and must not outlive the kill
+        os._exit(137)
 
 
 def holds_after(hold: str, stage: str, step: int) -> bool:
