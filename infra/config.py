@@ -40,6 +40,18 @@ BUILTINS = (DEMO, PLANTED)  # the built-in tasks (infra/builtin.py): data source
 EXECUTION = {"execution": True}
 
 
+def answer_regex_or_none(v: str | None) -> str | None:
+    """An answer regex as the config takes it: None, or a valid regex with a capturing group."""
+    if v is not None:
+        try:
+            rx = re.compile(v)
+        except re.error as e:
+            raise ValueError(f"{v!r} is not a regular expression: {e}") from None
+        if rx.groups < 1:
+            raise ValueError(f"{v!r} needs a capturing group around the answer, e.g. 'answer: (\\d+)'")
+    return v
+
+
 class ConfigError(ValueError):
     """A configuration problem; `field` is the dotted path of the offending field."""
 
@@ -297,14 +309,7 @@ class AblationConfig(_Section):
     @field_validator("patch_answer_regex")
     @classmethod
     def _one_group(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                groups = re.compile(v).groups
-            except re.error as e:
-                raise ValueError(f"not a regular expression: {e}") from None
-            if groups < 1:
-                raise ValueError("needs a capturing group around the answer, e.g. 'answer: (\\d+)'")
-        return v
+        return answer_regex_or_none(v)
 
 
 class SensitivityConfig(_Section):
@@ -343,14 +348,7 @@ class EvalConfig(_Section):
     @field_validator("answer_regex")
     @classmethod
     def _one_group(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                rx = re.compile(v)
-            except re.error as e:
-                raise ValueError(f"{v!r} is not a regex: {e}") from None
-            if rx.groups < 1:
-                raise ValueError(f"{v!r} needs a capturing group around the answer")
-        return v
+        return answer_regex_or_none(v)
     limit: int | None = Field(None, ge=1, description="at most this many documents per task; unset: all")
     batch_size: int = Field(64, ge=1, description="lm-eval's batch size")
     max_gen_toks: int = Field(64, ge=1, description="most tokens generated per eval answer (greedy)")
