@@ -68,9 +68,6 @@ class PlantedSpec(DemoSpec):
     ), description="the student: 1 layer, so it cannot")
     student_long_steps: int = pydantic.Field(default=1500, ge=0, description="cross-entropy steps of the "
                                              "calibration student (same architecture as the student)")
-    n_train: int = pydantic.Field(default=20000, gt=0, description="distinct training problems in the pool")
-    n_eval_check: int = pydantic.Field(default=256, ge=0, description="eval-split problems for the build's "
-                                       "summary JSON")
     n_calibration: int = pydantic.Field(default=256, ge=1, description="eval-split problems of the calibration "
                                         "check")
 

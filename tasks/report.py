@@ -93,10 +93,10 @@ def stage_table(run: Run) -> list[dict]:
             att = run.attempts(name)
             failed = failed_shards(run, name)
             status = "failed" if failed else (att[-1]["status"] if att else "pending")
-            last = run.attempts(failed[0])[-1] if failed else (att[-1] if att else {})
+            last = next(iter(failed.values())) if failed else (att[-1] if att else {})
             rows.append({"stage": name, "status": status,
                          "seconds": None, "attempt": len(att), "outputs": 0, "location": "",
-                         **({"failed_shards": failed} if failed else {}),
+                         **({"failed_shards": list(failed)} if failed else {}),
                          **({"error": last.get("error")} if status == "failed" and last.get("error") else {})})
     return rows
 
@@ -115,18 +115,17 @@ def failed_rerun(run: Run, stage: str, entry: dict) -> dict:
         return {"rerun_failed": True, "error": last.get("error")}
     shards = failed_shards(run, stage)
     if shards:
-        att = _latest_attempt(run, shards[0]) or {}
-        return {"rerun_failed": True, "failed_shards": shards, "error": att.get("error")}
+        return {"rerun_failed": True, "failed_shards": list(shards), "error": next(iter(shards.values())).get("error")}
     return {}
 
 
-def failed_shards(run: Run, stage: str) -> list[str]:
-    """Shards of an uncommitted stage whose latest attempt failed."""
+def failed_shards(run: Run, stage: str) -> dict[str, dict]:
+    """The shards of `stage` whose latest attempt failed, in shard order: shard -> that attempt."""
     latest: dict[str, str] = {}
     for key in sorted(run.store.list(f"{run.prefix}/attempts/{stage}.shard-")):
         latest[key.split("/")[-2]] = key
-    return [shard for shard, key in sorted(latest.items())
-            if json.loads(run.store.get_bytes(key))["status"] == "failed"]
+    attempts = {shard: json.loads(run.store.get_bytes(key)) for shard, key in sorted(latest.items())}
+    return {shard: a for shard, a in attempts.items() if a["status"] == "failed"}
 
 
 def run(run: Run, stage: str = "report", force: bool = False, progress=None) -> tuple[dict, bool]:
