@@ -27,6 +27,7 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 PACKAGE_DIRS = ("flows", "tasks", "kernels", "evals", "infra")
@@ -90,6 +91,12 @@ def _imported(module: str, tree: ast.AST) -> set[str]:
     return found
 
 
+# CPython 3.11's `ast.parse` is not safe to call from two threads at once ("SystemError: AST
+# constructor recursion depth mismatch", fixed in 3.12): concurrent stage tasks compute their keys
+# in threads of one flow process, so parsing is serialised.
+_PARSE_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def module_closure(module: str) -> tuple[str, ...]:
     """`module` and every opdflow module it imports, transitively, sorted."""
@@ -101,7 +108,9 @@ def module_closure(module: str) -> tuple[str, ...]:
         if m in seen or f is None:
             continue
         seen.add(m)
-        todo.extend(_imported(m, ast.parse(f.read_bytes(), filename=str(f))) - seen)
+        with _PARSE_LOCK:
+            tree = ast.parse(f.read_bytes(), filename=str(f))
+        todo.extend(_imported(m, tree) - seen)
     return tuple(sorted(seen))
 
 
