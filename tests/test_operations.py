@@ -84,7 +84,9 @@ def test_deploy_run_kill_worker_and_retry(prefect_server, tmp_path, subtests):
     _prefect("work-pool", "create", "opdflow-local", "--type", "process", env=env)
     _prefect("deploy", "--all", env=env)
     store = tmp_path / "store"
-    overrides = json.dumps({"train": {"checkpoint_every": 1, "steps_per_round": 12}})
+    # ablation off: what is tested here is the deployment, the lost worker and the retry; the
+    # ablation arms (two thirds of the tiny plan's stages) run in test_lifecycle.py
+    overrides = json.dumps({"train": {"checkpoint_every": 1, "steps_per_round": 12}, "ablation": {"enabled": False}})
     out = _prefect("deployment", "run", "opdflow-lifecycle/demo", "--param", f"config_path={ROOT}/configs/tiny.yaml",
                    "--param", f"store={store}", "--param", f"overrides={overrides}", env=env)
     flow_run_id = next(line.split()[-1] for line in out.stdout.splitlines() if "UUID" in line)
