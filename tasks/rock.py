@@ -59,12 +59,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from opdflow.infra.config import Config
-from opdflow.infra.lm import derive_seed, load_model, load_tokenizer, real_logits, response_logits
+from opdflow.infra.config import Config, ScoringConfig, default
+from opdflow.infra.lm import derive_seed, load_model, load_tokenizer, real_logits
 from opdflow.infra.manifest import Run, StageContext, materialize_refs
 from opdflow.infra.streaming import aggregate_dataset, token_dataset
 from opdflow.infra.tables import parquet_to_table
-from opdflow.kernels import per_token_divergence_and_grad
+from opdflow.infra.scoring import check_head_path, logit_transform, pack, response_hidden, split_model
+from opdflow.kernels.loss import divergence_and_grad
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.common import publish_table
 from opdflow.tasks.control import matched_random, token_share
@@ -277,38 +278,72 @@ def selection_checkpoint(config: Config) -> str:
 
 @torch.no_grad()
 def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int, counts: torch.Tensor,
-            refs: dict[str, torch.Tensor] | None = None,
-            vocab: int | None = None) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
+            refs: dict[str, torch.Tensor] | None = None, vocab: int | None = None,
+            chunk_tokens: int = default(ScoringConfig, "chunk_tokens")) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
     """Per position: reverse KL, its logit-space gradient norm, both top-1s; plus this
     table's share of the two corpus-level gradient directions (sums over positions:
     frequency-weighted, and weighted 1/frequency of the token id, i.e. each token id counts
     once; `counts` are the token frequencies over the whole probe set, so shards' sums add
     up to the corpus sums). With `refs`, also each position's gradient cosine to each
     reference direction. `vocab` (the tokenizer's size) cuts padded lm_head rows off both
-    models' logits: the divergence, gradients and top-1s are over the real vocabulary."""
+    models' logits: the divergence, gradients and top-1s are over the real vocabulary.
+
+    Memory: both model bodies run to final hidden states (`infra.scoring`'s split), and the
+    lm_heads are applied `chunk_tokens` positions at a time, so no more than a few
+    ``[chunk_tokens, V]`` float32 tensors exist at once whatever the batch and sequence
+    length; only the two V-sized direction sums are float64."""
+    if chunk_tokens < 1 or batch_size < 1:
+        raise ValueError("chunk_tokens and batch_size must be at least 1")
     prompts, responses = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
     tokens = torch.tensor([t for r in responses for t in r], dtype=torch.long)
+    limit = min(vocab or len(counts), len(counts))
+    if tokens.numel() and int(tokens.max()) >= limit:
+        raise ValueError(f"a response token id {int(tokens.max())} is beyond the vocabulary ({limit} ids): "
+                         "the probe sampled a padded lm_head row")
     inv_freq = 1.0 / counts.double()[tokens]
     out = {k: [] for k in ("kl", "grad_norm", "student_top1", "teacher_top1")}
     out.update({f"cos_{name}": [] for name in (refs or {})})
     sums: dict[str, torch.Tensor] = {}
-    t_iter = response_logits(teacher, prompts, responses, pad_id, batch_size)
+    parts = [(split_model(m), logit_transform(m), next(m.parameters()).device) for m in (model, teacher)]
+    dev = parts[0][2]
+    refs32 = {name: (ref.to(dev, torch.float32), float(ref.double().norm())) for name, ref in (refs or {}).items()}
+    if prompts:  # refuse an arch whose logits are not base -> head -> transform (as teacher scoring does)
+        j = max(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        if len(prompts[j]) + len(responses[j]):
+            for m, ((base, head), transform, _) in zip((model, teacher), parts):
+                check_head_path(m, base, head, transform, list(prompts[j]) + list(responses[j]), chunk_tokens)
     pos = 0
-    for (_, s_logits, _), (_, t_logits, _) in zip(response_logits(model, prompts, responses, pad_id, batch_size), t_iter):
-        s_logits, t_logits = real_logits(s_logits, vocab), real_logits(t_logits, vocab)
-        kl, grad, gnorm = per_token_divergence_and_grad(s_logits.float(), teacher_logits=t_logits.float(), kind="reverse_kl")
-        w = inv_freq[pos:pos + len(kl)].to(grad.device)
-        pos += len(kl)
-        g64 = grad.double()
-        for name, part in (("freq_weighted", g64.sum(0)), ("freq_balanced", (g64 * w[:, None]).sum(0))):
-            sums[name] = sums[name] + part if name in sums else part
-        for name, ref in (refs or {}).items():
-            cos = (g64 @ ref.to(g64.device)) / (gnorm.double() * ref.norm()).clamp_min(1e-30)
-            out[f"cos_{name}"] += cos.tolist()
-        out["kl"] += kl.tolist()
-        out["grad_norm"] += gnorm.tolist()
-        out["student_top1"] += s_logits.argmax(-1).tolist()
-        out["teacher_top1"] += t_logits.argmax(-1).tolist()
+    for lo in range(0, len(prompts), batch_size):
+        ps, rs = prompts[lo:lo + batch_size], responses[lo:lo + batch_size]
+        if not sum(len(r) for r in rs):
+            continue
+        ids, mask, rows, cols = pack(ps, rs, pad_id)
+        (_, s_head), s_tf, _ = parts[0]
+        (_, t_head), t_tf, _ = parts[1]
+        s_hidden, t_hidden = (response_hidden(base, ids, mask, rows, cols, d) for (base, _), _, d in parts)
+        for c in range(0, s_hidden.shape[0], chunk_tokens):
+            s_logits = real_logits(s_tf(s_head(s_hidden[c:c + chunk_tokens])), vocab).float()
+            t_logits = real_logits(t_tf(t_head(t_hidden[c:c + chunk_tokens])), vocab).float().to(dev)
+            out["student_top1"] += s_logits.argmax(-1).tolist()
+            out["teacher_top1"] += t_logits.argmax(-1).tolist()
+            s_logits = s_logits.contiguous()
+            # the gradient replaces the student's logits in place (no second [chunk, V] buffer)
+            kl, grad, gnorm = divergence_and_grad(s_logits, teacher_logits=t_logits.contiguous(), kind="reverse_kl",
+                                                  grad_out=s_logits)
+            del t_logits
+            grad = grad.float()
+            w = inv_freq[pos:pos + len(kl)].to(dev)
+            pos += len(kl)
+            for name, part in (("freq_weighted", grad.sum(0, dtype=torch.float64)),
+                               ("freq_balanced", (w[:, None] * grad).sum(0, dtype=torch.float64))):
+                sums[name] = sums[name] + part if name in sums else part
+            for name, (ref, ref_norm) in refs32.items():
+                cos = (grad @ ref).double() / (gnorm.double() * ref_norm).clamp_min(1e-30)
+                out[f"cos_{name}"] += cos.tolist()
+            out["kl"] += kl.tolist()
+            out["grad_norm"] += gnorm.tolist()
+            del s_logits, grad
+        del s_hidden, t_hidden
     return out, sums
 
 
@@ -401,7 +436,7 @@ def _directions_stage(run: Run) -> ShardParts:
         teacher, tok = _teacher(run)
         model = load_model(run.materialize(final_stage, final_prefix), c.student.dtype).eval()
         _, sums = measure(model, teacher, tok.pad_token_id, _probe_part(run, i), c.scoring.batch_size,
-                          token_counts(run, len(tok)), vocab=len(tok))
+                          token_counts(run, len(tok)), vocab=len(tok), chunk_tokens=c.scoring.chunk_tokens)
         ctx.put_table("part.parquet", pa.table({"direction": list(sums), "sum": [v.tolist() for v in sums.values()]}))
     return params, inputs, shard_body
 
@@ -431,7 +466,8 @@ def _rock_stage(run: Run) -> ShardParts:
             model = load_model(run.materialize(st, prefix), c.student.dtype).eval()
             final = j == len(ckpts) - 1  # the final checkpoint: cosines to the corpus directions
             m, _ = measure(model, teacher, tok.pad_token_id, seqs, c.scoring.batch_size, counts,
-                           refs=refs if final else None, vocab=len(tok))
+                           refs=refs if final else None, vocab=len(tok),
+                           chunk_tokens=c.scoring.chunk_tokens)
             if not final:
                 m.update({f"cos_{name}": [None] * len(m["kl"]) for name in refs})
             table = pa.table({"checkpoint": [label] * len(base["token_id"]), **base, **m})
