@@ -66,8 +66,14 @@ $(VLLM_STAMP):
 
 vllm-env: $(VLLM_STAMP)
 
+# two pytest workers (pytest-xdist), a test file each at a time: most of the suite waits on
+# servers and subprocesses (Prefect, vLLM, MLflow, torchrun, Dask) with one core busy, so two
+# files side by side use both cores; each worker has its own servers, cache and Prefect home
+# (tests/conftest.py). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(MLFLOW_STAMP) vllm-env
-	$(PY) -m pytest -q -rs --durations=15 tests
+	$(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not integration and not slow"
