@@ -52,6 +52,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
 
 
+# The longest test files (minutes each on 2 cores), started first: `make test` runs files on two
+# pytest-xdist workers in collection order (`--dist loadfile`), so the long ones would otherwise
+# come last (alphabetically) and run while the other worker sits idle.
+LONGEST_FIRST = ("test_lifecycle.py", "test_operations.py", "test_vllm_real.py", "test_dask.py",
+                 "test_stages.py", "test_fsdp.py", "test_code_identity.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 def _register_ui_helper() -> None:
     """tests/ is not a package (importlib import mode): make tests/ui.py importable as
     `opdflow_tests_ui`, once, for every test that looks at the Prefect UI."""
