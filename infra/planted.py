@@ -12,10 +12,11 @@ The prompt's first line binds three letters to three distinct connectives (drawn
 the second names one of those letters (the key) and a sum of two single digits. The response
 repeats the key, then the connective bound to it, then the answer. Choosing the connective is an
 induction-style lookup (find the earlier ``k=`` and copy the token after it): a 2-layer
-transformer forms it (a previous-token head, then a head matching on it), a 1-layer one cannot,
+transformer can represent it (a previous-token head, then a head matching on it), a 1-layer one cannot,
 so the 1-layer student can do no better than pick one of the three connectives the prompt shows
 (about 1/3). The answer (a one-step sum at fixed offsets) stays learnable by the 1-layer
-student. Truth: ``CONNECTIVES`` are the planted rock tokens; ``connective_position`` says where
+student. Status: with the default ``PlantedSpec`` the teacher does not form the lookup (its
+calibration fails; README, "The planted-rock testbed"). Truth: ``CONNECTIVES`` are the planted rock tokens; ``connective_position`` says where
 each response carries one.
 
 ``build_planted`` trains the pair with the demo's machinery (infra/demo.py: the tokenizer, the
