@@ -137,3 +137,46 @@ def test_lm_eval_gets_the_chat_template(pair, tmp_path):
     assert ctx == chat.render(tok, "What is two plus 3?")
     assert res["backend"]["apply_chat_template"] is True
     assert res["backend"]["chat_template_args"] == {"enable_thinking": False}
+
+
+@pytest.mark.integration
+def test_whole_plan_on_the_padded_pair(pair, tmp_path):
+    """configs/realpair.yaml, every stage of its plan (rock stages and the `opdflow_data`
+    evaluation included, ablation off): no padded id is sampled (rollouts, probe), in the
+    teacher's top-k, trained on, or counted in the rock analysis."""
+    import yaml
+    from pathlib import Path
+    from opdflow.infra.preflight import preflight
+    from opdflow.infra.tables import parquet_to_table
+    from opdflow.tasks.plan import plan, stage_of
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "realpair.yaml").read_text())
+    raw["teacher"]["path"], raw["student"]["path"] = str(pair["teacher"]), str(pair["student"])
+    raw["data"]["source"], raw["store"] = str(pair["data"]), str(tmp_path / "store")
+    c = parse_config(raw)
+    preflight(c)
+    run = Run.create_or_open(open_store(raw["store"]), "realpair", c)
+    stages = plan(c)
+    assert {"rock-probe", "rock-directions", "rock"} <= set(stages) and any(s.startswith("eval") for s in stages)
+    for st in stages:
+        stage_of(st).run(run, st)
+        assert run.require(st)["status"] == "committed", st
+    n = len(load_tokenizer(pair["student"]))
+    seen = {}
+    for st in stages:
+        if st.startswith("rollout."):
+            seen[st] = [t for r in read_parts(run, st, "rollouts")["response_ids"].to_pylist() for t in r]
+        elif st.startswith("score."):
+            seen[st] = [i for r in read_parts(run, st, "scores")["topk_ids"].to_pylist() for row in r for i in row]
+        elif st.startswith("train."):
+            seen[st] = parquet_to_table(run.read_output(st, "token_losses.parquet"))["token_id"].to_pylist()
+    probe = [t for ref in run.outputs_under("rock-probe", "probes").values()
+             for r in parquet_to_table(run.read(ref))["response_ids"].to_pylist() for t in r]
+    seen["rock-probe"] = probe
+    rec = read_parts(run, "rock", "records")
+    for col in ("token_id", "student_top1", "teacher_top1"):
+        seen[f"rock {col}"] = rec[col].to_pylist()
+    assert len(seen) >= 9
+    for where, ids in seen.items():
+        assert ids and max(ids) < n, f"{where}: a padded id (>= {n}) or nothing"
+    assert rec.num_rows == len(probe) * len(c.rock.checkpoints)
+    assert all(math.isfinite(x) and x >= 0 for x in rec["kl"].to_pylist())
