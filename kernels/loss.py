@@ -32,6 +32,7 @@ __all__ = [
     "divergence_and_grad",
     "reduce_per_token",
     "resolve_backend",
+    "sampled_token_loss",
     "triton_available",
 ]
 
@@ -169,6 +170,62 @@ def distillation_loss(
     )
     chosen = resolve_backend(backend, s.device)
     per_token = _per_token(s, t, ids, logprobs, tail, mask, kind, float(beta), float(temperature), chosen)
+    return reduce_per_token(per_token, mask, weights), per_token.detach()
+
+
+def sampled_token_loss(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    mask: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The sampled-token teacher signal (``scoring.signal: sampled``): ``(scalar loss, per-token
+    k1 detached [N])`` from the student's log-prob of each sampled token (with grad) and the
+    teacher's (stored).
+
+    This is the on-policy distillation of tinker-cookbook / Thinking Machines: per token,
+    ``k1 = log p_student(x) - log p_teacher(x)`` is a one-sample estimate of reverse
+    KL(student || teacher) at that position (x was drawn from the student), used as a detached
+    per-token advantage ``A = -k1``; the gradient is the policy-gradient surrogate's,
+    ``-A * grad log p_student(x)``, whose expectation over x ~ student is the gradient of the
+    reverse KL (the score-function term of KL's own dependence on the sampling distribution has
+    mean zero). The per-token loss *value* is ``k1`` (``A * (lp - lp.detach()) `` has value 0,
+    so ``k1.detach() - A * (lp - lp.detach())`` reports the divergence estimate while giving the
+    surrogate's gradient): the logged loss is the reverse-KL estimate, as the topk loss logs
+    its divergence. Reduction as ``reduce_per_token`` (divided by unmasked tokens).
+
+    Variants, not options here:
+
+    * **k3** (Schulman's low-variance estimator), ``r = p_teacher / p_student``,
+      ``k3 = (r - 1) - log r``: unbiased for the KL *value* and always >= 0, but its gradient as
+      a loss (``grad k3 = (1 - r) grad lp``) is the gradient of forward KL under on-policy
+      samples, not reverse KL, so it is a different objective; k1 is what tinker-cookbook
+      trains on. ``k3`` is computed nowhere in training; ``train_worker`` logs the sampler/
+      trainer k3 mismatch only.
+    * **importance-weighted**: the advantage was computed for tokens the *sampler* drew; after
+      the round's first optimizer step (or with a sampler/trainer numerics mismatch) the
+      trainer's distribution differs, and the unbiased surrogate is
+      ``-(p_trainer / p_sampler) * A``. With ``train.tis_cap`` the train stage multiplies each
+      token's weight by ``min(p_trainer / p_sampler, tis_cap)`` (truncated importance sampling,
+      detached), which is that correction applied to this loss through ``weights``.
+
+    >>> import torch
+    >>> lp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    >>> loss, k1 = sampled_token_loss(lp, torch.tensor([-1.5, -1.0]))
+    >>> k1.tolist(), float(loss.detach())
+    ([0.5, -1.0], -0.25)
+    >>> loss.backward(); lp.grad.tolist()  # -A / N = k1 / N
+    [0.25, -0.5]
+    """
+    if student_logprobs.shape != teacher_logprobs.shape or student_logprobs.dim() != 1:
+        raise ValueError(f"sampled_token_loss: student log-probs {tuple(student_logprobs.shape)} and teacher "
+                         f"log-probs {tuple(teacher_logprobs.shape)} must be the same 1-d shape [N]")
+    lp = student_logprobs.float()
+    k1 = lp.detach() - teacher_logprobs.to(lp.device).float()
+    per_token = k1 + k1 * (lp - lp.detach())  # value k1; gradient -A * grad lp with A = -k1
+    if mask is not None:
+        per_token = torch.where(mask.to(per_token.device), per_token, torch.zeros_like(per_token))
     return reduce_per_token(per_token, mask, weights), per_token.detach()
 
 

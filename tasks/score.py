@@ -7,6 +7,10 @@ the full logits without cancellation. The train stage distills against the top-k
 tail as one bucket (see `opdflow.kernels.reference`); with k >= vocabulary size (the demo)
 that is the exact full-vocabulary divergence.
 
+`scoring.signal: sampled` keeps only prompt_id, sample_idx and teacher_logprobs (the other
+columns are dropped before writing; training then uses the per-token reverse-KL estimate, see
+`opdflow.kernels.loss.sampled_token_loss`).
+
 Output `scores/part-NNNNN.parquet`, one part per rollout part (shard i scores the
 rollout's part i, so parts stay row-aligned): prompt_id, sample_idx, teacher_logprobs,
 topk_ids, topk_logprobs, teacher_tail_logmass. A scorer that returns only top-k log-probs
@@ -40,6 +44,22 @@ from opdflow.tasks.stage import ShardParts, Stage
 
 
 TAIL_COLUMN = "teacher_tail_logmass"
+SAMPLED_COLUMNS = ("prompt_id", "sample_idx", "teacher_logprobs")  # scoring.signal: sampled
+
+
+def signal_of(scores: pa.Table) -> str:
+    """The teacher signal a committed scores table holds: `sampled` (the sampled token's
+    log-prob only) or `topk`."""
+    return "topk" if "topk_ids" in scores.column_names else "sampled"
+
+
+def for_signal(scores: pa.Table, signal: str) -> pa.Table:
+    """The columns `signal` stores: all of them for topk, `SAMPLED_COLUMNS` for sampled."""
+    if signal == "topk":
+        return scores
+    if signal == "sampled":
+        return scores.select(list(SAMPLED_COLUMNS))
+    raise ValueError(f"scoring.signal: {signal!r} is neither 'topk' nor 'sampled'")
 
 
 def tail_source(scores: list) -> str:
@@ -88,7 +108,10 @@ def _stage(run: Run, stage: str) -> ShardParts:
     ro_stage = round_stage("rollout", parse(stage).round, parse(stage).arm, parse(stage).seed)
     parts = run.outputs_under(ro_stage, "rollouts")
     inputs = {**parts, **run.model_inputs("models", "teacher")}
-    params = {"scoring": backends.result_settings(c.section("scoring")), "teacher": c.section("teacher")}
+    scoring = backends.result_settings(c.section("scoring"))
+    if scoring.get("signal") == "topk":  # the default keeps the identity stages had before the field existed
+        del scoring["signal"]
+    params = {"scoring": scoring, "teacher": c.section("teacher")}
 
     def shard_body(ctx: StageContext, i: int, n: int) -> None:
         tdir = run.materialize("models", "teacher")
@@ -98,10 +121,11 @@ def _stage(run: Run, stage: str) -> ShardParts:
         t0 = time.time()
         per_seq = backends.scorer_for(c, tdir)(model, tok, rollouts["prompt_ids"].to_pylist(),
                                              rollouts["response_ids"].to_pylist(), ctx.progress)
-        scores = scores_table(rollouts, per_seq)
+        scores = for_signal(scores_table(rollouts, per_seq), c.scoring.signal)
         secs = time.time() - t0
         ctx.put_table("part.parquet", scores)
-        ctx.backend.update(backends.scorer_record(c, model), tail=tail_source(per_seq), vocab_size=len(tok))
+        tail = {"tail": tail_source(per_seq)} if c.scoring.signal == "topk" else {}
+        ctx.backend.update(backends.scorer_record(c, model), signal=c.scoring.signal, **tail, vocab_size=len(tok))
         sums = score_sums(rollouts, scores)
         ctx.metrics.update(score_metrics(sums), seconds_scoring=round(secs, 3),
                            tokens_per_s=round(sums["n_tokens"] / max(secs, 1e-9), 1))
@@ -143,7 +167,7 @@ def load(run: Run, stage: str) -> pa.Table:
     """The stage's scores; a table committed before the tail column existed is refused (its
     top-k alone cannot give the exact tail: rescore)."""
     table = read_parts(run, stage, "scores")
-    if TAIL_COLUMN not in table.column_names:
+    if signal_of(table) == "topk" and TAIL_COLUMN not in table.column_names:
         raise RunError(f"{stage}: the committed scores have no {TAIL_COLUMN!r} column (written by an older "
                        f"opdflow, before the exact top-k tail); rescore it: `opdflow stage {stage} --run-id "
                        f"{run.run_id}`")

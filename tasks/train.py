@@ -104,8 +104,12 @@ def draw_bypass(c, name, rock_sets: dict, rows: pa.Table) -> dict:
 
 
 def round_rows(run: Run, ro_stage: str, sc_stage: str) -> pa.Table:
-    """The round's rollouts with the teacher's top-k and tail log-mass beside each response."""
+    """The round's rollouts with the teacher's signal beside each response: top-k and tail
+    log-mass (`scoring.signal: topk`) or the sampled token's log-prob (`sampled`)."""
     ro, sc = rollout_stage.load(run, ro_stage), score_stage.load(run, sc_stage)
+    base = ro.select(["prompt_id", "sample_idx", "prompt_ids", "response_ids", "logprobs"])
+    if score_stage.signal_of(sc) == "sampled":  # the teacher's log-prob of each sampled token only
+        return base.append_column("teacher_logprobs", sc["teacher_logprobs"])
     return ro.select(["prompt_id", "sample_idx", "prompt_ids", "response_ids", "logprobs"]).append_column(
         "topk_ids", sc["topk_ids"]).append_column("topk_logprobs", sc["topk_logprobs"]).append_column(
         score_stage.TAIL_COLUMN, sc[score_stage.TAIL_COLUMN])

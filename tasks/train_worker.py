@@ -137,6 +137,9 @@ def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: 
     dev = next(model.parameters()).device
     prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
     tokens = torch.tensor([t for r in responses for t in r], dtype=torch.long, device=dev)
+    if rows and "topk_ids" not in rows[0]:  # scoring.signal: sampled
+        return sampled_loss_step(model, rows, bypass, pad_id, tokens, isinstance(loss_fn, FusedLinearDistillationLoss),
+                                 tis_cap, position, vocab)
     fused = isinstance(loss_fn, FusedLinearDistillationLoss)
     if fused:
         hidden, head = batch_response_hidden(model, prompts, responses, pad_id, dev, grad=True)
@@ -167,6 +170,39 @@ def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: 
         loss, per_token = loss_fn(hidden, head_w, head_b, **teacher, **targets)
     else:
         loss, per_token = loss_fn(logits, **teacher)
+    return loss, per_token, weights, trainer_lp
+
+
+def sampled_loss_step(model, rows: list[dict], bypass: frozenset[int], pad_id: int, tokens: torch.Tensor,
+                      fused: bool, tis_cap: float | None, position: str, vocab: int | None):
+    """`loss_step` for `scoring.signal: sampled`: the rows carry only the teacher's log-prob of
+    each sampled token (`teacher_logprobs`); the loss is `kernels.loss.sampled_token_loss` (k1 as
+    a detached advantage, policy-gradient surrogate) on the trainer's log-probs of those tokens,
+    which need the gradient here. With `train.fused_lm_head` the head is applied `LOGPROB_CHUNK`
+    rows at a time (each chunk's logits are kept for the backward pass: memory is not bounded by
+    one chunk on this path). `tis_cap` weights each token by min(p_trainer / p_sampler, cap), the
+    truncated importance correction for tokens the sampler drew."""
+    from opdflow.kernels.loss import sampled_token_loss
+    dev = tokens.device
+    prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
+    if fused:
+        hidden, head = batch_response_hidden(model, prompts, responses, pad_id, dev, grad=True)
+        head_w, head_b = real_head(head, vocab)
+        chunks = [torch.nn.functional.linear(hidden[lo:lo + LOGPROB_CHUNK], head_w, head_b)
+                  for lo in range(0, len(tokens), LOGPROB_CHUNK)]
+    else:
+        logits = real_logits(batch_response_logits(model, prompts, responses, pad_id, dev, grad=True), vocab)
+        chunks = [logits[lo:lo + LOGPROB_CHUNK] for lo in range(0, len(tokens), LOGPROB_CHUNK)]
+    lp = torch.cat([c.float().log_softmax(-1).gather(-1, tokens[i * LOGPROB_CHUNK:(i + 1) * LOGPROB_CHUNK, None])
+                    .squeeze(-1) for i, c in enumerate(chunks)]) if chunks else torch.zeros(0, device=dev)
+    trainer_lp = lp.detach()
+    weights = torch.tensor(bypass_weights(rows, bypass, position), device=dev)
+    if tis_cap is not None:
+        from opdflow.tasks.mismatch import tis_weights
+        sampler_lp = torch.tensor([x for r in rows for x in r["logprobs"]], dtype=torch.float32, device=dev)
+        weights = weights * tis_weights(sampler_lp, trainer_lp, tis_cap)
+    teacher_lp = torch.tensor([x for r in rows for x in r["teacher_logprobs"]], dtype=torch.float32, device=dev)
+    loss, per_token = sampled_token_loss(lp, teacher_lp, weights=weights)
     return loss, per_token, weights, trainer_lp
 
 
