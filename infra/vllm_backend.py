@@ -127,7 +127,10 @@ def server_args(model_dir: str | Path, dtype: str, cfg, *, max_logprobs: int, lo
 
 def launcher(cfg) -> list[str]:
     """The command that starts vLLM's server, before its flags."""
-    return list(cfg.command) if cfg.command else [str(python_path(cfg.python)), "-m", SERVER_MODULE]
+    if not cfg.command:
+        return [str(python_path(cfg.python)), "-m", SERVER_MODULE]
+    exe, *rest = cfg.command  # a relative executable is taken from here: the server starts elsewhere
+    return [str(Path(exe).absolute()) if os.sep in exe and Path(exe).is_file() else exe, *rest]
 
 
 def _free_port() -> int:
@@ -169,7 +172,11 @@ class VllmServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, watcher, str(os.getpid()), str(STOP_GRACE_S), "--",
                                           *self.command()], stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env(), start_new_session=True)
+                                         stdin=subprocess.DEVNULL, env=self.env(), cwd=tempfile.gettempdir(),
+                                         start_new_session=True)
+        # cwd: never the checkout. `python -m` puts its working directory first on sys.path, and there
+        # the checkout's kernels/ (opdflow.kernels) shadows the `kernels` distribution that vLLM's
+        # transformers probes for: the server failed to import. Every path handed to it is absolute.
         _LIVE.add(self)
         try:
             self.wait_healthy()
