@@ -303,8 +303,9 @@ class AblationConfig(_Section):
                                              "teacher patching and knockout): needs answers it can score: a "
                                              "built-in task's data (demo, planted), or patch_answer_regex")
     patch_match_share: bool = Field(True, description="match the patching arms on the share of positions "
-                                    "substituted: the arm that substitutes more is decoded again keeping each "
-                                    "substitution with probability (lower share / higher share)")
+                                    "substituted: the arm that substitutes more is also decoded as <arm>-matched, "
+                                    "keeping each substitution with probability (lower share / higher share); "
+                                    "not possible (and said so) when the other arm substituted nothing")
     knockout: bool = Field(True, description="in stage `patch`, also knock tokens out (logit -inf, the reference "
                                              "code's intervention): one at a time and cumulatively over the ranked "
                                              "rock set, against as many random tokens")

@@ -8,10 +8,14 @@ same counts of random tokens (the rock stage's random control set):
 * **Teacher patching.** At every step where the student's own next token is in the patched
   set, the teacher's greedy token is emitted instead (both models continue from it). Only
   *real substitutions* count as patched (the teacher's token differs; where both agree the
-  swap is a no-op). Arms: `none`, `rock`, `random` (the random set's positions). The arms are
-  matched on the share of positions patched: the arm that substitutes more often is decoded
-  again with each substitution kept with probability (lower share / higher share), seeded,
-  so both arms patch about the same share (`match_share`: both shares are reported).
+  swap is a no-op). Arms: `none`, `rock`, `random` (the random set's positions), each with
+  every real substitution. Matched on the share of positions patched
+  (`ablation.patch_match_share`): the arm that substitutes more often is decoded once more as
+  `<arm>-matched`, each substitution kept with probability (lower share / higher share),
+  seeded, so it patches about the other arm's share; the unmatched arms stay in the report.
+  When the other arm substituted nothing (on the demo the teacher agrees with the student at
+  every random-set position), no matching exists: the report says so instead of thinning the
+  arm to nothing, which made it the unpatched student.
 * **Knockout** (the reference code's intervention): the token is forbidden (logit -inf), one
   at a time for the top `ablation.knockout_single` ranks, and cumulatively over the ranked
   rock set (ranks 1..k for every k), with as many random tokens each time
@@ -49,6 +53,10 @@ from opdflow.tasks.stage import ShardParts, Stage
 from opdflow.tasks.stats import mcnemar, mean_ci
 
 PATCH_ARMS = ("none", "rock", "random")
+
+
+def matched(arm: str) -> str:
+    return f"{arm}-matched"
 
 
 def answer_regex(config: Config) -> str | None:
@@ -172,14 +180,31 @@ def arm_summary(rows: list[dict], seed: int = 0) -> dict:
     substituted and the share in the set; each patched arm against `none`, and rock against
     random (McNemar on the paired prompts, paired difference with its interval)."""
     arms = {}
-    for arm in PATCH_ARMS:
+    for arm in (*PATCH_ARMS, *map(matched, PATCH_ARMS[1:])):
         mine = [r for r in rows if r["arm"] == arm]
         if mine:
             arms[arm] = {**_accuracy(mine, seed), "patched_token_share": share(mine),
                          "set_token_share": share(mine, "n_set")}
-    comparisons = {f"{a}_vs_{b}": paired(rows, a, b) for a, b in (("rock", "none"), ("random", "none"),
-                                                                    ("rock", "random")) if a in arms and b in arms}
+    pairs = (("rock", "none"), ("random", "none"), ("rock", "random"), (matched("rock"), "random"),
+             ("rock", matched("random")))
+    comparisons = {f"{a}_vs_{b}": paired(rows, a, b) for a, b in pairs if a in arms and b in arms}
     return {"arms": arms, "comparisons": comparisons}
+
+
+def share_match(s_rock: float, s_random: float) -> dict:
+    """How the patching arms are matched on the share of positions substituted: the arm that
+    substitutes more is thinned to the other's share; impossible when the other substituted
+    nothing (thinning to zero would be the unpatched student again)."""
+    shares = {"rock": s_rock, "random": s_random}
+    if s_rock == s_random:
+        return {"shares": shares, "matched_arm": None, "keep_prob": 1.0, "reason": "equal shares: nothing to match"}
+    hi, lo = ("rock", "random") if s_rock > s_random else ("random", "rock")
+    if shares[lo] == 0.0:
+        return {"shares": shares, "matched_arm": None, "keep_prob": None,
+                "reason": f"not matched: the {lo} arm made no real substitution (the teacher's token equalled the "
+                          f"student's at every {lo}-set position), so no share of {hi}'s substitutions matches it"}
+    return {"shares": shares, "matched_arm": matched(hi), "keep_prob": shares[lo] / shares[hi],
+            "reason": f"{matched(hi)} keeps each substitution with probability {shares[lo] / shares[hi]:.3f}"}
 
 
 def knockout_summary(rows: list[dict], arms: dict[str, list[int]], seed: int = 0) -> dict:
@@ -235,11 +260,11 @@ def _stage(run: Run) -> ShardParts:
                   "random": decode("random", patch=set(rand))}
         ctx.progress(0.3, "patching arms decoded")
         if c.ablation.patch_match_share:
-            s_rock, s_rand = share(by_arm["rock"]), share(by_arm["random"])
-            hi = "rock" if s_rock > s_rand else "random"
-            lo_share, hi_share = sorted((s_rock, s_rand))
-            if hi_share > 0 and lo_share < hi_share:
-                by_arm[hi] = decode(hi, patch=set(rock if hi == "rock" else rand), keep_prob=lo_share / hi_share)
+            m = share_match(share(by_arm["rock"]), share(by_arm["random"]))
+            if m["matched_arm"]:
+                hi = m["matched_arm"].removesuffix("-matched")
+                by_arm[m["matched_arm"]] = decode(m["matched_arm"], patch=set(rock if hi == "rock" else rand),
+                                                  keep_prob=m["keep_prob"])
         for rows_ in by_arm.values():
             out += rows_
         if c.ablation.knockout:
@@ -267,6 +292,10 @@ def run(run: Run, stage: str = "patch", force: bool = False, progress=None) -> t
         rows = concat_parts(run, parts).to_pylist()
         sets = json.loads(run.read(inputs["rock_sets"]))
         summary = arm_summary(rows, seed=run.config.seed)
+        if run.config.ablation.patch_match_share:  # over all shards (each shard matched its own rows)
+            a = summary["arms"]
+            summary["share_match"] = {**share_match(a["rock"]["patched_token_share"], a["random"]["patched_token_share"]),
+                                      "matched_arms": [k for k in a if k.endswith("-matched")]}
         summary["rock_ids"], summary["random_ids"] = list(sets["rock"]), random_set(sets)
         if run.config.ablation.knockout:
             arms = knockout_arms(list(sets["rock"]), random_set(sets), run.config.ablation.knockout_single)
@@ -325,9 +354,12 @@ def _cmp(m: dict) -> str:
 
 def markdown(summary: dict, tok=None) -> str:
     arms, cmp = summary["arms"], summary["comparisons"]
-    lines = ["Teacher patching: only real substitutions count (the teacher's token differs from the student's); "
-             "the arms are matched on the share of positions patched.", "",
-             "| arm | accuracy [95% CI] | n | substituted tokens | tokens in the set |", "|---|---|---|---|---|"]
+    lines = ["Teacher patching: only real substitutions count (the teacher's token differs from the student's).", ""]
+    sm = summary.get("share_match")
+    if sm:
+        lines += [f"Share matching: rock substituted {sm['shares']['rock']:.1%} of response tokens, random "
+                  f"{sm['shares']['random']:.1%}; {sm['reason']}.", ""]
+    lines += ["| arm | accuracy [95% CI] | n | substituted tokens | tokens in the set |", "|---|---|---|---|---|"]
     for arm, s in arms.items():
         lines.append(f"| {arm} | {_ci(s)} | {s['n']} | {s['patched_token_share']:.1%} | {s['set_token_share']:.1%} |")
     lines += ["", "| comparison (paired on prompts) | difference [95% CI], McNemar |", "|---|---|"]

@@ -9,7 +9,7 @@ import torch
 from opdflow.infra import demo
 from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, sample
 from opdflow.tasks.patch import (arm_summary, intervened_greedy, is_correct, knockout_arms, knockout_summary,
-                                 patched_greedy)  # is_correct: opdflow.evals.answers
+                                 patched_greedy, share_match)  # is_correct: opdflow.evals.answers
 from opdflow.tasks.stats import mcnemar
 
 
@@ -119,6 +119,27 @@ def test_scoring_and_summary():
     assert cmp["random_vs_none"]["diff"] == pytest.approx(-0.6)
     assert cmp["random_vs_none"]["p_value"] == pytest.approx(2 / 2 ** 6)
     assert cmp["rock_vs_random"]["diff"] == pytest.approx(0.4)
+
+
+def test_share_matching_never_thins_an_arm_to_nothing():
+    """The demo's case: the random set's positions were never really substituted. Matching
+    rock to a share of 0 would decode the unpatched student again under the name `rock`."""
+    m = share_match(0.06, 0.0)
+    assert m["matched_arm"] is None and m["keep_prob"] is None and "made no real substitution" in m["reason"]
+    m = share_match(0.06, 0.02)
+    assert m["matched_arm"] == "rock-matched" and m["keep_prob"] == pytest.approx(1 / 3)
+    assert share_match(0.01, 0.04)["matched_arm"] == "random-matched"
+    assert share_match(0.0, 0.0)["matched_arm"] is None
+    # the matched arm is summarised and compared beside the unmatched ones
+    rows = [{"arm": arm, "prompt_id": i, "correct": i < k, "n_tokens": 10, "n_patched": p, "n_set": 3}
+            for arm, k, p in (("none", 8, 0), ("rock", 4, 3), ("random", 8, 1), ("rock-matched", 6, 1))
+            for i in range(10)]
+    s = arm_summary(rows)
+    assert list(s["arms"]) == ["none", "rock", "random", "rock-matched"]
+    assert s["arms"]["rock-matched"]["patched_token_share"] == pytest.approx(0.1)
+    assert s["comparisons"]["rock-matched_vs_random"]["diff"] == pytest.approx(-0.2)
+    assert s["comparisons"]["rock_vs_random"]["diff"] == pytest.approx(-0.4)
+    assert "rock_vs_random-matched" not in s["comparisons"]
 
 
 def test_knockout_arms_and_curves():

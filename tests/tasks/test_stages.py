@@ -209,7 +209,10 @@ def test_patching_stage(tiny_run):
     summary = json.loads(tiny_run.read_output("patch", "patching.json"))
     assert {"arms", "comparisons", "rock_ids", "random_ids"} <= set(summary)
     arms = summary["arms"]
-    assert set(arms) == {"none", "rock", "random"}
+    assert {"none", "rock", "random"} <= set(arms) <= {"none", "rock", "random", "rock-matched", "random-matched"}
+    sm = summary["share_match"]
+    assert sm["shares"] == {"rock": arms["rock"]["patched_token_share"], "random": arms["random"]["patched_token_share"]}
+    assert sm["matched_arms"] == ([sm["matched_arm"]] if sm["matched_arm"] else [])
     assert all(s["n"] == tiny_run.config.data.n_eval for s in arms.values())
     assert arms["none"]["patched_token_share"] == 0.0
     assert set(summary["comparisons"]) == {"rock_vs_none", "random_vs_none", "rock_vs_random"}
