@@ -291,7 +291,9 @@ def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int, count
     Memory: both model bodies run to final hidden states (`infra.scoring`'s split), and the
     lm_heads are applied `chunk_tokens` positions at a time, so no more than a few
     ``[chunk_tokens, V]`` float32 tensors exist at once whatever the batch and sequence
-    length; only the two V-sized direction sums are float64."""
+    length; only the running totals of the two V-sized direction sums are float64. The
+    divergence and its gradient: the fused kernel on CUDA, the closed form
+    (`kernels.reference.dense_reverse_kl_and_grad`) elsewhere."""
     if chunk_tokens < 1 or batch_size < 1:
         raise ValueError("chunk_tokens and batch_size must be at least 1")
     prompts, responses = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
@@ -334,8 +336,10 @@ def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int, count
             grad = grad.float()
             w = inv_freq[pos:pos + len(kl)].to(dev)
             pos += len(kl)
-            for name, part in (("freq_weighted", grad.sum(0, dtype=torch.float64)),
-                               ("freq_balanced", (w[:, None] * grad).sum(0, dtype=torch.float64))):
+            # a chunk's sums as float32 matrix-vector products (no [chunk, V] temporary, a chunk of
+            # rows per sum); only their running totals over the table are float64
+            weights = torch.stack([torch.ones_like(w), w]).to(grad.dtype)
+            for name, part in zip(("freq_weighted", "freq_balanced"), (weights @ grad).double()):
                 sums[name] = sums[name] + part if name in sums else part
             for name, (ref, ref_norm) in refs32.items():
                 cos = (grad @ ref).double() / (gnorm.double() * ref_norm).clamp_min(1e-30)

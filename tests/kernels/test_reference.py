@@ -275,3 +275,28 @@ def test_divergence_and_grad_writes_into_grad_out_even_over_the_logits():
     assert got[1] is buf
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+def test_closed_form_reverse_kl_gradient_equals_autograd(temperature):
+    """`dense_reverse_kl_and_grad` (what the rock analysis runs per chunk) against autograd
+    through `per_token_divergence`, in float64, including -inf (masked) student and teacher
+    logits at categories the student gives no mass, and a float32 input."""
+    s, t = _inputs(n=6, v=11, seed=3)
+    s[0, :4] = -math.inf  # the student masks 4 categories: p = 0 there, the teacher's mass stays
+    t[1, 2] = -math.inf
+    s[1, 2] = -math.inf  # q = 0 only where p = 0 too: KL finite
+    x = s.clone().requires_grad_(True)
+    want = per_token_divergence(x, teacher_logits=t, kind="reverse_kl", temperature=temperature)
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    loss, grad, norm = R.dense_reverse_kl_and_grad(s, t, temperature)
+    assert torch.allclose(loss, want.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(grad, want_grad, rtol=1e-10, atol=1e-12) and torch.isfinite(grad).all()
+    assert torch.allclose(norm, want_grad.norm(dim=-1), rtol=1e-10, atol=1e-12)
+    assert (grad[0, :4] == 0).all() and s.isneginf().sum() == 5  # inputs are not modified
+    l32, g32, _ = R.dense_reverse_kl_and_grad(s.float(), t.float(), temperature)
+    assert l32.dtype == g32.dtype == torch.float32
+    assert torch.allclose(l32.double(), loss, rtol=1e-5, atol=1e-6) and torch.allclose(g32.double(), grad, atol=1e-6)
+    # per_token_divergence_and_grad (and so divergence_and_grad's reference path) route reverse KL here
+    l2, g2, _ = per_token_divergence_and_grad(s, teacher_logits=t, kind="reverse_kl", temperature=temperature)
+    assert torch.equal(l2, loss) and torch.equal(g2, grad)
