@@ -170,7 +170,7 @@ class Served:
     name: str
     root: str
     max_model_len: int
-    vocab_size: int
+    vocab_size: int  # the tokenizer's size: lm_head rows beyond it (Qwen-style padding) are never served
     eos_id: int
     pad_id: int
     sampler: Callable
@@ -190,7 +190,7 @@ def load_served(model_dir: str | Path, dtype: str = default(ModelConfig, "dtype"
     tok = lm.load_tokenizer(model_dir)
     max_len = lm.context_length(model_dir) or int(getattr(tok, "model_max_length", 0) or 0)
     return Served(model=model, tokenizer=tok, name=model_name or Path(model_dir).resolve().name,
-                  root=str(model_dir), max_model_len=max_len, vocab_size=int(model.config.vocab_size),
+                  root=str(model_dir), max_model_len=max_len, vocab_size=min(lm.real_vocab(tok), lm.model_rows(model)),
                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, sampler=sampler or lm.sample,
                   lock=threading.Lock(), tok_lock=threading.Lock(), token_texts={}, limits=limits or Limits())
 
@@ -337,12 +337,13 @@ def apply_stop_ids(ids: list[int], lps: list[float], finish: str, stop_ids: set[
     return Generated(ids, lps, finish, None)
 
 
-def sample_settings(req: CompletionRequest, max_tokens: int, batch_size: int):
-    """The request's sampling parameters as `infra.lm.SampleSettings` (OpenAI defaults: 1, 1, off)."""
+def sample_settings(req: CompletionRequest, max_tokens: int, batch_size: int, vocab_size: int | None = None):
+    """The request's sampling parameters as `infra.lm.SampleSettings` (OpenAI defaults: 1, 1, off);
+    `vocab_size`: the served vocabulary, so padded lm_head rows are never sampled."""
     from opdflow.infra.lm import SampleSettings
     kw = dict(temperature=1.0 if req.temperature is None else req.temperature,
               top_p=1.0 if req.top_p is None else req.top_p, max_new_tokens=max_tokens,
-              batch_size=max(1, batch_size))
+              batch_size=max(1, batch_size), vocab_size=vocab_size)
     if (req.top_k or 0) > 0:
         if "top_k" not in SampleSettings.__dataclass_fields__:
             raise ApiError(400, "top_k is not supported by this opdflow version's sampler", param="top_k")
@@ -364,9 +365,10 @@ def generate(served: Served, prompts: list[list[int]], seeds: list[int], req: Co
 # -- teacher-forced logprobs ----------------------------------------------------------------
 
 def position_logprobs(served: Served, seqs: list[list[int]]) -> list:
-    """Per sequence: raw log-softmax [len - 1, V] of the positions predicting tokens 1..len-1."""
+    """Per sequence: raw log-softmax [len - 1, V] (V: the served vocabulary) of the positions
+    predicting tokens 1..len-1."""
     import torch
-    from opdflow.infra.lm import batch_response_logits
+    from opdflow.infra.lm import batch_response_logits, real_logits
     out: list = [None] * len(seqs)
     todo = [i for i, s in enumerate(seqs) if len(s) > 1]
     if not todo:
@@ -375,7 +377,7 @@ def position_logprobs(served: Served, seqs: list[list[int]]) -> list:
     with torch.no_grad():
         logits = batch_response_logits(served.model, [seqs[i][:1] for i in todo], [seqs[i][1:] for i in todo],
                                        served.pad_id, dev)
-    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+    logp = torch.log_softmax(real_logits(logits, served.vocab_size).float(), dim=-1).cpu()  # over the served vocabulary
     start = 0
     for i in todo:
         n = len(seqs[i]) - 1
@@ -497,7 +499,7 @@ def complete(served: Served, req: CompletionRequest) -> dict:
         raise ApiError(400, f"the response would be about {est / 2**20:.0f} MB, more than this server sends "
                             f"({lim.max_response_mb:g} MB; opdflow serve --max-response-mb): ask for fewer "
                             "choices, tokens or logprobs")
-    settings = sample_settings(req, max_tokens, len(prompts) * req.n)
+    settings = sample_settings(req, max_tokens, len(prompts) * req.n, served.vocab_size)
     seeds = sequence_seeds(req.seed, len(prompts), req.n)
     if not served.lock.acquire(timeout=lim.request_timeout_s):
         raise ApiError(503, f"the model was busy for {lim.request_timeout_s:g} s; retry later",

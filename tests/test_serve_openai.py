@@ -290,7 +290,7 @@ def test_score_equals_a_local_teacher_forced_forward(backend, local, server):
             assert all(sorted(row) == list(range(vocab)) for row in top_ids)
     # the raw answer has vLLM's k + 1 entries wherever the actual token is outside the top k
     seq = prompts[0] + responses[0]
-    body = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": seq, "max_tokens": 0,
+    body = httpx.post(f"{server.url}/v1/completions", timeout=60, json={"model": "tiny", "prompt": seq, "max_tokens": 0,
                                                               "echo": True, "prompt_logprobs": 2}).json()
     plp = body["choices"][0]["prompt_logprobs"]
     assert plp[0] is None and len(plp) == len(seq)
@@ -300,11 +300,51 @@ def test_score_equals_a_local_teacher_forced_forward(backend, local, server):
 
 
 @pytest.mark.integration
+def test_a_padded_lm_head_is_never_served(tmp_path, opdflow_serve):
+    """A model whose lm_head has rows beyond its tokenizer (as Qwen pads 151,665 tokens to
+    151,936 rows), its padded rows made the favourites: the server samples only tokenizer ids,
+    and its top-k and log-probs are over the tokenizer's vocabulary (they equal a local forward
+    with the padded columns cut off)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from opdflow.infra.demo import build_tokenizer
+    from opdflow.infra.lm import batch_response_logits, sample, save_model
+    tok = build_tokenizer()
+    v, rows = len(tok), len(tok) + 13
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[v:] = model.lm_head.weight[:rows - v] * 40
+    prompts = _prompts(tok)
+    unmasked = sample(model, prompts, [1, 2, 3, 4, 5], SampleSettings(max_new_tokens=10), tok.eos_token_id, tok.pad_token_id)
+    assert any(t >= v for s_ in unmasked for t in s_.response_ids)  # without the mask, padded rows are sampled
+    srv = opdflow_serve(save_model(model, tok, tmp_path / "padded"), "padded")
+    try:
+        with OpenAIBackend(srv.url + "/v1", "padded", timeout_s=60, concurrency=2) as b:
+            got = b.sample(prompts, [1, 2, 3, 4, 5], SampleSettings(max_new_tokens=10), tok.eos_token_id, tok.pad_token_id)
+            responses = [g.response_ids for g in got]
+            assert all(0 <= t < v for r in responses for t in r) and sum(map(len, responses)) > 0
+            scored = b.score(prompts, responses, top_k=8)
+    finally:
+        srv.stop()
+    with torch.no_grad():
+        logits = batch_response_logits(model, prompts, responses, tok.pad_token_id, torch.device("cpu"))
+    logp = torch.log_softmax(logits[:, :v].float(), -1)
+    ref_top_lp, ref_top_ids = logp.topk(8, -1)
+    assert [row for g in scored for row in g[1]] == ref_top_ids.tolist()
+    assert (torch.tensor([row for g in scored for row in g[2]]) - ref_top_lp).abs().max().item() < 1e-5
+    sampled = torch.tensor([t for r in responses for t in r])
+    assert (torch.tensor([x for g in scored for x in g[0]]) - logp.gather(-1, sampled[:, None]).squeeze(-1)).abs().max() < 1e-5
+
+
+@pytest.mark.integration
 def test_completion_response_shape(server, local):
     import httpx
     tok = local[1]
     p = tok("12+34=\n")["input_ids"]
-    body = httpx.post(f"{server.url}/v1/completions", json={
+    body = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
         "model": "tiny", "prompt": [p, tok("3+4=\n")["input_ids"]], "n": 2, "max_tokens": 5, "seed": 9,
         "logprobs": 2, "echo": True, "return_tokens_as_token_ids": True}).json()
     assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
@@ -324,14 +364,14 @@ def test_completion_response_shape(server, local):
         len(p) + len(tok("3+4=\n")["input_ids"]))
     # stop_token_ids: the same seeded sample, cut at (and keeping) the first stop token
     req = {"model": "tiny", "prompt": p, "max_tokens": 12, "seed": 5, "logprobs": 0, "return_tokens_as_token_ids": True}
-    full = httpx.post(f"{server.url}/v1/completions", json=req).json()["choices"][0]
+    full = httpx.post(f"{server.url}/v1/completions", timeout=60, json=req).json()["choices"][0]
     ids = [int(t.split(":")[1]) for t in full["logprobs"]["tokens"]]
     stop = ids[2]
-    cut = httpx.post(f"{server.url}/v1/completions", json={**req, "stop_token_ids": [stop]}).json()["choices"][0]
+    cut = httpx.post(f"{server.url}/v1/completions", timeout=60, json={**req, "stop_token_ids": [stop]}).json()["choices"][0]
     cut_ids = [int(t.split(":")[1]) for t in cut["logprobs"]["tokens"]]
     assert cut_ids == ids[:ids.index(stop) + 1]
     assert cut["finish_reason"] == "stop" and cut["stop_reason"] == stop
-    text = httpx.post(f"{server.url}/v1/completions", json={"prompt": "12+34=\n", "max_tokens": 3, "seed": 5}).json()
+    text = httpx.post(f"{server.url}/v1/completions", timeout=60, json={"prompt": "12+34=\n", "max_tokens": 3, "seed": 5}).json()
     assert text["usage"]["prompt_tokens"] == len(p)
 
 

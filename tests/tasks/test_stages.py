@@ -1,7 +1,10 @@
 """Each stage on tiny inputs, through its plain function (no Prefect), on a local store.
 
 One module-scoped run of the tiny config goes through every stage of the plan; the
-tests then check each stage's outputs against what the stage contract promises.
+tests then check each stage's outputs against what the stage contract promises. The last
+tests run the real flows over that committed run under Prefect's test harness (a temporary
+server and database): the flow's wiring in seconds, where tests/test_lifecycle.py runs it
+from scratch against a `prefect server` in minutes.
 """
 from __future__ import annotations
 
@@ -221,3 +224,43 @@ def test_patching_stage(tiny_run):
     assert arms["none"]["accuracy"] == pytest.approx(final)
     assert e["metrics"]["accuracy_none"] == round(arms["none"]["accuracy"], 4)
     assert "Inference-time patching" in tiny_run.read_output("report", "report.md").decode()
+
+
+def test_flows_on_the_committed_run_under_prefects_test_harness(tiny_run):
+    """The lifecycle flow over a run whose every stage is committed: one completed task run per
+    stage and shard of the plan, none re-run, each stage's task run waiting on the task runs of
+    the stages it needs (what the UI draws as the graph); then `stage_flow` reruns one stage."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.testing.utilities import prefect_test_harness
+
+    from opdflow.flows.lifecycle import lifecycle, stage_flow
+    from opdflow.tasks.plan import needs
+    from opdflow.tasks.shards import split_shard_name
+
+    c, uri = tiny_run.config, tiny_run.store.uri
+    before = tiny_run.require("report")["attempt"]
+    with prefect_test_harness(server_startup_timeout=180):
+        state = lifecycle(store=uri, run_id="tiny", return_state=True)
+        assert state.is_completed(), state
+        status = state.result()
+        assert [s["name"] for s in status["stages"] if "shard" not in s["name"]] and status["run_id"] == "tiny"
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        by_name = {r.name: r for r in runs}
+        assert len(by_name) == len(runs), "one task run per stage or shard"
+        assert all(r.state.is_completed() for r in runs), [(r.name, r.state.name) for r in runs if not r.state.is_completed()]
+        stages = [n for n in by_name if not split_shard_name(n)]
+        assert sorted(stages) == sorted(plan(c))
+        ids = {r.id: r.name for r in runs}
+        for name in plan(c):
+            upstream = {ids.get(i.id) for i in by_name[name].task_inputs.get("wait_for", [])}
+            if stage_of(name).sharded:  # its stage task waits on its shards; the shards on the needs
+                shards = {ids[i.id] for i in by_name[name].task_inputs["wait_for"]}
+                assert shards and all(split_shard_name(s)[0] == name for s in shards), (name, shards)
+                upstream = {ids.get(i.id) for s in shards for i in by_name[s].task_inputs.get("wait_for", [])}
+            assert upstream == set(needs(c, name)), (name, upstream)
+        assert tiny_run.require("report")["attempt"] == before, "a committed stage ran again"
+
+        rerun = stage_flow(stage="report", run_id="tiny", store=uri)
+    assert rerun["ran"] is True and tiny_run.require("report")["attempt"] == before + 1
