@@ -217,6 +217,7 @@ class OpenAIBackend:
                                                       max_keepalive_connections=self.concurrency))
         self._rng = random.Random()
         self._rng_lock = threading.Lock()
+        self.vocab_size: int | None = None  # the local tokenizer's size, once check_tokenizer ran
 
     def close(self) -> None:
         self._http.close()
@@ -308,6 +309,20 @@ class OpenAIBackend:
                                  f"local tokenizer {local_name} encode {text!r} differently: server {remote[:24]} vs "
                                  f"local {local[:24]}. Token ids would not mean the same tokens; serve the same "
                                  f"model (or one with the same tokenizer).")
+        self.vocab_size = len(tokenizer)
+
+    def check_ids(self, ids, what: str) -> None:
+        """Refuse token ids at or beyond the tokenizer's size (after check_tokenizer): the server
+        sampled or ranked a padded lm_head row, which is no token (Qwen-style checkpoints have more
+        rows than tokens). `opdflow serve` never does; a vLLM server on such a checkpoint can."""
+        if self.vocab_size is None:
+            return
+        bad = [int(i) for i in ids if not 0 <= int(i) < self.vocab_size]
+        if bad:
+            raise OpenAIBackendError(
+                f"{self.root}: the server's {what} holds token id {bad[0]}, beyond the tokenizer's "
+                f"{self.vocab_size} ids: a padded lm_head row of `{self.model}`, which is no token. Serve it with "
+                f"`opdflow serve` (which masks padded rows) or with a server that masks them.")
 
     def _model_listed(self) -> bool:
         """Whether GET /v1/models lists our model (a 404 then means a missing endpoint, not a model)."""
@@ -334,7 +349,9 @@ class OpenAIBackend:
             choices = body.get("choices") or []
             if len(choices) != 1:
                 raise OpenAIBackendError(f"{self.root}: expected 1 choice, got {len(choices)}")
-            return parse_completion_choice(choices[0])
+            got = parse_completion_choice(choices[0])
+            self.check_ids(got.response_ids, "sampled response")
+            return got
 
         return self.map(one, list(zip(prompts, seeds)), progress)
 
@@ -355,6 +372,8 @@ class OpenAIBackend:
             if not choices:
                 raise OpenAIBackendError(f"{self.root}: the scoring answer has no choices")
             seq = list(prompt) + list(response)
-            return parse_prompt_logprobs(choices[0].get("prompt_logprobs"), seq, top_k, start=len(prompt))
+            got = parse_prompt_logprobs(choices[0].get("prompt_logprobs"), seq, top_k, start=len(prompt))
+            self.check_ids([i for row in got[1] for i in row], "top-k")
+            return got
 
         return self.map(one, list(zip(prompts, responses)))

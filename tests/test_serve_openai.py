@@ -536,3 +536,17 @@ def test_missing_tokenize_endpoint_is_explained(flaky, local):
     with OpenAIBackend(up.url, "tiny", backoff_s=0.01) as b:
         with pytest.raises(OpenAIBackendError, match="tokenizer check could not be done.*no /tokenize.*to skip"):
             b.check_tokenizer(local[1])
+
+
+def test_ids_beyond_the_tokenizer_are_refused():
+    """After check_tokenizer, a server answer holding a padded lm_head row (an id at or beyond the
+    tokenizer's size, as a vLLM server on a Qwen-style checkpoint can return) fails naming it."""
+    b = OpenAIBackend("http://127.0.0.1:9/v1", "m")
+    try:
+        b.check_ids([10**6], "top-k")  # before check_tokenizer nothing is known: no check
+        b.vocab_size = 50
+        b.check_ids([0, 49], "top-k")
+        with pytest.raises(OpenAIBackendError, match="token id 50, beyond the tokenizer's 50 ids: a padded lm_head row"):
+            b.check_ids([3, 50], "sampled response")
+    finally:
+        b.close()
