@@ -177,13 +177,17 @@ class ScoringConfig(_Section):
                                                                "opdflow starts on the teacher; see scoring.vllm) | "
                                                                "openai (a server serving the teacher; see "
                                                                "scoring.openai)")
-    signal: Literal["sampled", "topk"] = Field("topk", description="what the teacher gives training: topk "
-                                              "(its top-k ids and log-probs plus the exact log-mass outside "
+    signal: Literal["sampled", "topk", "hidden"] = Field("topk", description="what the teacher gives training: "
+                                              "topk (its top-k ids and log-probs plus the exact log-mass outside "
                                               "them; a K+1-category divergence, train.loss.kind) | sampled (only "
                                               "its log-prob of the student's sampled token; training uses the "
                                               "per-token reverse-KL estimate k1 as an advantage, so "
                                               "train.loss.kind must be reverse_kl; the cheapest signal, one "
-                                              "float per token)")
+                                              "float per token) | hidden (its final hidden states, H values per "
+                                              "token in teacher.dtype; training rebuilds its logits with the "
+                                              "teacher's lm_head inside the loss: the exact full-vocabulary "
+                                              "divergence, any train.loss.kind; scoring.backend: transformers "
+                                              "only)")
     top_k: int = Field(64, ge=1, description="teacher top-k kept per position; k >= vocab size is exact")
     batch_size: int = Field(64, ge=1, description="sequences scored per forward pass")
     chunk_tokens: int = Field(4096, ge=1, description="transformers backend: LM-head rows computed at once "
@@ -436,7 +440,11 @@ class Config(_Section):
         if self.scoring.signal == "sampled" and self.train.loss.kind != "reverse_kl":
             raise ValueError(f"scoring.signal: sampled stores only the teacher's log-prob of the sampled token, "
                              f"which estimates reverse KL alone; train.loss.kind {self.train.loss.kind!r} needs "
-                             "the teacher's distribution (scoring.signal: topk)")
+                             "the teacher's distribution (scoring.signal: topk or hidden)")
+        if self.scoring.signal == "hidden" and self.scoring.backend != "transformers":
+            raise ValueError(f"scoring.signal: hidden stores the teacher's final hidden states, which only the "
+                             f"in-process scorer has; scoring.backend {self.scoring.backend!r} returns log-probs "
+                             "(use scoring.backend: transformers, or scoring.signal: topk)")
         if self.train.tis_cap is not None and not self.samples_the_model():
             raise ValueError("train.tis_cap: importance weights need the sampler's logprobs under the model's own "
                              "distribution; use rollout.temperature 1, top_p 1 and top_k 0")

@@ -31,6 +31,11 @@ here are applied, in the model's dtype and the order the transformers 5 models u
 results silently wrong, so every call first checks the head path against the model's own forward
 on a short prefix of the longest sequence (at most `chunk_tokens` and 16 tokens, so the check
 also stays within the chunk bound) and refuses the model if they differ.
+
+`teacher_hidden_states` is the scorer of `scoring.signal: hidden`: steps 1-2 only, the hidden
+states kept (the lm_head's input, after the final norm) and the LM head applied per chunk just
+for the sampled token's log-prob. Training rebuilds the logits as `hidden @ W.T + b` inside its
+loss, so a teacher whose logits are transformed after the head is refused here.
 """
 from __future__ import annotations
 
@@ -207,3 +212,81 @@ def teacher_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[
         if progress:
             progress(done / len(prompts), f"{done}/{len(prompts)} sequences")
     return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def teacher_hidden_states(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                          batch_size: int, chunk_tokens: int = default(ScoringConfig, "chunk_tokens"),
+                          progress: Callable[[float, str], None] | None = None,
+                          vocab: int | None = None) -> list[tuple[list[float], torch.Tensor]]:
+    """Per response: (teacher log-prob of each token, final hidden states [n, H] on the CPU in
+    the model's dtype), for `scoring.signal: hidden`. The hidden states are what the lm_head
+    receives; a model with a logit transform (`logit_transform`: scale, soft-capping) is refused,
+    since `hidden @ W.T` would not be its logits, and the head path is checked against the
+    model's own forward as `teacher_scores` does."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if chunk_tokens < 1 or batch_size < 1:
+        raise ValueError("chunk_tokens and batch_size must be at least 1")
+    model.eval()
+    base, head = split_model(model)
+    cfg = text_config(model)
+    transformed = {a: getattr(cfg, a, None) for a in ("logit_scale", "logits_scaling", "final_logit_softcapping")}
+    transformed = {a: v for a, v in transformed.items() if v not in (None, 0, 1, 1.0)}
+    if transformed:
+        raise ValueError(f"scoring.signal: hidden: {type(model).__name__} transforms its logits after the lm_head "
+                         f"({transformed}); training rebuilds the logits as the bare lm_head of the stored hidden "
+                         "states, which would be other logits: use scoring.signal: topk")
+    dev = next(model.parameters()).device
+    if prompts:
+        j = max(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        if len(prompts[j]) + len(responses[j]):
+            check_head_path(model, base, head, lambda x: x, list(prompts[j]) + list(responses[j]), chunk_tokens)
+    out: list = [None] * len(prompts)
+    done = 0
+    for idx in length_batches(prompts, responses, batch_size):
+        ps, rs = [prompts[i] for i in idx], [responses[i] for i in idx]
+        hidden, tok_lp = torch.zeros(0, 0), torch.zeros(0)  # a batch of empty responses: nothing stored
+        if sum(len(r) for r in rs):
+            ids, mask, rows, cols = pack(ps, rs, pad_id)
+            hidden = response_hidden(base, ids, mask, rows, cols, dev)
+            tokens = torch.tensor([t for r in rs for t in r], dtype=torch.long)
+            parts = []
+            for lo in range(0, hidden.shape[0], chunk_tokens):
+                logits = real_logits(head(hidden[lo:lo + chunk_tokens]), vocab).float()
+                t = tokens[lo:lo + chunk_tokens]
+                if t.numel() and int(t.max()) >= logits.shape[-1]:  # as score_logits: fail before storing
+                    raise ValueError(f"a response token id {int(t.max())} is beyond the vocabulary "
+                                     f"({logits.shape[-1]} ids): the rollout sampled a padded lm_head row")
+                parts.append(logits.log_softmax(-1).gather(-1, t[:, None].to(logits.device)).squeeze(-1).cpu())
+            tok_lp, hidden = torch.cat(parts), hidden.cpu()
+        start = 0
+        for i, r in zip(idx, rs):
+            out[i] = (tok_lp[start:start + len(r)].tolist(), hidden[start:start + len(r)].contiguous())
+            start += len(r)
+        done += len(idx)
+        if progress:
+            progress(done / len(prompts), f"{done}/{len(prompts)} sequences")
+    return out
+
+
+def hidden_bytes(hidden: torch.Tensor) -> bytes:
+    """A response's hidden states [n, H] as stored (`scoring.signal: hidden`): the row-major
+    bytes of the tensor in its own dtype (bfloat16 has no Arrow type; its bits are kept as is)."""
+    return hidden.contiguous().view(torch.uint8).numpy().tobytes() if hidden.numel() else b""
+
+
+def hidden_from_bytes(blobs: Sequence[bytes], dtype: str, size: int) -> torch.Tensor:
+    """`hidden_bytes` of several responses back to one [N, H] tensor (`dtype` a torch dtype's
+    name, `size` H); a blob that is not whole rows of that dtype and size is refused."""
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise ValueError(f"teacher hidden states: {dtype!r} is no torch dtype")
+    dt = getattr(torch, dtype)
+    row = size * torch.empty(0, dtype=dt).element_size()
+    for b in blobs:
+        if len(b) % row:
+            raise ValueError(f"teacher hidden states: a blob of {len(b)} bytes is not whole rows of {size} {dtype}")
+    data = b"".join(blobs)
+    if not data:
+        return torch.zeros(0, size, dtype=dt)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(-1, size)

@@ -11,6 +11,14 @@ that is the exact full-vocabulary divergence.
 columns are dropped before writing; training then uses the per-token reverse-KL estimate, see
 `opdflow.kernels.loss.sampled_token_loss`).
 
+`scoring.signal: hidden` (transformers backend only: a server returns no hidden states) stores
+prompt_id, sample_idx, teacher_logprobs and `teacher_hidden`: per response the teacher's final
+hidden states (the lm_head's input, after the final norm) as the bytes of an [n, H] tensor in
+the teacher's dtype (`infra.scoring.hidden_bytes`; dtype and H are in the manifest's backend,
+`hidden_dtype` / `hidden_size`). Training rebuilds the teacher's logits from them and its
+lm_head chunk by chunk inside the loss (`kernels.fused_linear`), the exact full-vocabulary
+divergence without V floats per token stored.
+
 Output `scores/part-NNNNN.parquet`, one part per rollout part (shard i scores the
 rollout's part i, so parts stay row-aligned): prompt_id, sample_idx, teacher_logprobs,
 topk_ids, topk_logprobs, teacher_tail_logmass. A scorer that returns only top-k log-probs
@@ -45,12 +53,24 @@ from opdflow.tasks.stage import ShardParts, Stage
 
 TAIL_COLUMN = "teacher_tail_logmass"
 SAMPLED_COLUMNS = ("prompt_id", "sample_idx", "teacher_logprobs")  # scoring.signal: sampled
+HIDDEN_COLUMN = "teacher_hidden"
+HIDDEN_COLUMNS = (*SAMPLED_COLUMNS, HIDDEN_COLUMN)  # scoring.signal: hidden
 
 
 def signal_of(scores: pa.Table) -> str:
-    """The teacher signal a committed scores table holds: `sampled` (the sampled token's
-    log-prob only) or `topk`."""
-    return "topk" if "topk_ids" in scores.column_names else "sampled"
+    """The teacher signal a committed scores table holds: `topk`, `hidden` (the teacher's final
+    hidden states) or `sampled` (the sampled token's log-prob only)."""
+    if "topk_ids" in scores.column_names:
+        return "topk"
+    return "hidden" if HIDDEN_COLUMN in scores.column_names else "sampled"
+
+
+def hidden_table(rollouts: pa.Table, per_seq: list) -> pa.Table:
+    """Per response (teacher logprobs, hidden states [n, H]) -> the `hidden` signal's table."""
+    from opdflow.infra.scoring import hidden_bytes
+    return pa.table({"prompt_id": rollouts["prompt_id"], "sample_idx": rollouts["sample_idx"],
+                     "teacher_logprobs": pa.array([lp for lp, _ in per_seq], pa.list_(pa.float64())),
+                     HIDDEN_COLUMN: pa.array([hidden_bytes(h) for _, h in per_seq], pa.binary())})
 
 
 def for_signal(scores: pa.Table, signal: str) -> pa.Table:
@@ -118,6 +138,8 @@ def _stage(run: Run, stage: str) -> ShardParts:
         tok = load_tokenizer(tdir)
         model = load_model(tdir, c.teacher.dtype).eval() if backends.needs_local_model(c.scoring.backend) else None
         rollouts = parquet_to_table(run.read(parts[sorted(parts)[i]]))
+        if c.scoring.signal == "hidden":
+            return hidden_shard(ctx, model, tok, rollouts)
         t0 = time.time()
         per_seq = backends.scorer_for(c, tdir)(model, tok, rollouts["prompt_ids"].to_pylist(),
                                              rollouts["response_ids"].to_pylist(), ctx.progress)
@@ -126,6 +148,23 @@ def _stage(run: Run, stage: str) -> ShardParts:
         ctx.put_table("part.parquet", scores)
         tail = {"tail": tail_source(per_seq)} if c.scoring.signal == "topk" else {}
         ctx.backend.update(backends.scorer_record(c, model), signal=c.scoring.signal, **tail, vocab_size=len(tok))
+        sums = score_sums(rollouts, scores)
+        ctx.metrics.update(score_metrics(sums), seconds_scoring=round(secs, 3),
+                           tokens_per_s=round(sums["n_tokens"] / max(secs, 1e-9), 1))
+    def hidden_shard(ctx: StageContext, model, tok, rollouts: pa.Table) -> None:
+        from opdflow.infra.scoring import teacher_hidden_states
+        t0 = time.time()
+        per_seq = teacher_hidden_states(model, rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(),
+                                        tok.pad_token_id, c.scoring.batch_size, c.scoring.chunk_tokens, ctx.progress,
+                                        vocab=len(tok))
+        scores = hidden_table(rollouts, per_seq)
+        secs = time.time() - t0
+        ctx.put_table("part.parquet", scores)
+        record = {k: v for k, v in backends.scorer_record(c, model).items() if k != "top_k"}
+        head = model.get_output_embeddings().weight  # its input width is the stored rows' H
+        dtype = next((h.dtype for _, h in per_seq if h.numel()), head.dtype)  # the stored bytes' dtype
+        ctx.backend.update(record, signal="hidden", hidden_dtype=str(dtype).removeprefix("torch."),
+                           hidden_size=int(head.shape[1]), vocab_size=len(tok))
         sums = score_sums(rollouts, scores)
         ctx.metrics.update(score_metrics(sums), seconds_scoring=round(secs, 3),
                            tokens_per_s=round(sums["n_tokens"] / max(secs, 1e-9), 1))

@@ -38,6 +38,15 @@ shows it with a histogram. It is skipped when the sampler's log-probs are of a m
 distribution (temperature != 1, top-p < 1, top-k). `train.tis_cap` turns on truncated
 importance sampling: each token's loss weight is multiplied by min(p_trainer / p_sampler, cap).
 
+Teacher signal (`scoring.signal`): the rows carry what the score stage stored. With `hidden`
+they carry the teacher's final hidden states, and the stage also takes the teacher's model dir
+as an input (so only that signal's stage key changes): `prepare` loads the teacher on the CPU
+once per round to take its lm_head (padded rows beyond the tokenizer cut off,
+`infra.lm.real_head`) and writes it to the work dir (`teacher_head.safetensors`); every
+training process moves it to its device, and the loss rebuilds the teacher's logits chunk by
+chunk from it (`train_worker.loss_step`). That costs the teacher's size in CPU memory while
+the head is extracted and V x H teacher weights on each training device.
+
 Where it runs: `train.nproc_per_node: 1` (the default) trains in the task's own
 process; N > 1 launches `torchrun --standalone --nproc-per-node N` on this machine, a
 subprocess the task owns, with FSDP2 per decoder layer (NCCL on GPUs, gloo on CPU). The
@@ -110,6 +119,8 @@ def round_rows(run: Run, ro_stage: str, sc_stage: str) -> pa.Table:
     base = ro.select(["prompt_id", "sample_idx", "prompt_ids", "response_ids", "logprobs"])
     if score_stage.signal_of(sc) == "sampled":  # the teacher's log-prob of each sampled token only
         return base.append_column("teacher_logprobs", sc["teacher_logprobs"])
+    if score_stage.signal_of(sc) == "hidden":  # the teacher's final hidden states, bytes per response
+        return base.append_column(score_stage.HIDDEN_COLUMN, sc[score_stage.HIDDEN_COLUMN])
     return ro.select(["prompt_id", "sample_idx", "prompt_ids", "response_ids", "logprobs"]).append_column(
         "topk_ids", sc["topk_ids"]).append_column("topk_logprobs", sc["topk_logprobs"]).append_column(
         score_stage.TAIL_COLUMN, sc[score_stage.TAIL_COLUMN])
@@ -157,6 +168,8 @@ def run(run: Run, stage: str, force: bool = False, progress=None) -> tuple[dict,
     ro_stage, sc_stage = rollout_of(name)
     inputs = {**run.outputs_under(ro_stage, "rollouts"), **run.outputs_under(sc_stage, "scores"),
               **run.model_inputs(src_stage, src_prefix, "student")}
+    if c.scoring.signal == "hidden":  # the teacher's lm_head rebuilds its logits in the loss
+        inputs.update(run.model_inputs("models", "teacher"))
     if name.round > 1:
         inputs.update({n: src["outputs"][n] for n in ("optimizer.safetensors", "optimizer.json")})
     if name.arm != "main" and name.round == 1:
@@ -217,10 +230,37 @@ def prepare(run: Run, ctx: StageContext, work: Path, name, src_stage, src_prefix
         (work / "optimizer.safetensors").write_bytes(run.read(inputs["optimizer.safetensors"]))
         (work / "optimizer.json").write_bytes(run.read(inputs["optimizer.json"]))
         spec["optimizer"] = {"data": str(work / "optimizer.safetensors"), "meta": str(work / "optimizer.json")}
+    if score_stage.signal_of(rows) == "hidden":
+        spec["teacher_hidden"] = teacher_head(run, run.require(sc_stage), work / "teacher_head.safetensors")
     resume = latest_partial(run.store, spec["partial_prefix"], work / "resume")
     spec["resume"] = str(resume) if resume else None
     (work / "out").mkdir()
     return spec
+
+
+def teacher_head(run: Run, score_entry: dict, path: Path) -> dict:
+    """The teacher's lm_head, padded rows cut off (`infra.lm.real_head`), written to `path`
+    (safetensors: weight, and bias when it has one) in the dtype its hidden states were stored
+    in; returns the spec's `teacher_hidden` ({head, dtype, size}). Refused when the stored
+    hidden states' width or dtype is not the head's (the scores are of another teacher)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from opdflow.infra.lm import load_model, load_tokenizer, real_head
+    b = score_entry["backend"]
+    tdir = run.materialize("models", "teacher")
+    model = load_model(tdir, run.config.teacher.dtype, dev=torch.device("cpu"))
+    w, bias = real_head(model.get_output_embeddings(), len(load_tokenizer(tdir)))
+    if int(w.shape[1]) != int(b["hidden_size"]) or str(w.dtype).removeprefix("torch.") != b["hidden_dtype"]:
+        raise RunError(f"{score_entry['stage']}: the stored teacher hidden states are {b['hidden_size']} "
+                       f"{b['hidden_dtype']} values per token, the teacher's lm_head takes {int(w.shape[1])} "
+                       f"{str(w.dtype).removeprefix('torch.')}: rescore with this teacher")
+    tensors = {"weight": w.detach().contiguous().clone()}
+    if bias is not None:
+        tensors["bias"] = bias.detach().contiguous().clone()
+    save_file(tensors, str(path))
+    del model
+    return {"head": str(path), "dtype": b["hidden_dtype"], "size": int(b["hidden_size"])}
 
 
 def commit_outputs(ctx: StageContext, out: Path) -> None:

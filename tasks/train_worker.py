@@ -119,7 +119,7 @@ def bypass_weights(rows: list[dict], bypass: frozenset[int], position: str = "ta
 
 
 def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: int, tis_cap: float | None = None,
-              position: str = "target", vocab: int | None = None):
+              position: str = "target", vocab: int | None = None, teacher_head: dict | None = None):
     """One micro-batch: student logits at response positions vs the teacher's stored top-k.
     Returns (mean loss over the micro-batch's tokens, per-token loss, weights, the trainer's
     log-prob of each sampled token). With `tis_cap`, each token's weight is multiplied by
@@ -133,11 +133,19 @@ def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: 
     `vocab` (the tokenizer's size) cuts a padded lm_head's extra rows off the student's logits,
     so its distribution is over the real vocabulary only, as the sampler's and the teacher's
     (`infra.lm.real_logits`). The teacher's tail log-mass is the rows' `teacher_tail_logmass`
-    when present (the score stage always writes it)."""
+    when present (the score stage always writes it).
+
+    Rows with `teacher_hidden` (`scoring.signal: hidden`) carry the teacher's final hidden
+    states instead of a top-k; `teacher_head` ({weight, bias, dtype, size}, see
+    `load_teacher_head`) is its lm_head. The fused loss rebuilds the teacher's logits from them
+    chunk by chunk (`fused_linear_distillation_loss(teacher_hidden=, teacher_weight=,
+    teacher_bias=)`); the unfused one, which has the student's [N, V] logits anyway, computes
+    the teacher's [N, V] once under no_grad. Either way the divergence is the exact
+    full-vocabulary one."""
     dev = next(model.parameters()).device
     prompts, responses = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
     tokens = torch.tensor([t for r in responses for t in r], dtype=torch.long, device=dev)
-    if rows and "topk_ids" not in rows[0]:  # scoring.signal: sampled
+    if rows and "topk_ids" not in rows[0] and "teacher_hidden" not in rows[0]:  # scoring.signal: sampled
         return sampled_loss_step(model, rows, bypass, pad_id, tokens, isinstance(loss_fn, FusedLinearDistillationLoss),
                                  tis_cap, position, vocab)
     fused = isinstance(loss_fn, FusedLinearDistillationLoss)
@@ -154,23 +162,55 @@ def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: 
     else:
         logits = real_logits(batch_response_logits(model, prompts, responses, pad_id, dev, grad=True), vocab)
         trainer_lp = token_logprobs(logits, tokens, LOGPROB_CHUNK)
-    ids = torch.tensor([k for r in rows for k in r["topk_ids"]], dtype=torch.long, device=dev)
-    lps = torch.tensor([k for r in rows for k in r["topk_logprobs"]], dtype=torch.float32, device=dev)
     weights = torch.tensor(bypass_weights(rows, bypass, position), device=dev)
     if tis_cap is not None:
         from opdflow.tasks.mismatch import tis_weights
         sampler_lp = torch.tensor([x for r in rows for x in r["logprobs"]], dtype=torch.float32, device=dev)
         weights = weights * tis_weights(sampler_lp, trainer_lp, tis_cap)
-    tail = (torch.tensor([x for r in rows for x in r["teacher_tail_logmass"]], dtype=torch.float32, device=dev)
-            if rows and "teacher_tail_logmass" in rows[0] else None)
-    teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_tail_logmass=tail,
-                   mask=torch.ones(len(tokens), dtype=torch.bool, device=dev), weights=weights)
+    if rows and "teacher_hidden" in rows[0]:  # scoring.signal: hidden
+        teacher = hidden_teacher(rows, teacher_head, len(tokens), fused, dev)
+    else:
+        ids = torch.tensor([k for r in rows for k in r["topk_ids"]], dtype=torch.long, device=dev)
+        lps = torch.tensor([k for r in rows for k in r["topk_logprobs"]], dtype=torch.float32, device=dev)
+        tail = (torch.tensor([x for r in rows for x in r["teacher_tail_logmass"]], dtype=torch.float32, device=dev)
+                if rows and "teacher_tail_logmass" in rows[0] else None)
+        teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_tail_logmass=tail)
+    teacher.update(mask=torch.ones(len(tokens), dtype=torch.bool, device=dev), weights=weights)
     if fused:
         targets = {} if tis_cap is not None else dict(target_ids=tokens, target_logprobs_out=trainer_lp)
         loss, per_token = loss_fn(hidden, head_w, head_b, **teacher, **targets)
     else:
         loss, per_token = loss_fn(logits, **teacher)
     return loss, per_token, weights, trainer_lp
+
+
+def load_teacher_head(spec_hidden: dict, vocab: int, dev: torch.device) -> dict:
+    """The teacher's lm_head the train stage wrote (`tasks.train.teacher_head`), on `dev`:
+    {weight [V, H], bias [V] or None, dtype, size}. Its rows must be the student's vocabulary
+    (`vocab`, the tokenizer's size): the two distributions are compared id by id."""
+    tensors = st_load_file(spec_hidden["head"])
+    w = tensors["weight"]
+    if w.shape[0] != vocab:
+        raise ValueError(f"scoring.signal: hidden: the teacher's lm_head has {w.shape[0]} rows after its padded rows "
+                         f"are cut off, the student's vocabulary {vocab} ids; OPD needs one shared vocabulary")
+    return {"weight": w.to(dev), "bias": None if "bias" not in tensors else tensors["bias"].to(dev),
+            "dtype": spec_hidden["dtype"], "size": int(spec_hidden["size"])}
+
+
+def hidden_teacher(rows: list[dict], teacher_head: dict | None, n_tokens: int, fused: bool, dev) -> dict:
+    """The loss's teacher arguments from rows with `teacher_hidden` (see `loss_step`)."""
+    from opdflow.infra.scoring import hidden_from_bytes
+    if teacher_head is None:
+        raise ValueError("rows hold the teacher's hidden states (scoring.signal: hidden) but no teacher lm_head "
+                         "was given to rebuild its logits")
+    th = hidden_from_bytes([r["teacher_hidden"] for r in rows], teacher_head["dtype"], teacher_head["size"]).to(dev)
+    if th.shape[0] != n_tokens:
+        raise ValueError(f"teacher hidden states: {th.shape[0]} rows for {n_tokens} response tokens")
+    w, b = teacher_head["weight"], teacher_head["bias"]
+    if fused:
+        return dict(teacher_hidden=th, teacher_weight=w, teacher_bias=b)
+    with torch.no_grad():
+        return dict(teacher_logits=torch.nn.functional.linear(th, w, b))
 
 
 def sampled_loss_step(model, rows: list[dict], bypass: frozenset[int], pad_id: int, tokens: torch.Tensor,
@@ -359,10 +399,11 @@ def load_partial(resume: Path, model, opt, state: TrainState) -> None:
 
 def train_step(d: distributed.Dist, model, opt, loss_fn, c: Config, batch: list[dict], bypass: frozenset[int],
                pad_id: int, global_step: int, vocab: int | None = None,
-               stats: dict | None = None) -> tuple[float, list[float], list[float], list[float]]:
+               stats: dict | None = None,
+               teacher_head: dict | None = None) -> tuple[float, list[float], list[float], list[float]]:
     """One optimizer step over the global batch; returns (loss, per-token losses, weights and
     trainer logprobs in batch order) on rank 0. `stats` gets the step's gradient norm (before
-    clipping) and learning rate."""
+    clipping) and learning rate. `teacher_head`: `loss_step`'s, for `scoring.signal: hidden`."""
     n_global = sum(len(r["response_ids"]) for r in batch)
     micros = rank_micro_batches(batch, d.rank, d.world, c.train.micro_batch_size)
     loss_sum, mine = 0.0, []
@@ -370,7 +411,7 @@ def train_step(d: distributed.Dist, model, opt, loss_fn, c: Config, batch: list[
         distributed.set_gradient_sync(model, i == len(micros) - 1)
         rows = [batch[p] for p in pos] or batch[:1]  # an empty micro-batch runs with zero weight
         loss, per_token, weights, trainer_lp = loss_step(model, loss_fn, rows, bypass, pad_id, c.train.tis_cap,
-                                                         c.ablation.position, vocab=vocab)
+                                                         c.ablation.position, vocab=vocab, teacher_head=teacher_head)
         n_micro = sum(len(r["response_ids"]) for r in rows)
         scale = (n_micro / n_global) * d.world if pos else 0.0  # FSDP averages over ranks
         (loss * scale).backward()
@@ -429,6 +470,7 @@ def _train_round(d: distributed.Dist, spec: dict, progress) -> dict:
     if c.train.fused_lm_head:
         check_head_is_logits(model, tok.pad_token_id, d.device)
     rows = pq.read_table(spec["rows"]).to_pylist()
+    head = load_teacher_head(spec["teacher_hidden"], len(tok), d.device) if spec.get("teacher_hidden") else None
     batches = step_batches(len(rows), c.train.steps_per_round, c.train.batch_size,
                            derive_seed(c.seed, *tag, "train-order", spec["round"]))
     bypass = frozenset(spec["bypass"])
@@ -443,7 +485,7 @@ def _train_round(d: distributed.Dist, spec: dict, progress) -> dict:
         global_step = (spec["round"] - 1) * c.train.steps_per_round + state.step
         t_step, stats = time.time(), {"global_step": global_step}
         loss, per_token, weights, trainer_lp = train_step(d, model, opt, loss_fn, c, batch, bypass, tok.pad_token_id,
-                                                          global_step, vocab=len(tok), stats=stats)
+                                                          global_step, vocab=len(tok), stats=stats, teacher_head=head)
         if d.is_main:
             state.record(loss, batch, per_token, weights, trainer_lp, {**stats, "seconds": time.time() - t_step})
         else:
