@@ -120,3 +120,24 @@ def test_checkpoint_from_two_processes_resumes_in_one(prepared, kill_when_held):
     assert ran and resumed["metrics"]["resumed_from_step"] == 2 and resumed["backend"]["world_size"] == 1
     assert resumed["metrics"]["losses"] == pytest.approx(one["metrics"]["losses"], abs=1e-6)
     assert max_diff(weights(run, resumed), w_one) < TOL
+
+
+def test_hidden_signal_under_fsdp_matches_one_process(tmp_path):
+    """`scoring.signal: hidden`: each rank rebuilds the teacher's logits from the stored hidden
+    states with the teacher's lm_head (loaded once per round by `prepare`, padded rows cut off);
+    two processes train like one, with and without `train.fused_lm_head`."""
+    config = load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+                         {"train": {"steps_per_round": 2, "batch_size": 8, "nproc_per_node": 2},
+                          "scoring": {"signal": "hidden"}})
+    run = Run.create_or_open(open_store(str(tmp_path / "store")), "fsdp-hidden", config)
+    for fn, stage in ((models.run, "models"), (prompts.run, "prompts"), (rollout.run, "rollout.r01"),
+                      (score.run, "score.r01")):
+        fn(run, stage)
+    assert run.require("score.r01")["backend"]["signal"] == "hidden"
+    one, _ = train.run(with_world(run, 1), "train.r01", force=True)
+    w_one = weights(run, one)
+    for fused in (False, True):
+        two, ran = train.run(with_world(run, 2, fused=fused), "train.r01", force=True)
+        assert ran and two["key"] == one["key"] and two["backend"]["world_size"] == 2
+        assert two["metrics"]["losses"] == pytest.approx(one["metrics"]["losses"], abs=1e-6)
+        assert max_diff(weights(run, two), w_one) < TOL
