@@ -363,26 +363,15 @@ def train_model(model, ms: ModelSpec, pool, seed: int,
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
                     batch_size: int = 64) -> list[str]:
-    """Greedy continuations (special tokens stripped), batched with left padding."""
-    import torch
+    """Greedy continuations (special tokens stripped), decoded by the one decode loop
+    (`infra.lm.sample` at temperature 0: batched, left-padded, KV-cached)."""
+    from opdflow.infra.lm import SampleSettings, sample
 
-    outputs: list[str] = []
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with torch.no_grad():
-            for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                )
-                new = out[:, enc["input_ids"].size(1) :]
-                outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = old_side
-    return outputs
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    st = SampleSettings(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, vocab_size=len(tokenizer))
+    out = sample(model, ids, list(range(len(ids))), st, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return tokenizer.batch_decode([s.response_ids for s in out], skip_special_tokens=True)
 
 
 def greedy_accuracy(model, tokenizer, examples: list[dict], max_new_tokens: int,

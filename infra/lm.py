@@ -231,36 +231,50 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _sample_batch(model, prompts, seeds, st: SampleSettings, eos_id, pad_id, dev) -> list[Sample]:
+def kv_decode(models: Sequence, prompts, max_new: int, pick: Callable, eos_id: int, pad_id: int):
+    """The one decode loop: batched, left-padded, KV-cached decoding of one or more models in
+    lockstep (the student alone, or student and teacher when `tasks.patch` substitutes tokens).
+    `pick(step, logits, done)` gets each model's last-position logits [B, rows] and the rows
+    already finished, and returns the next token per row; finished rows are given `pad_id`.
+    Returns (tokens [B, max_new], lengths [B] (up to and including EOS), stopped [B]) on the CPU."""
     b = len(prompts)
+    dev = next(models[0].parameters()).device
     ids, mask, pos = (t.to(dev) for t in left_padded(prompts, pad_id))
-    seeds_t = torch.tensor(list(seeds), dtype=torch.int64, device=dev)
-    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    past, logits = res.past_key_values, res.logits[:, -1]
+    res = [m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True) for m in models]
     next_pos = pos[:, -1:] + 1
-    tokens = torch.zeros((b, st.max_new_tokens), dtype=torch.long, device=dev)
-    lps = torch.zeros((b, st.max_new_tokens), dtype=torch.float32, device=dev)
+    tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    lengths = torch.full((b,), st.max_new_tokens, dtype=torch.long, device=dev)
-    for t in range(st.max_new_tokens):
-        tok, logp = pick_tokens(logits, seeds_t, t, st)
+    lengths = torch.full((b,), max_new, dtype=torch.long, device=dev)
+    for t in range(max_new):
+        tok = pick(t, [r.logits[:, -1] for r in res], done)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens[:, t] = tok
-        lps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1)
         newly = (~done) & (tok == eos_id)
         lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
         done |= newly
         # one host sync per step: stop early once every sequence has finished
-        if bool(done.all()) or t == st.max_new_tokens - 1:
+        if bool(done.all()) or t == max_new - 1:
             break
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
-        res = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=past, use_cache=True)
-        past, logits = res.past_key_values, res.logits[:, -1]
+        res = [m(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                 past_key_values=r.past_key_values, use_cache=True) for m, r in zip(models, res)]
         next_pos = next_pos + 1
-    tokens, lps, lengths, done = tokens.cpu(), lps.cpu(), lengths.cpu(), done.cpu()
+    return tokens.cpu(), lengths.cpu(), done.cpu()
+
+
+def _sample_batch(model, prompts, seeds, st: SampleSettings, eos_id, pad_id, dev) -> list[Sample]:
+    seeds_t = torch.tensor(list(seeds), dtype=torch.int64, device=dev)
+    lps = torch.zeros((len(prompts), st.max_new_tokens), dtype=torch.float32, device=dev)
+
+    def pick(t, logits, done):
+        tok, logp = pick_tokens(logits[0], seeds_t, t, st)
+        lps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1)
+        return tok
+
+    tokens, lengths, done = kv_decode([model], prompts, st.max_new_tokens, pick, eos_id, pad_id)
+    lps = lps.cpu()
     return [Sample(tokens[i, :lengths[i]].tolist(), lps[i, :lengths[i]].tolist(),
-                   "stop" if done[i] else "length") for i in range(b)]
+                   "stop" if done[i] else "length") for i in range(len(prompts))]
 
 
 # -- teacher-forced forward -----------------------------------------------------------------
@@ -328,19 +342,44 @@ def batch_response_hidden(model, prompts, responses, pad_id, dev, grad: bool = F
         model.set_output_embeddings(head)
 
 
-def check_head_is_logits(model, pad_id: int, dev, tol: float = 1e-3) -> None:
-    """Fail unless ``lm_head(hidden)`` reproduces the model's logits on a probe sequence.
-
-    Some architectures post-process the head's output (logit soft-capping, scaling); training
-    on ``hidden @ W.T`` would then optimize other logits than the model samples with."""
-    probe = [[1, 2, 3, 4, 5, 6]]
+def head_mismatch(model, seq: Sequence[int], base=None, head=None, transform=None) -> float | None:
+    """The one check that a model's logits are ``transform(lm_head(final hidden states))``, which
+    every path that applies the head itself relies on (scoring, the rock analysis, the trainer's
+    ``train.fused_lm_head``). ``seq`` runs through the model's own forward and through the split
+    path: ``base`` (the decoder) then ``head``, or, with no ``base``, the model's forward with the
+    head's input captured (so FSDP's hooks run). Returns the largest |difference| when it is over
+    the tolerance (1e-4 in float32, 2e-2 in 16-bit dtypes, relative to the logits' scale above 1),
+    None when they agree. Some architectures post-process the head's output (soft-capping,
+    scaling): training or scoring ``hidden @ W.T`` would then use other logits than the model's."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([list(seq)], dtype=torch.long, device=dev)
+    mask = torch.ones_like(ids)
     with torch.no_grad():
-        logits = batch_response_logits(model, [[0]], probe, pad_id, dev)
-        hidden, head = batch_response_hidden(model, [[0]], probe, pad_id, dev)
-        again = head(hidden)
-    err = float((again.float() - logits.float()).abs().max())
-    scale = float(logits.float().abs().max()) or 1.0
-    if err > tol * max(1.0, scale):
+        want = model(input_ids=ids, attention_mask=mask).logits.float()
+        if base is not None:
+            hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            head, stand_in = model.get_output_embeddings(), _HeadInput()
+            model.set_output_embeddings(stand_in)
+            try:
+                model(input_ids=ids, attention_mask=mask)
+            finally:
+                model.set_output_embeddings(head)
+            hidden = stand_in.hidden
+        got = head(hidden)
+        got = (transform(got) if transform else got).float()
+    if got.shape != want.shape:
+        return float("nan")
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+    err = float((got - want).abs().max())
+    return err if err > tol * max(1.0, float(want.abs().max())) else None
+
+
+def check_head_is_logits(model) -> None:
+    """``train.fused_lm_head``'s check (``head_mismatch`` on a probe sequence): fail unless the
+    lm_head's output is the model's logits."""
+    err = head_mismatch(model, [0, 1, 2, 3, 4, 5, 6])
+    if err is not None:
         raise ValueError(
             f"train.fused_lm_head: {type(model).__name__}'s logits are not lm_head(hidden states) "
             f"(max difference {err:.3g}; the model post-processes them, e.g. soft-capping): "

@@ -44,8 +44,8 @@ from typing import Callable, Sequence
 import torch
 
 from opdflow.infra.config import ScoringConfig, default
-from opdflow.infra.lm import real_logits
-from opdflow.kernels.reference import tail_log_mass
+from opdflow.infra.lm import head_mismatch, real_logits
+from opdflow.kernels.reference import check_token_ids, tail_log_mass, token_logprobs
 
 # per response: teacher logprob of each token, top-k ids, top-k logprobs, tail log-mass per token
 Scores = tuple[list[float], list[list[int]], list[list[float]], list[float]]
@@ -131,9 +131,7 @@ def score_logits(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab: int 
     tokenizer's), in float32. The one scoring step: `score_rows` and `tasks.score.score_table`
     both call it."""
     logits = real_logits(logits, vocab).float()
-    if tokens.numel() and int(tokens.max()) >= logits.shape[-1]:  # host sync: fail before storing bad rows
-        raise ValueError(f"a response token id {int(tokens.max())} is beyond the vocabulary ({logits.shape[-1]} "
-                         "ids): the rollout sampled a padded lm_head row")
+    check_token_ids(tokens, logits.shape[-1])  # host sync: fail before storing bad rows
     logp = torch.log_softmax(logits, dim=-1)
     tok_lp = logp.gather(-1, tokens[:, None].to(logp.device)).squeeze(-1)
     top_lp, top_ids = logp.topk(k, dim=-1)
@@ -154,18 +152,13 @@ def score_rows(head, transform, hidden: torch.Tensor, tokens: torch.Tensor, k: i
 
 
 def check_head_path(model, base, head, transform, seq: Sequence[int], max_tokens: int) -> None:
-    """Refuse a model whose own forward gives other logits than base -> head -> transform."""
+    """Refuse a model whose own forward gives other logits than base -> head -> transform
+    (`infra.lm.head_mismatch` on the first `max_tokens` of `seq`, at most 16)."""
     n = max(1, min(_PROBE_TOKENS, max_tokens, len(seq)))
-    dev = next(model.parameters()).device
-    ids = torch.tensor([list(seq[:n])], dtype=torch.long, device=dev)
-    mask = torch.ones_like(ids)
-    want = model(input_ids=ids, attention_mask=mask).logits.float()
-    got = transform(head(base(input_ids=ids, attention_mask=mask).last_hidden_state)).float()
-    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
-    if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol):
-        diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+    err = head_mismatch(model, list(seq[:n]), base=base, head=head, transform=transform)
+    if err is not None:
         raise ValueError(f"{type(model).__name__}: hidden states -> LM head does not reproduce the model's logits "
-                         f"(max |diff| {diff:.3g}); this architecture transforms its logits in a way "
+                         f"(max |diff| {err:.3g}); this architecture transforms its logits in a way "
                          "infra.scoring does not know: score it with tasks.score.score_table")
 
 
@@ -253,12 +246,8 @@ def teacher_hidden_states(model, prompts: Sequence[Sequence[int]], responses: Se
             tokens = torch.tensor([t for r in rs for t in r], dtype=torch.long)
             parts = []
             for lo in range(0, hidden.shape[0], chunk_tokens):
-                logits = real_logits(head(hidden[lo:lo + chunk_tokens]), vocab).float()
-                t = tokens[lo:lo + chunk_tokens]
-                if t.numel() and int(t.max()) >= logits.shape[-1]:  # as score_logits: fail before storing
-                    raise ValueError(f"a response token id {int(t.max())} is beyond the vocabulary "
-                                     f"({logits.shape[-1]} ids): the rollout sampled a padded lm_head row")
-                parts.append(logits.log_softmax(-1).gather(-1, t[:, None].to(logits.device)).squeeze(-1).cpu())
+                logits = real_logits(head(hidden[lo:lo + chunk_tokens]), vocab)
+                parts.append(token_logprobs(logits, tokens[lo:lo + chunk_tokens].to(logits.device)).cpu())
             tok_lp, hidden = torch.cat(parts), hidden.cpu()
         start = 0
         for i, r in zip(idx, rs):

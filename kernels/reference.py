@@ -106,6 +106,7 @@ __all__ = [
     "tail_log_mass",
     "tail_from_topk",
     "token_logprobs",
+    "check_token_ids",
 ]
 
 
@@ -443,9 +444,21 @@ def dense_reverse_kl_and_grad(student_logits: Tensor, teacher_logits: Tensor,
 
 
 @torch.no_grad()
+def check_token_ids(tokens: Tensor, width: int) -> None:
+    """Fail when a token id is at or beyond ``width`` columns of logits: the tokenizer's size once
+    padded lm_head rows are cut off, so such an id is a sampled padded row."""
+    if tokens.numel() and int(tokens.max()) >= width:
+        raise ValueError(f"a response token id {int(tokens.max())} is beyond the vocabulary ({width} ids): "
+                         "the rollout sampled a padded lm_head row")
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, chunk: int | None = None) -> Tensor:
-    """``log_softmax(logits)[i, tokens[i]]`` in float32, detached; ``chunk`` rows at a time when
-    given (so a large vocabulary never needs a full float32 copy of the logits)."""
+    """``log_softmax(logits)[i, tokens[i]]`` in float32, ``chunk`` rows at a time when given (so a
+    large vocabulary never needs a full float32 copy of the logits). The one teacher-forced
+    log-prob: scoring, the trainer and the fused loss call it; it keeps the graph when the
+    logits carry one (callers that want none run it under ``no_grad``). A token id outside the
+    columns fails (a padded lm_head row cut off, or a bad id), with one host sync."""
+    check_token_ids(tokens, logits.shape[-1])
     step = chunk or max(1, logits.shape[0])
     out = [logits[lo:lo + step].float().log_softmax(-1).gather(-1, tokens[lo:lo + step, None]).squeeze(-1)
            for lo in range(0, logits.shape[0], step)]

@@ -44,7 +44,7 @@ import torch
 from opdflow.evals.answers import is_correct
 from opdflow.infra.builtin import answer_pattern
 from opdflow.infra.config import Config
-from opdflow.infra.lm import derive_seed, left_padded, load_model, load_tokenizer, real_logits
+from opdflow.infra.lm import derive_seed, kv_decode, load_model, load_tokenizer, real_logits
 from opdflow.infra.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.plan import checkpoint_of, patching_enabled
@@ -87,51 +87,34 @@ def intervened_greedy(student, teacher, prompts: list[list[int]], max_new: int, 
     steps whose student token was in `patch_ids`, substitutions those of them where the
     teacher's token was emitted instead."""
     dev = next(student.parameters()).device
-    ids, mask, pos = (t.to(dev) for t in left_padded(prompts, pad_id))
     patch = torch.tensor(sorted(patch_ids), dtype=torch.long, device=dev)
     forbid = torch.tensor(sorted(forbid_ids), dtype=torch.long, device=dev)
     use_teacher = len(patch) > 0
     if use_teacher and teacher is None:
         raise ValueError("patching needs the teacher")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    s = student(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    t = teacher(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True) if use_teacher else None
     b = len(prompts)
-    out = torch.full((b, max_new), pad_id, dtype=torch.long, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
     n_sub = torch.zeros(b, dtype=torch.long, device=dev)
     n_set = torch.zeros(b, dtype=torch.long, device=dev)
-    next_pos = pos[:, -1:] + 1
-    for step in range(max_new):
-        s_logits = real_logits(s.logits[:, -1], vocab)
+
+    def pick(step, logits, done):
+        s_logits = real_logits(logits[0], vocab)
         if len(forbid):
             s_logits = s_logits.index_fill(-1, forbid, float("-inf"))
         own = s_logits.argmax(-1)
-        tok = own
-        if use_teacher:
-            teachers = real_logits(t.logits[:, -1], vocab).argmax(-1)
-            in_set = torch.isin(own, patch) & ~done
-            keep = torch.rand(b, generator=gen).to(dev) < keep_prob if keep_prob < 1.0 else torch.ones_like(in_set)
-            swap = in_set & (teachers != own) & keep
-            tok = torch.where(swap, teachers, own)
-            n_sub += swap.long()
-            n_set += in_set.long()
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        out[:, step] = tok
-        done |= tok == eos_id
-        if bool(done.all()) or step == max_new - 1:  # one host sync per step: stop when all finished
-            break
-        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
-        s = student(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=s.past_key_values, use_cache=True)
-        if use_teacher:
-            t = teacher(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                        past_key_values=t.past_key_values, use_cache=True)
-        next_pos = next_pos + 1
-    responses = []
-    for row in out.cpu().tolist():
-        cut = row.index(eos_id) + 1 if eos_id in row else len(row)
-        responses.append(row[:cut])
+        if not use_teacher:
+            return own
+        teachers = real_logits(logits[1], vocab).argmax(-1)
+        in_set = torch.isin(own, patch) & ~done
+        keep = torch.rand(b, generator=gen).to(dev) < keep_prob if keep_prob < 1.0 else torch.ones_like(in_set)
+        swap = in_set & (teachers != own) & keep
+        n_sub.add_(swap.long())
+        n_set.add_(in_set.long())
+        return torch.where(swap, teachers, own)
+
+    tokens, lengths, _ = kv_decode([student, teacher] if use_teacher else [student], prompts, max_new, pick,
+                                   eos_id, pad_id)
+    responses = [tokens[i, :lengths[i]].tolist() for i in range(b)]
     return responses, n_sub.cpu().tolist(), n_set.cpu().tolist()
 
 

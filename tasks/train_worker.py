@@ -233,8 +233,8 @@ def sampled_loss_step(model, rows: list[dict], bypass: frozenset[int], pad_id: i
     else:
         logits = real_logits(batch_response_logits(model, prompts, responses, pad_id, dev, grad=True), vocab)
         chunks = [logits[lo:lo + LOGPROB_CHUNK] for lo in range(0, len(tokens), LOGPROB_CHUNK)]
-    lp = torch.cat([c.float().log_softmax(-1).gather(-1, tokens[i * LOGPROB_CHUNK:(i + 1) * LOGPROB_CHUNK, None])
-                    .squeeze(-1) for i, c in enumerate(chunks)]) if chunks else torch.zeros(0, device=dev)
+    lp = torch.cat([token_logprobs(c, tokens[i * LOGPROB_CHUNK:(i + 1) * LOGPROB_CHUNK])
+                    for i, c in enumerate(chunks)]) if chunks else torch.zeros(0, device=dev)
     trainer_lp = lp.detach()
     weights = torch.tensor(bypass_weights(rows, bypass, position), device=dev)
     if tis_cap is not None:
@@ -468,7 +468,7 @@ def _train_round(d: distributed.Dist, spec: dict, progress) -> dict:
     loss_fn = loss_cls(kind=c.train.loss.kind, beta=c.train.loss.beta, temperature=c.train.loss.temperature,
                        backend=c.train.kernel)
     if c.train.fused_lm_head:
-        check_head_is_logits(model, tok.pad_token_id, d.device)
+        check_head_is_logits(model)
     rows = pq.read_table(spec["rows"]).to_pylist()
     head = load_teacher_head(spec["teacher_hidden"], len(tok), d.device) if spec.get("teacher_hidden") else None
     batches = step_batches(len(rows), c.train.steps_per_round, c.train.batch_size,

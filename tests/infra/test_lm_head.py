@@ -23,11 +23,11 @@ def test_hidden_through_the_head_is_the_logits(tie):
     hidden, head = batch_response_hidden(model, prompts, responses, 0, "cpu")
     assert hidden.shape == (5, 16) and head is model.get_output_embeddings()  # the head is put back
     torch.testing.assert_close(head(hidden), logits)
-    check_head_is_logits(model, 0, "cpu")
+    check_head_is_logits(model)
 
 
 def test_post_processed_logits_are_refused():
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(Gemma2Config(**SMALL, final_logit_softcapping=0.5)).eval()
     with pytest.raises(ValueError, match="train.fused_lm_head: Gemma2ForCausalLM's logits are not"):
-        check_head_is_logits(model, 0, "cpu")
+        check_head_is_logits(model)
