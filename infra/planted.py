@@ -124,10 +124,7 @@ def make_examples(split: str, n: int, seed: int) -> list[dict]:
     return out
 
 
-def extract_answer(text: str) -> str | None:
-    """The number on the last ``answer: N`` (the demo's pattern, the one shared extraction)."""
-    from opdflow.evals.answers import extract_answer as extract
-    return extract(text, ANSWER_PATTERN)
+extract_answer = demo.extract_answer  # the last ``answer: N`` (the one shared extraction)
 
 
 def build_tokenizer():
