@@ -9,6 +9,9 @@ in-process sampler, so the rollout and score stages can use either:
   `infra.lm.sample`: one request per (prompt, seed) with the seed passed through, token-id
   prompts, `logprobs=1` and `return_tokens_as_token_ids=true`, so the response's tokens
   ("token_id:N") give back the exact ids and `token_logprobs` the sampler's logprobs.
+  `allowed_vocab=N` adds vLLM's `allowed_token_ids = range(N)` (the vllm backend on a padded
+  lm_head; not sent to a generic server, which may not know it); either way `check_ids`
+  refuses an id at or beyond the tokenizer's size after sampling.
   Reproducibility is the server's: `opdflow serve` samples a one-prompt request with its seed
   exactly as `infra.lm.sample` would in process; vLLM seeds a per-request generator. vLLM reports raw-model logprobs unless started with
   `--logprobs-mode processed_logprobs` (they agree at temperature 1, top-p 1).
@@ -183,12 +186,17 @@ def is_retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-def completion_request(model: str, prompt: Sequence[int], seed: int, settings: SampleSettings, eos_id: int) -> dict:
+def completion_request(model: str, prompt: Sequence[int], seed: int, settings: SampleSettings, eos_id: int,
+                       allowed_vocab: int | None = None) -> dict:
+    """The sampling request. `allowed_vocab` (vLLM's `allowed_token_ids` extension, set only by
+    the vllm backend on a padded checkpoint): only ids below it can be sampled."""
     body = {"model": model, "prompt": list(prompt), "max_tokens": settings.max_new_tokens,
             "temperature": settings.temperature, "top_p": settings.top_p, "seed": int(seed), "n": 1,
             "logprobs": 1, "return_tokens_as_token_ids": True, "stop_token_ids": [int(eos_id)]}
     if getattr(settings, "top_k", 0) > 0:  # vLLM's extension; off unless set
         body["top_k"] = settings.top_k
+    if allowed_vocab is not None:
+        body["allowed_token_ids"] = list(range(int(allowed_vocab)))
     return body
 
 
@@ -333,8 +341,12 @@ class OpenAIBackend:
             return True
 
     def sample(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], settings: SampleSettings,
-               eos_id: int, pad_id: int, on_batch: Callable[[int], None] | None = None) -> list[Sample]:
-        """As `infra.lm.sample`, one request per (prompt, seed). `pad_id` is unused (no padding)."""
+               eos_id: int, pad_id: int, on_batch: Callable[[int], None] | None = None,
+               allowed_vocab: int | None = None) -> list[Sample]:
+        """As `infra.lm.sample`, one request per (prompt, seed). `pad_id` is unused (no padding).
+        `allowed_vocab`: send vLLM's `allowed_token_ids = range(allowed_vocab)` with every request
+        (the vllm backend on a padded checkpoint; a generic server may not know the field). The
+        ids are checked after sampling either way (`check_ids`)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         step = max(1, settings.batch_size)
@@ -345,7 +357,8 @@ class OpenAIBackend:
 
         def one(item) -> Sample:
             prompt, seed = item
-            body = self.post("/v1/completions", completion_request(self.model, prompt, seed, settings, eos_id))
+            body = self.post("/v1/completions", completion_request(self.model, prompt, seed, settings, eos_id,
+                                                                      allowed_vocab))
             choices = body.get("choices") or []
             if len(choices) != 1:
                 raise OpenAIBackendError(f"{self.root}: expected 1 choice, got {len(choices)}")

@@ -41,7 +41,10 @@ def preflight(config: Config) -> list[dict]:
                                           f"({len(sv)} vs {len(tv)} tokens, {diff} differ); "
                                           "OPD needs one shared vocabulary")
     for role, tok in (("teacher", t_tok), ("student", s_tok)):
-        vocab_rows(config, role, tok)  # raises when the lm_head has fewer rows than tokens
+        n_tok, head_rows = vocab_rows(config, role, tok)  # raises when the lm_head has fewer rows than tokens
+        if role == "teacher" and head_rows > n_tok and config.scoring.backend == "vllm":
+            from opdflow.infra.vllm_backend import padded_scoring_problem
+            raise ConfigError("scoring.backend", padded_scoring_problem(head_rows, n_tok))
     chat = check_renderings(config, rows, t_tok, s_tok)
     longest = max(len(encode_prompt(s_tok, r["prompt"], chat)) for r in rows) + 1
     ctx = min(c for c in (t_ctx, s_ctx) if c) if (t_ctx or s_ctx) else 0

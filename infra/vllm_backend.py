@@ -18,6 +18,27 @@ its OpenAI-compatible server as a subprocess:
 
 Before sampling, the server's tokenizer is checked against ours (`check_tokenizer`).
 
+A padded lm_head (more rows than tokenizer ids; Qwen: 151,665 tokens, 151,936 rows; rows read
+from config.json's `vocab_size`, `lm_head_rows`):
+- rollouts are masked exactly: every sampling request carries vLLM's `allowed_token_ids =
+  range(len(tokenizer))` (`sample_mask`). vLLM 0.32's v1 sampler sets the other logits to -inf
+  before temperature, top-k/top-p and sampling, so with processed_logprobs the reported logprob
+  is under the masked distribution, as `infra.lm.pick_tokens` reports (tests/test_vllm_real.py:
+  unmasked, 96/96 sampled ids were padded rows; masked, none, logprobs within 1e-6 of the
+  transformers backend's). vLLM has no server-side flag for it (`--hf-overrides vocab_size` would
+  not load the larger lm_head: its loader asserts the shape; read in its code, not run). `check_ids` still checks after.
+  Cost, measured on the CPU build (2 cores) at the realpair shape (2,664 tokens, 151,936 rows,
+  16 new tokens): the request body grows from 281 B to 15 KB and the median request time from
+  0.099 s to 0.102 s; a Qwen-sized list (151,665 ids) is 1.1 MB a request, 0.168 s median. On
+  the server, from its code (not measured): a bool mask [max_num_seqs, rows] in host and device
+  memory, allocated at the first masked request.
+- scoring is refused (`padded_scoring_problem`, by preflight and by `score` before a server
+  starts): prompt_logprobs are a log-softmax over all rows, with no mask (`allowed_token_ids`
+  does not apply to them): measured, the logprobs equal the all-row normalisation, differ by up
+  to 20 nats from the tokenizer-row one on the hot-padded pair, and padded ids rank first. It
+  cannot be fixed exactly from top-k answers (the real rows' normaliser needs every padded
+  row's mass); scoring.backend: transformers cuts the padded rows off.
+
 A new server per round, not one kept across rounds: vLLM 0.32 (installed and run here) has, with
 `VLLM_SERVER_DEV_MODE=1`, `POST /collective_rpc {"method": "reload_weights", "kwargs":
 {"weights_path": DIR}}` (its worker's `reload_weights(weights_path=...)` re-reads a checkpoint
@@ -299,6 +320,38 @@ def client(cfg, srv: VllmServer):
     return OpenAIBackend(srv.base_url, SERVED_NAME, timeout_s=600.0, max_retries=2, concurrency=cfg.concurrency)
 
 
+# -- padded lm_head rows --------------------------------------------------------------------
+
+def lm_head_rows(model_dir: str | Path) -> int | None:
+    """The lm_head's rows as the checkpoint's config.json says (`vocab_size`, the text config's
+    in a nested multimodal config); None when it does not say. What vLLM sizes its logits by."""
+    import json
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for sub in ("text_config", "language_config", "llm_config"):
+        if isinstance(cfg.get(sub), dict) and cfg[sub].get("vocab_size"):
+            return int(cfg[sub]["vocab_size"])
+    return int(cfg["vocab_size"]) if cfg.get("vocab_size") else None
+
+
+def sample_mask(model_dir: str | Path, tok) -> int | None:
+    """The tokenizer's size when the checkpoint has more lm_head rows than tokens (sampling
+    requests then carry `allowed_token_ids = range(size)`), else None (nothing to mask)."""
+    rows, n_tok = lm_head_rows(model_dir), len(tok)
+    return n_tok if rows is not None and rows > n_tok else None
+
+
+def padded_scoring_problem(rows: int, n_tok: int) -> str:
+    """Why `scoring.backend: vllm` refuses a teacher whose lm_head is padded (see the docstring)."""
+    return (f"vllm cannot score this teacher: its lm_head has {rows} rows but its tokenizer {n_tok} tokens (a padded "
+            f"vocabulary), and vLLM's prompt_logprobs are a log-softmax over all {rows} rows (allowed_token_ids "
+            f"does not apply to them): the teacher's logprobs would be normalised over the {rows - n_tok} padded "
+            f"rows too, and padded rows can rank in its top-k. Use scoring.backend: transformers (it cuts the "
+            f"padded rows off)")
+
+
 # -- the two uses -------------------------------------------------------------------------
 
 def sample(cfg, model_dir: str | Path, dtype: str, tok, prompts: Sequence[Sequence[int]], seeds: Sequence[int],
@@ -308,16 +361,21 @@ def sample(cfg, model_dir: str | Path, dtype: str, tok, prompts: Sequence[Sequen
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if not prompts:
         return []
+    allowed = sample_mask(model_dir, tok)
     with serving(cfg, model_dir, dtype, max_logprobs=1, logprobs_mode="processed_logprobs",
                  field="rollout.vllm") as srv, client(cfg, srv) as c:
         c.check_tokenizer(tok)
-        return c.sample(prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch)
+        return c.sample(prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch,
+                        allowed_vocab=allowed)
 
 
 def score(cfg, model_dir: str | Path, dtype: str, tok, prompts, responses, top_k: int, progress=None):
     """Per response (teacher logprobs, top-k ids, top-k logprobs) from a server on the teacher;
     k is capped at the vocabulary (as the local scorer does)."""
     top_k = min(int(top_k), len(tok))
+    rows = lm_head_rows(model_dir)
+    if rows is not None and rows > len(tok):  # preflight refuses it too; this holds without preflight
+        raise ValueError(f"scoring.backend: {padded_scoring_problem(rows, len(tok))}")
     with serving(cfg, model_dir, dtype, max_logprobs=top_k, logprobs_mode=None, field="scoring.vllm") as srv, \
             client(cfg, srv) as c:
         c.check_tokenizer(tok)

@@ -123,3 +123,38 @@ def test_sensitivity_comparison():
     assert sensitivity.histogram([0, 3, 3, 40, 900]) == {"0": 1, "2-3": 2, "32-63": 1, "512+": 1}
     md = sensitivity.markdown(r, {"vllm": "no .venv-vllm"})
     assert "| a vs b | 2/3 (66.7%) | 1: 2 |" in md and "`vllm` did not run: no .venv-vllm" in md
+
+
+def test_padded_lm_head_masks_rollouts_and_refuses_vllm_scoring(tmp_path):
+    """A padded checkpoint (lm_head rows > tokenizer): the vllm rollout requests carry
+    `allowed_token_ids = range(tokenizer size)` (none for an unpadded one, nor from a generic
+    openai client); `scoring.backend: vllm` is refused by preflight and by `vllm_backend.score`
+    before any server starts (vLLM's prompt_logprobs normalise over every row)."""
+    import json
+    from opdflow.infra.config import ConfigError
+    from opdflow.infra.lm import SampleSettings, load_tokenizer
+    from opdflow.infra.openai_backend import completion_request
+    from opdflow.infra.preflight import preflight
+    from opdflow.infra.realpair import build_pair
+    pair = build_pair(tmp_path / "pair", rows=4096, n_prompts=32)
+    tok = load_tokenizer(pair["teacher"])
+    n_tok = len(tok)
+    assert vllm_backend.lm_head_rows(pair["teacher"]) == 4096 and vllm_backend.sample_mask(pair["student"], tok) == n_tok
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "config.json").write_text(json.dumps({"text_config": {"vocab_size": n_tok}}))
+    assert vllm_backend.lm_head_rows(nested) == n_tok and vllm_backend.sample_mask(nested, tok) is None
+    st = SampleSettings(max_new_tokens=4)
+    assert completion_request("m", [1], 0, st, 2, n_tok)["allowed_token_ids"] == list(range(n_tok))
+    assert "allowed_token_ids" not in completion_request("m", [1], 0, st, 2)
+
+    raw = {"teacher": {"path": str(pair["teacher"])}, "student": {"path": str(pair["student"])},
+           "data": {"source": str(pair["data"]), "prompt_field": "question", "answer_field": "answer",
+                    "n_train": 8, "n_probe": 2, "n_eval": 2},
+           "scoring": {"backend": "vllm"}, "eval": {"tasks": ["opdflow_data"], "answer_regex": "([0-9]+)"}}
+    with pytest.raises(ConfigError, match=r"padded vocabulary.*normalised over the \d+ padded rows") as ei:
+        preflight(parse_config(raw))
+    assert ei.value.field == "scoring.backend" and f"4096 rows but its tokenizer {n_tok} tokens" in str(ei.value)
+    with pytest.raises(ValueError, match="vllm cannot score this teacher"):  # before check_available: no vLLM here
+        vllm_backend.score(VllmConfig(python=str(tmp_path / "no-python")), pair["teacher"], "float32", tok,
+                           [[1]], [[2]], 4)

@@ -7,14 +7,17 @@
   the server's flags;
 - backend sensitivity (tasks/sensitivity.py) on the student: greedy decoding under transformers,
   native and vLLM; vLLM's greedy tokens equal the transformers backend's;
-- a rollout stage SIGKILLed while it samples leaves no process of the vLLM tree behind (psutil).
+- a rollout stage SIGKILLed while it samples leaves no process of the vLLM tree behind (psutil);
+- a padded lm_head (realpair's 151,936 rows, hot padded rows): rollouts through the vllm backend
+  never sample a padded id, and their logprobs are the masked distribution's; the same requests
+  without the mask do sample padded ids; prompt_logprobs are normalised over every row.
 
 The models are the tiny test demo widened to head_dim 32: vLLM's CPU attention has no kernel for
 head_dim 16 ("Unsupported CPU attention configuration: head_dim=16"). Servers run with
 `--enforce-eager` (no torch.compile warm-up, about a minute on 2 cores).
 
 Without .venv-vllm (or when `make vllm-env` failed) every test here skips, with the reason.
-Run: ``python -m pytest -q -rs tests/test_vllm_real.py`` (about 2-4 minutes on 2 cores: four server
+Run: ``python -m pytest -q -rs tests/test_vllm_real.py`` (about 2-4 minutes on 2 cores: five server
 starts).
 """
 from __future__ import annotations
@@ -196,3 +199,98 @@ def test_killed_rollout_stage_leaves_no_vllm_process(store, vllm_python, tmp_pat
     for p in alive:
         p.kill()
     assert not alive, f"left running after the stage's SIGKILL: {[(p.pid, p.cmdline()[:3]) for p in alive]}"
+
+
+# -- a padded lm_head (Qwen: 151,665 tokens, 151,936 rows) -----------------------------------
+
+def _padded_student(tmp_path) -> tuple[Path, list[list[int]]]:
+    """infra.realpair's pair with its student rebuilt at head_dim 32 (realpair's is 8, which vLLM's
+    CPU attention has no kernel for), the same 151,936-row lm_head with its padded rows made hot
+    (as realpair does: an unmasked sampler picks them); and chat prompts from its data."""
+    import torch
+    from transformers import AutoConfig, Qwen2ForCausalLM
+    from opdflow.infra.lm import load_tokenizer
+    from opdflow.infra.realpair import build_pair
+    d = build_pair(tmp_path / "pair", n_prompts=8)["student"]
+    tok, cfg = load_tokenizer(d), AutoConfig.from_pretrained(str(d))
+    cfg.hidden_size, cfg.intermediate_size = 64, 128
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(cfg)
+    n_tok, rows = len(tok), model.lm_head.weight.shape[0]
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[n_tok:] = w[torch.arange(n_tok, rows) % n_tok] * 40.0
+    model.eval().save_pretrained(str(d), safe_serialization=True)
+    data = [json.loads(ln) for ln in (tmp_path / "pair" / "prompts.jsonl").read_text().splitlines()]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True,
+                                            return_dict=True)["input_ids"]) for r in data]
+    return d, prompts
+
+
+def test_vllm_rollouts_never_sample_a_padded_row(vllm_python, tmp_path, monkeypatch):
+    """One server on a padded student (151,936 rows, a 2,664-token tokenizer, hot padded rows):
+    - control: the same requests without `allowed_token_ids` sample padded ids (so this test can
+      fail), and `check_ids` refuses them;
+    - `vllm_backend.sample` (the rollout backend's path, its server the one started here) masks
+      them: no id >= the tokenizer's size, and each token's reported logprob equals the transformers
+      backend's masked distribution (`infra.lm.pick_tokens`, temperature 1) within LP_TOL (observed
+      ~1e-6); the full-row distribution is far from it (the mask changes the logprobs);
+    - prompt_logprobs (the scoring path) on the same server: normalised over all rows, padded ids in
+      the top-1, `allowed_token_ids` or not: why `scoring.backend: vllm` refuses a padded teacher."""
+    import contextlib
+    import torch
+    from opdflow.infra import vllm_backend as vb
+    from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, pick_tokens
+    from opdflow.infra.openai_backend import (OpenAIBackendError, completion_request, parse_completion_choice,
+                                              parse_prompt_logprobs, score_request)
+    d, prompts = _padded_student(tmp_path)
+    tok = load_tokenizer(d)
+    n_tok = len(tok)
+    assert vb.lm_head_rows(d) == 151_936 and vb.sample_mask(d, tok) == n_tok < 151_936
+    vcfg = VllmConfig(python=vllm_python, extra_args=["--enforce-eager"], kv_cache_gib=0.25, startup_timeout_s=400)
+    st = SampleSettings(temperature=1.0, top_p=1.0, max_new_tokens=12, batch_size=8, vocab_size=n_tok)
+    seeds = list(range(100, 100 + len(prompts)))
+    model = load_model(d).eval()
+
+    def forward(p, r):  # the student's logits at the response positions [len(r), rows]
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([list(p) + list(r)])).logits[0, len(p) - 1:-1].float()
+
+    with vb.serving(vcfg, d, "float32", max_logprobs=1, logprobs_mode="processed_logprobs",
+                    field="rollout.vllm") as srv, vb.client(vcfg, srv) as c:
+        c.check_tokenizer(tok)
+        raw = [parse_completion_choice(c.post("/v1/completions", completion_request(
+            vb.SERVED_NAME, p, s, st, tok.eos_token_id))["choices"][0]) for p, s in zip(prompts, seeds)]
+        n_padded = sum(t >= n_tok for r in raw for t in r.response_ids)
+        print(f"\nunmasked: {n_padded}/{sum(len(r.response_ids) for r in raw)} sampled ids are padded rows")
+        assert n_padded > 0
+        with pytest.raises(OpenAIBackendError, match="padded lm_head row"):
+            c.sample(prompts[:2], seeds[:2], st, tok.eos_token_id, tok.pad_token_id)
+
+        monkeypatch.setattr(vb, "serving", lambda *a, **k: contextlib.nullcontext(srv))  # reuse this server
+        got = vb.sample(vcfg, d, "float32", tok, prompts, seeds, st)
+        ids = [t for g in got for t in g.response_ids]
+        assert ids and max(ids) < n_tok, f"a padded id was sampled: {max(ids)} >= {n_tok}"
+        worst, full_gap = 0.0, 0.0
+        for p, g in zip(prompts, got):
+            logits = forward(p, g.response_ids)
+            _, logp = pick_tokens(logits, torch.zeros(len(logits), dtype=torch.long), 0, st)
+            full = torch.log_softmax(logits, -1)
+            for j, t in enumerate(g.response_ids):
+                worst = max(worst, abs(logp[j, t].item() - g.logprobs[j]))
+                full_gap = max(full_gap, abs(full[j, t].item() - g.logprobs[j]))
+        print(f"masked: {len(ids)} ids, none padded; |vLLM logprob - transformers masked| <= {worst:.3g}, "
+              f"vs the full-row distribution up to {full_gap:.3g}")
+        assert worst < LP_TOL and full_gap > 1.0
+
+        p, r = prompts[0], got[0].response_ids
+        full, real = torch.log_softmax(forward(p, r), -1), torch.log_softmax(forward(p, r)[:, :n_tok], -1)
+        at = torch.arange(len(r)), torch.tensor(r)
+        for allowed in (None, n_tok):
+            body = score_request(vb.SERVED_NAME, p, r, 1)
+            if allowed:
+                body["allowed_token_ids"] = list(range(allowed))
+            lps, top, _ = parse_prompt_logprobs(c.post("/v1/completions", body)["choices"][0]["prompt_logprobs"],
+                                                list(p) + list(r), 1, start=len(p))
+            assert (full[at] - torch.tensor(lps)).abs().max() < LP_TOL < (real[at] - torch.tensor(lps)).abs().max()
+            assert any(row[0] >= n_tok for row in top)
