@@ -1,4 +1,4 @@
-"""Rock analysis at a real vocabulary size: peak memory and throughput of `tasks.rock.measure`.
+"""Rock analysis at a real vocabulary size: peak memory and throughput of `tasks.rock.measure.measure`.
 
 Why: at V = 151,936 (Qwen's padded lm_head) the old whole-batch measurement held full student
 and teacher logits, a float32 gradient and a float64 copy for every response token of a batch
@@ -66,7 +66,7 @@ def child_main(args) -> None:
     import pyarrow as pa
     import torch
     from opdflow.infra.scoring import teacher_scores
-    from opdflow.tasks.rock import measure
+    from opdflow.tasks.rock.measure import measure
     torch.set_num_threads(args.threads)
     student, teacher = _model(0, args.hidden), _model(1, args.hidden)
     g = torch.Generator().manual_seed(2)

@@ -1,7 +1,7 @@
 """Streaming per-token aggregation over sharded Parquet: bounded memory, vectorized.
 
 Why this module exists: the rock-token stage aggregates per-position records (token id,
-KL, gradient norm) by token id. `opdflow.tasks.rock.aggregate` does so over Python lists,
+KL, gradient norm) by token id. `opdflow.tasks.rock.method.aggregate` does so over Python lists,
 which hold every record in memory and touch each one from the interpreter. Per-token
 tables grow with probe prompts x positions x checkpoints, so here they are read as a
 pyarrow dataset over `part-NNNNN.parquet` shards, one record batch at a time, and folded

@@ -135,7 +135,7 @@ def plots(v: dict) -> dict[str, bytes]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from opdflow.tasks.rock import _png
+    from opdflow.tasks.rock.report import figure_png
     out = {}
     cmp = v["comparisons"]
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.7 * len(cmp)))
@@ -151,7 +151,7 @@ def plots(v: dict) -> dict[str, bytes]:
     ax.set_xlabel(f"difference in {v['metric']} (95% CI, hierarchical bootstrap)")
     ax.set_title(f"Ablation after {v['rounds']} rounds, {len(v['seeds'])} seeds")
     ax.legend(loc="lower right", fontsize=8)
-    out["forest"] = _png(fig)
+    out["forest"] = figure_png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, pts in v["curves"].items():
@@ -163,7 +163,7 @@ def plots(v: dict) -> dict[str, bytes]:
     ax.set_xticks(range(1, v["rounds"] + 1))
     ax.set_title("Learning curves (mean over seeds, 95% band)")
     ax.legend()
-    out["curves"] = _png(fig)
+    out["curves"] = figure_png(fig)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for arm, per_seed in v["compute"].items():
@@ -184,7 +184,7 @@ def plots(v: dict) -> dict[str, bytes]:
     ax1.set_title("Accuracy vs tokens trained")
     ax2.set_title("Accuracy vs wall time")
     ax1.legend()
-    out["compute"] = _png(fig)
+    out["compute"] = figure_png(fig)
     return out
 
 
@@ -195,7 +195,7 @@ def markdown(v: dict | None, pngs: dict[str, bytes] | None = None) -> str:
     """The verdict artifact's body (without the page title)."""
     if v is None:
         return "Ablation not evaluated (no uniform-arm evaluation committed)."
-    from opdflow.tasks.rock import _img
+    from opdflow.tasks.rock.report import embedded_img
     pngs = pngs if pngs is not None else plots(v)
     seeds = v["seeds"]
     lines = [f"**Outcome (rocks bypassed vs uniform): {v['outcome'] or 'n/a'}.** Margin ±{v['margin']:g} "
@@ -205,7 +205,7 @@ def markdown(v: dict | None, pngs: dict[str, bytes] | None = None) -> str:
     lines += ["", "How to read it: *harm*/*benefit* = the 95% interval excludes 0 and the paired sign-flip test "
               "rejects at 5%; *equivalent* = both one-sided tests (TOST) reject at 5%, i.e. the 90% interval lies "
               "inside ±margin; *inconclusive* = neither: not evidence of no effect.", "",
-              _img(pngs["forest"], "forest plot"), "",
+              embedded_img(pngs["forest"], "forest plot"), "",
               "| comparison | difference | 95% CI | sign-flip p | TOST p | outcome |", "|---|---|---|---|---|---|"]
     for cm in v["comparisons"]:
         lines.append(f"| {cm['what']} | {cm['diff']:+.4f} | [{cm['ci_low']:+.4f}, {cm['ci_high']:+.4f}] | "
@@ -217,7 +217,7 @@ def markdown(v: dict | None, pngs: dict[str, bytes] | None = None) -> str:
         lines.append(f"| {TITLE[arm]} | " + " | ".join(f"{a['accuracy_per_seed'][s]:.3f}"
                                                       if s in a["accuracy_per_seed"] else "" for s in seeds)
                      + f" | {a['accuracy_mean']:.3f} |")
-    lines += ["", "## Learning curves", "", _img(pngs["curves"], "learning curves"), "",
+    lines += ["", "## Learning curves", "", embedded_img(pngs["curves"], "learning curves"), "",
               "| arm | " + " | ".join(f"r{r:02d}" for r in range(1, v["rounds"] + 1)) + " |",
               "|---|" + "---|" * v["rounds"]]
     for arm, pts in v["curves"].items():
@@ -225,7 +225,7 @@ def markdown(v: dict | None, pngs: dict[str, bytes] | None = None) -> str:
         lines.append(f"| {TITLE[arm]} | " + " | ".join(
             f"{by[r]['mean']:.3f} [{by[r]['ci_low']:.3f}, {by[r]['ci_high']:.3f}]" if r in by else ""
             for r in range(1, v["rounds"] + 1)) + " |")
-    lines += ["", "## Compute", "", _img(pngs["compute"], "accuracy vs compute"), "",
+    lines += ["", "## Compute", "", embedded_img(pngs["compute"], "accuracy vs compute"), "",
               "| arm | seed | tokens trained (weight > 0) | wall s | bypassed share per round |", "|---|---|---|---|---|"]
     for arm, per_seed in v["compute"].items():
         for s, rows in per_seed.items():

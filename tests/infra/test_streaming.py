@@ -1,5 +1,5 @@
 """Streaming per-token aggregation over sharded Parquet, checked against known answers and
-against the in-memory reference `opdflow.tasks.rock.aggregate`."""
+against the in-memory reference `opdflow.tasks.rock.method.aggregate`."""
 from __future__ import annotations
 
 import weakref
@@ -11,7 +11,7 @@ import pytest
 
 from opdflow.infra.streaming import (TokenAggregate, aggregate_batches, aggregate_dataset, dataset_batches,
                                      token_dataset, write_parts)
-from opdflow.tasks.rock import aggregate
+from opdflow.tasks.rock.method import aggregate
 
 
 def _table(ids, kls, gns, **extra) -> pa.Table:

@@ -106,10 +106,14 @@ def test_stage_code_versions_cover_what_each_stage_imports():
     train = set(module_closure("opdflow.tasks.train"))
     assert {"opdflow.tasks.train_worker", "opdflow.kernels.loss", "opdflow.tasks.score", "opdflow.tasks.control",
             "opdflow.infra.manifest"} <= train
-    assert not train & {"opdflow.tasks.report", "opdflow.tasks.rock", "opdflow.tasks.verdict", "opdflow.tasks.summary",
-                        "opdflow.tasks.patch", "opdflow.tasks.evaluate", "opdflow.flows.lifecycle"}
+    assert not train & {"opdflow.tasks.report", "opdflow.tasks.rock.analysis", "opdflow.tasks.rock.report",
+                        "opdflow.tasks.verdict", "opdflow.tasks.summary", "opdflow.tasks.patch", "opdflow.tasks.evaluate",
+                        "opdflow.flows.lifecycle"}
+    # the rock report (plots, markdown) is in the closure of `rock` only, not of the probe stages
+    assert "opdflow.tasks.rock.report" in module_closure("opdflow.tasks.rock.analysis")
+    assert "opdflow.tasks.rock.report" not in module_closure("opdflow.tasks.rock.probe")
     assert "opdflow.tasks.verdict" in module_closure("opdflow.tasks.report")
     assert stage_code_version("train.r01") == stage_code_version("ablate-rock.s1.train.r02") \
         == stage_code_version("train.r01.shard-000-of-001")
-    assert stage_code_version("rock-probe") == stage_code_version("rock") != stage_code_version("train.r01")
+    assert stage_code_version("rock-probe") == stage_code_version("rock-directions") != stage_code_version("rock")
     assert stage_code_version("not-a-stage") == code_version()

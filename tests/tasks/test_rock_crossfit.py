@@ -1,4 +1,4 @@
-"""Stagnation without selection bias (tasks/rock.py): cross-fitting over probe halves, the non-rock
+"""Stagnation without selection bias (tasks/rock/method.py): cross-fitting over probe halves, the non-rock
 row, and the persistence of the rock set across checkpoints, on hand-built tables whose answer is
 worked out by hand."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from opdflow.infra.streaming import aggregate_dataset, token_dataset
-from opdflow.tasks.rock import (cross_fitted_stagnation, probe_halves, select, selection_persistence, stagnation,
-                                unbiased_stagnation)
+from opdflow.tasks.rock.method import cross_fitted_stagnation, probe_halves, select, selection_persistence, stagnation
+from opdflow.tasks.rock.analysis import unbiased_stagnation
 
 
 def _agg(spec: dict[int, tuple[int, float]]) -> dict[int, dict]:

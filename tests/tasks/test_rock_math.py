@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from opdflow.tasks.rock import (aggregate, category, jaccard, matched_random, mean_cosines, select, shares, spearman,
-                                stability, stagnation, token_share)
+from opdflow.tasks.control import matched_random, token_share
+from opdflow.tasks.rock.measure import mean_cosines
+from opdflow.tasks.rock.method import aggregate, category, jaccard, select, shares, spearman, stability, stagnation
 
 # token id -> (frequency, KL per occurrence, grad norm per occurrence)
 SPEC = {1: (10, 0.01, 0.1), 2: (8, 0.02, 0.1), 3: (4, 1.0, 2.0), 4: (6, 0.5, 1.0), 5: (2, 0.9, 1.5),
@@ -114,7 +115,7 @@ def test_matched_random_says_when_the_share_cannot_be_matched():
 
 def test_selection_is_on_the_last_checkpoint_in_training_order():
     from opdflow.infra.config import parse_config
-    from opdflow.tasks.rock import checkpoint_labels, selection_checkpoint
+    from opdflow.tasks.rock.measure import checkpoint_labels, selection_checkpoint
     for order in (["final", "initial", "middle"], ["initial", "middle", "final"], ["r02", "final", "initial"]):
         c = parse_config({"train": {"rounds": 4}, "rock": {"checkpoints": order}})
         labels = [lab for lab, _, _ in checkpoint_labels(c)]
@@ -126,7 +127,7 @@ def test_selection_is_on_the_last_checkpoint_in_training_order():
 
 def test_probe_decoding_modes():
     from opdflow.infra.config import parse_config
-    from opdflow.tasks.rock import probe_settings
+    from opdflow.tasks.rock.probe import probe_settings
     sampled = probe_settings(parse_config({"rollout": {"temperature": 0.8}}))
     greedy = probe_settings(parse_config({"rollout": {"temperature": 0.8}, "rock": {"probe_decoding": "greedy"}}))
     assert sampled.temperature == 0.8 and greedy.temperature == 0.0

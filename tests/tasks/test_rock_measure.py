@@ -1,4 +1,4 @@
-"""`tasks.rock.measure` computes the rock analysis chunk by chunk (model bodies to hidden
+"""`tasks.rock.measure.measure` computes the rock analysis chunk by chunk (model bodies to hidden
 states, lm_heads applied `chunk_tokens` positions at a time) so its memory does not grow with
 the batch or the sequence length. Here it is checked against a plain whole-batch float64
 recomputation from the models' own logits, with a padded vocabulary whose padded rows are made
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opdflow.tasks.rock import measure
+from opdflow.tasks.rock.measure import measure
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

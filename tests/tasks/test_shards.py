@@ -94,7 +94,8 @@ def test_sharded_evaluation_equals_one_lm_eval_run(tmp_path):
 
 @pytest.mark.slow
 def test_sharded_rock_analysis_equals_unsharded(tmp_path):
-    from opdflow.tasks import rock, train
+    from opdflow.tasks import train
+    from opdflow.tasks.rock import analysis, probe
     store = open_store(str(tmp_path / "store"))
     runs = {}
     for n in (1, 3):
@@ -104,8 +105,8 @@ def test_sharded_rock_analysis_equals_unsharded(tmp_path):
                               "data": {"n_probe": 12}, "rollout": {"batch_size": 4}})
         run = runs[n] = Run.create_or_open(store, f"rock{n}", config)
         for fn, stage in ((models.run, "models"), (prompts.run, "prompts"), (rollout.run, "rollout.r01"),
-                          (score.run, "score.r01"), (train.run, "train.r01"), (rock.run_probe, "rock-probe"),
-                          (rock.run_directions, "rock-directions"), (rock.run, "rock")):
+                          (score.run, "score.r01"), (train.run, "train.r01"), (probe.run_probe, "rock-probe"),
+                          (probe.run_directions, "rock-directions"), (analysis.run, "rock")):
             fn(run, stage)
     one, three = runs[1], runs[3]
     assert len(three.outputs_under("rock", "records")) == 3 and three.require("rock")["metrics"]["shards"] == 3
