@@ -78,7 +78,7 @@ GB = 1e9
 
 
 def _versions() -> dict:
-    from opdflow.infra.provenance import dist_version
+    from opdflow.infra.artifacts.provenance import dist_version
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": dist_version("triton"), "liger_kernel": dist_version("liger-kernel")}
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
         print(render_table(rows, include_cpu=args.include_cpu), end="")
         return 0
-    from opdflow.infra.provenance import git_commit
+    from opdflow.infra.artifacts.provenance import git_commit
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -11,7 +11,7 @@ size 64, 2 layers, lm_heads with 151,936 rows, 151,643 of them real), measures o
 - peak memory: the child's VmHWM (peak RSS, from /proc/self/status) during `measure` minus its
   RSS just before (models built and warmed up on a 16-token probe); torch's CPU allocations are
   not visible to tracemalloc, so RSS is the measure;
-- the measurement's tokens/s, and the ratio to teacher scoring's (`infra.scoring.teacher_scores`,
+- the measurement's tokens/s, and the ratio to teacher scoring's (`infra.models.scoring.teacher_scores`,
   one model, top-k 20) on the same model and tokens, same `chunk_tokens` (goal: analysis costs at
   most 2x scoring, i.e. ratio >= 0.5). `measure` runs two models (student and teacher) where
   scoring runs one, so 0.5 is what two scorings would give.
@@ -65,7 +65,7 @@ def _model(seed: int, hidden: int):
 def child_main(args) -> None:
     import pyarrow as pa
     import torch
-    from opdflow.infra.scoring import teacher_scores
+    from opdflow.infra.models.scoring import teacher_scores
     from opdflow.tasks.rock.measure import measure
     torch.set_num_threads(args.threads)
     student, teacher = _model(0, args.hidden), _model(1, args.hidden)
@@ -108,7 +108,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child_main(args)
-    from opdflow.infra.provenance import git_commit
+    from opdflow.infra.artifacts.provenance import git_commit
     rows = []
     for n in args.lengths:
         cmd = [sys.executable, __file__, "--child", "--length", str(n), "--chunk-tokens", str(args.chunk_tokens),

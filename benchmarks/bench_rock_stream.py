@@ -1,4 +1,4 @@
-"""Benchmark streaming per-token aggregation (`opdflow.infra.streaming`) over sharded Parquet.
+"""Benchmark streaming per-token aggregation (`opdflow.infra.artifacts.streaming`) over sharded Parquet.
 
 Why this script exists: the rock stage's per-token aggregation must keep up with large probe
 sets without its memory growing with the number of records. Targets: >= 1,000,000 records/s
@@ -86,7 +86,7 @@ def _synthetic_parts(n_records: int, part_records: int, seed: int):
 
 
 def writer_main(args) -> None:
-    from opdflow.infra.streaming import write_parts
+    from opdflow.infra.artifacts.streaming import write_parts
 
     paths = write_parts(args.write, _synthetic_parts(args.records, args.part_records, args.seed))
     print(json.dumps({"parts": len(paths), "dataset_mb": sum(p.stat().st_size for p in paths) / 2**20}))
@@ -127,7 +127,7 @@ def child_main(args) -> None:
     import numpy  # noqa: F401  (imports are part of the baseline, not of the measurement)
     import pyarrow as pa
 
-    from opdflow.infra.streaming import aggregate_dataset, token_dataset
+    from opdflow.infra.artifacts.streaming import aggregate_dataset, token_dataset
 
     pa.set_cpu_count(args.threads)
     pa.set_io_thread_count(args.threads)
@@ -177,7 +177,7 @@ def _versions() -> dict:
 
 
 def provenance(threads: int) -> dict:
-    from opdflow.infra.provenance import git_commit
+    from opdflow.infra.artifacts.provenance import git_commit
 
     return {"threads": threads, "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
             "git_commit": git_commit(), "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

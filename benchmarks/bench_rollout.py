@@ -1,8 +1,8 @@
 """Rollout throughput, side by side in one run: which sampler should produce on-policy samples.
 
 Why this script exists: rollouts dominate a round's wall time once the student is a real model,
-and the transformers backend (`infra.lm.sample`, dynamic cache, per-step Python) idles a GPU
-behind the host. `infra.native.NativeSampler` (static cache, decode step as a CUDA graph,
+and the transformers backend (`infra.models.lm.sample`, dynamic cache, per-step Python) idles a GPU
+behind the host. `infra.sampling.native.NativeSampler` (static cache, decode step as a CUDA graph,
 continuous batching) is meant to fix that; this is the one place its speed is measured.
 
 Providers, each sampling at temperature 1 (top-p 1, no top-k) the same prompts:
@@ -11,8 +11,8 @@ Providers, each sampling at temperature 1 (top-p 1, no top-k) the same prompts:
 * ``generate_static_compiled``  ``generate`` with ``GenerationConfig(cache_implementation="static",
   compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))`` (CUDA only; its first
   call, the compilation, is reported as ``warmup_s``);
-* ``lm_sample``  ``opdflow.infra.lm.sample`` (the transformers backend);
-* ``native``  ``opdflow.infra.native.NativeSampler`` (building it and capturing the decode graph
+* ``lm_sample``  ``opdflow.infra.models.lm.sample`` (the transformers backend);
+* ``native``  ``opdflow.infra.sampling.native.NativeSampler`` (building it and capturing the decode graph
   is reported as ``warmup_s``, not in the timed runs).
 
 Every sequence generates exactly ``new_tokens`` tokens (our samplers get an end id no token has;
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from opdflow.infra.provenance import git_commit
+from opdflow.infra.artifacts.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "rollout.jsonl"
@@ -93,8 +93,8 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 def demo_models(demo_dir: Path | None) -> dict:
     """The demo teacher and student: built weights from `demo_dir`, else untrained ones of the
     same shapes (speed does not depend on the weights)."""
-    from opdflow.infra import demo
-    from opdflow.infra.lm import load_model
+    from opdflow.infra.testbeds import demo
+    from opdflow.infra.models.lm import load_model
     if demo_dir is not None:
         return {f"demo-{role}": load_model(demo_dir / role) for role in ("teacher", "student")}
     spec, tok = demo.DemoSpec(), demo.build_tokenizer()
@@ -103,7 +103,7 @@ def demo_models(demo_dir: Path | None) -> dict:
 
 
 def demo_prompts(n: int) -> list[list[int]]:
-    from opdflow.infra import demo
+    from opdflow.infra.testbeds import demo
     tok = demo.build_tokenizer()
     return [tok(e["prompt"])["input_ids"] for e in demo.make_examples("eval", n, seed=0)]
 
@@ -132,8 +132,8 @@ def _generate_call(model, prompts, new_tokens: int, pad_id: int, generation_conf
 def providers(model, prompts, new_tokens: int, batch: int, pad_id: int, dev: torch.device) -> dict:
     """name -> (warm-up callable or None, timed callable): each returns list of token lists."""
     from transformers import CompileConfig, GenerationConfig
-    from opdflow.infra.lm import SampleSettings, sample
-    from opdflow.infra.native import NativeSampler
+    from opdflow.infra.models.lm import SampleSettings, sample
+    from opdflow.infra.sampling.native import NativeSampler
 
     st = SampleSettings(temperature=1.0, top_p=1.0, max_new_tokens=new_tokens, batch_size=batch)
     seeds = list(range(len(prompts)))
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
 
-    from opdflow.infra.lm import offline
+    from opdflow.infra.models.lm import offline
     offline()
     cuda = torch.cuda.is_available() and not args.demo
     dev = torch.device("cuda" if cuda else "cpu")

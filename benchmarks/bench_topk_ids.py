@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from opdflow.infra.provenance import device_name, dist_version, git_commit
+from opdflow.infra.artifacts.provenance import device_name, dist_version, git_commit
 from opdflow.kernels import distillation_loss
 from opdflow.kernels.reference import check_topk_ids
 

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(one_step(args)))
         return 0
 
-    from opdflow.infra.provenance import git_commit
+    from opdflow.infra.artifacts.provenance import git_commit
     import transformers
 
     cuda = torch.cuda.is_available()

@@ -1,7 +1,7 @@
 """vLLM per-round cost: restarting `vllm serve` on a new checkpoint vs reloading its weights in place.
 
 Why: an on-policy round writes a new student checkpoint, and the `vllm` rollout backend
-(`infra.vllm_backend`) starts a fresh server on it every round. vLLM 0.32 can instead re-read a
+(`infra.sampling.vllm_backend`) starts a fresh server on it every round. vLLM 0.32 can instead re-read a
 checkpoint of the same architecture into a running engine (dev mode: `POST /collective_rpc`
 `reload_weights(weights_path=...)`, then `POST /reset_prefix_cache`; `VllmServer.reload`). This
 script measures both and checks that the reload is real: greedy outputs after reloading
@@ -40,7 +40,7 @@ OUT = ROOT / "benchmarks" / "results" / "vllm_reload.jsonl"
 
 def perturbed_copy(src: Path, dest: Path, scale: float, seed: int = 0) -> Path:
     import torch
-    from opdflow.infra.lm import load_model
+    from opdflow.infra.models.lm import load_model
     shutil.copytree(src, dest)
     model = load_model(src)
     g = torch.Generator().manual_seed(seed)
@@ -54,7 +54,7 @@ def perturbed_copy(src: Path, dest: Path, scale: float, seed: int = 0) -> Path:
 def untied_copy(src: Path, dest: Path) -> Path:
     """`src` with its LM head untied from the input embeddings (same values, its own tensor)."""
     import torch
-    from opdflow.infra.lm import load_model
+    from opdflow.infra.models.lm import load_model
     shutil.copytree(src, dest)
     model = load_model(src)
     model.config.tie_word_embeddings = False
@@ -78,7 +78,7 @@ def reload_warnings(srv) -> list[str]:
 
 
 def greedy(srv, cfg, tok, prompts, n_new: int) -> list[list[int]]:
-    from opdflow.infra import vllm_backend
+    from opdflow.infra.sampling import vllm_backend
     from opdflow.tasks.sensitivity import greedy_settings
     with vllm_backend.client(cfg, srv) as c:
         out = c.sample(prompts, list(range(len(prompts))), greedy_settings(n_new, 32), tok.eos_token_id,
@@ -95,9 +95,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
 
-    from opdflow.infra import demo, provenance, vllm_backend
+    from opdflow.infra.testbeds import demo
+    from opdflow.infra.artifacts import provenance
+    from opdflow.infra.sampling import vllm_backend
     from opdflow.infra.config import VllmConfig
-    from opdflow.infra.lm import load_tokenizer
+    from opdflow.infra.models.lm import load_tokenizer
     cfg = VllmConfig(python=a.python, extra_args=[] if a.compile else ["--enforce-eager"], kv_cache_gib=0.25)
     version = vllm_backend.check_available(cfg)
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-reload-"))

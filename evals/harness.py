@@ -15,21 +15,21 @@ What:
   stays, joined with a slash: ``"exact_match/strict-match"``. Standard errors go to a separate
   ``"stderr"`` field under the same names (None where lm-eval gives "N/A").
 
-Greedy decoding, 0-shot. A chat template (``data.chat_template`` as ``infra.lm.ChatFormat``
+Greedy decoding, 0-shot. A chat template (``data.chat_template`` as ``infra.models.lm.ChatFormat``
 resolves it) is passed as the training prompts use it: ``apply_chat_template=True``, the
 system prompt as lm-eval's ``system_instruction``, the template keyword arguments as HFLM's
 ``chat_template_args`` (lm-eval hands them to ``tokenizer.apply_chat_template``), and the
 template text itself set on HFLM's tokenizer (lm-eval renders with the tokenizer's own
 template, so a template file must be put there); lm-eval encodes the rendered context without
-a second BOS when it starts with one, as ``infra.lm.encode_prompt`` does. Without a template:
+a second BOS when it starts with one, as ``infra.models.lm.encode_prompt`` does. Without a template:
 the raw prompt. The demo tokenizer adds ``<bos>`` itself (lm-eval's
 default ``add_bos_token=None`` leaves that to the tokenizer), exactly as the demo trains and as
-``opdflow.infra.demo.greedy_generate`` prompts, so lm-eval's scores equal that greedy check.
+``opdflow.infra.testbeds.demo.greedy_generate`` prompts, so lm-eval's scores equal that greedy check.
 
 How to run::
 
     python -c "from pathlib import Path; from opdflow.evals.harness import *; \\
-      from opdflow.infra.demo import make_examples; \\
+      from opdflow.infra.testbeds.demo import make_examples; \\
       inc = write_arith_task(Path('/tmp/arith'), make_examples('eval', 200, 0)); \\
       print(evaluate(Path('/tmp/opdflow-demo/teacher'), ['opdflow_arith'], include_path=inc)['results'])"
 """
@@ -244,7 +244,7 @@ def _evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Pa
     Returns ``{"results": {task: {metric: float}}, "stderr": {task: {metric: float | None}},
     "n_samples": {task: int}, "backend": {...settings...}, "samples": {task: [...]}}``.
     Greedy (``do_sample=False``, temperature 0), 0-shot; ``limit`` caps documents per task.
-    ``chat`` (an ``infra.lm.ChatFormat``): render the contexts with its template, system prompt
+    ``chat`` (an ``infra.models.lm.ChatFormat``): render the contexts with its template, system prompt
     and keyword arguments (module docstring); None or a template-less format: raw prompts.
     """
     _force_offline()
@@ -256,7 +256,7 @@ def _evaluate(model_dir: Path, tasks: list[str], *, include_path: Path | list[Pa
     templated = chat is not None and chat.template is not None
     from lm_eval.models.huggingface import HFLM
 
-    from opdflow.infra.lm import MODEL_LOAD_LOCK
+    from opdflow.infra.models.lm import MODEL_LOAD_LOCK
     chat_args: dict = dict(chat.kwargs) if templated else {}
     with MODEL_LOAD_LOCK:  # built here, as simple_evaluate would from "hf" + model_args, under the load lock
         model: Any = HFLM(pretrained=model_args["pretrained"], dtype=dtype, batch_size=batch_size, device=device,

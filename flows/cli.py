@@ -10,7 +10,7 @@
     opdflow capacity --run-id ID [--gpus 1,2,4,8]      a round's wall time on N GPUs, from the
                   [--train-efficiency E]               throughputs the run measured
     opdflow serve MODEL_DIR [--host H] [--port P]      an OpenAI-compatible completions server
-                  [--dtype D] [--name NAME]            (vLLM's API subset; see infra/serve.py), with
+                  [--dtype D] [--name NAME]            (vLLM's API subset; see infra/serving/serve.py), with
                   [--api-key KEY] [--max-* N]          an API key and request limits
 
 Config and input errors exit with status 2 and a message naming the field, before
@@ -30,9 +30,9 @@ import sys
 from typing import get_args
 
 from opdflow.infra.config import Config, ConfigError, ModelConfig, default
-from opdflow.infra.lm import offline
-from opdflow.infra.manifest import RunError
-from opdflow.infra.store import CorruptObject, StoreError
+from opdflow.infra.models.lm import offline
+from opdflow.infra.artifacts.manifest import RunError
+from opdflow.infra.artifacts.store import CorruptObject, StoreError
 
 
 DEFAULT_STORE = default(Config, "store")
@@ -40,7 +40,7 @@ DEFAULT_STORE = default(Config, "store")
 
 def _run_store(a: argparse.Namespace):
     """The store of an existing run, opened without creating anything (see the module docstring)."""
-    from opdflow.infra.store import StoreMissing, open_store
+    from opdflow.infra.artifacts.store import StoreMissing, open_store
     if a.store:
         uri, origin = a.store, "--store"
     elif getattr(a, "config", None):
@@ -68,7 +68,7 @@ def _run_id(a: argparse.Namespace) -> str:
 
 
 def _open_run(a: argparse.Namespace):
-    from opdflow.infra.manifest import Run
+    from opdflow.infra.artifacts.manifest import Run
     store, run_id = _run_store(a), _run_id(a)
     a.resolved = (run_id, store.uri)  # for the hints below
     try:
@@ -91,7 +91,7 @@ def _check_stage_name(run, name: str) -> None:
 
 
 def _verify(a: argparse.Namespace) -> int:
-    from opdflow.infra.verify import format_report, repair_stages, verify_run
+    from opdflow.infra.artifacts.verify import format_report, repair_stages, verify_run
     store, run_id = _run_store(a), _run_id(a)
     a.resolved = (run_id, store.uri)
     rep = verify_run(store, run_id)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY' (default: "
                     "$OPDFLOW_SERVE_API_KEY; required for a non-loopback --host; prefer the variable: "
                     "arguments are visible to other users of the machine)")
-    from opdflow.infra.serve import Limits
+    from opdflow.infra.serving.serve import Limits
     lim = Limits()  # the flags' defaults are the server's own
     sv.add_argument("--max-n", type=int, default=lim.max_n, help="choices per request")
     sv.add_argument("--max-prompts", type=int, default=lim.max_prompts, help="prompts per request")
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             _print_failure(run)
             raise
-        from opdflow.infra.manifest import Run
+        from opdflow.infra.artifacts.manifest import Run
         from opdflow.tasks.report import run_status
         _print_status(run_status(Run.open(run.store, run.run_id)))
         return 0
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_failure(run) -> None:
     """The one summary of a failed run: its stages, then what failed and how to rerun it."""
-    from opdflow.infra.manifest import Run
+    from opdflow.infra.artifacts.manifest import Run
     from opdflow.tasks.report import run_status, stage_table
     try:
         run = Run.open(run.store, run.run_id)
@@ -280,7 +280,7 @@ def _serve(a: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(a.model_dir, "config.json")):
         print(f"opdflow: error: {a.model_dir} is not a Hugging Face model dir (no config.json)", file=sys.stderr)
         return 2
-    from opdflow.infra.serve import Limits, ServeRefused, resolve_api_key, serve
+    from opdflow.infra.serving.serve import Limits, ServeRefused, resolve_api_key, serve
     try:
         resolve_api_key(a.host, a.api_key)  # refuse before loading the model
     except ServeRefused as e:

@@ -39,9 +39,9 @@ from prefect import flow, tags, unmapped
 from prefect.futures import as_completed
 
 from opdflow.infra.config import Config, ConfigError, load_config, parse_config
-from opdflow.infra.manifest import Run
+from opdflow.infra.artifacts.manifest import Run
 from opdflow.infra.preflight import preflight
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks.common import config_name, publish_markdown, quiet_console_tracebacks
 from opdflow.tasks.plan import needs, plan, stage_of
 from opdflow.tasks.report import run_status, summary_markdown
@@ -303,7 +303,7 @@ def stage_flow(stage: str, run_id: str, store: str) -> dict:
 
 
 def repair(run: Run, names: list[str]) -> list[str]:
-    """Recompute exactly the stages `opdflow verify` found damaged (`infra.verify.repair_stages`),
+    """Recompute exactly the stages `opdflow verify` found damaged (`infra.artifacts.verify.repair_stages`),
     in plan order: a shard alone (forced); a sharded stage's own outputs from its committed
     shards (no shard reruns); any other stage forced; then every stage linking a repaired
     shard, recommitted if that shard's part changed. Returns what ran."""

@@ -25,18 +25,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from opdflow.infra.demo import DemoSpec
-from opdflow.infra.planted import PlantedSpec
+from opdflow.infra.testbeds.demo import DemoSpec
+from opdflow.infra.testbeds.planted import PlantedSpec
 
 DEMO = "demo"
 PLANTED = "planted"
-BUILTINS = (DEMO, PLANTED)  # the built-in tasks (infra/builtin.py): data source and model pair
+BUILTINS = (DEMO, PLANTED)  # the built-in tasks (infra/testbeds/builtin.py): data source and model pair
 
 # Execution-only settings say where and how a run computes, never what: a run resumed with more
 # GPUs, another cluster, other shard counts or another server timeout keeps its identity and every
 # stage's key. A field, or a whole section, is marked once, here, with `json_schema_extra=EXECUTION`;
 # `Config.execution()` / `identity()` and the stages' params (`Config.result_section`,
-# `infra.backends.result_settings`) derive from the marking, and docs/config.md shows it.
+# `infra.sampling.backends.result_settings`) derive from the marking, and docs/config.md shows it.
 EXECUTION = {"execution": True}
 
 
@@ -81,7 +81,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: str = Field(DEMO, description="'demo', 'planted' (the planted-rock testbed, infra/planted.py), a local "
+    source: str = Field(DEMO, description="'demo', 'planted' (the planted-rock testbed, infra/testbeds/planted.py), a local "
                                           ".jsonl/.json/.parquet file, or 'hf:NAME[:SPLIT]'")
     prompt_field: str = Field("prompt", description="the record field holding a prompt's text")
     answer_field: str = Field("answer", description="the record field holding a prompt's reference answer "
@@ -92,7 +92,7 @@ class DataConfig(_Section):
     chat_template: str = Field("auto", description="how a prompt becomes token ids: 'auto' = the student tokenizer's "
                                "own chat template (the raw text when it has none), 'none' = the raw text, or the "
                                "path of a Jinja template file; the same rendering is checked on the teacher's "
-                               "tokenizer before any sampling and passed to lm-eval (infra/lm.py `ChatFormat`)")
+                               "tokenizer before any sampling and passed to lm-eval (infra/models/lm.py `ChatFormat`)")
     system_prompt: str | None = Field(None, description="a system message before every prompt (needs a chat template)")
     chat_template_kwargs: dict[str, Any] = Field({}, description="keyword arguments for the chat template, e.g. "
                                                  "{enable_thinking: false}; lm-eval gets them as chat_template_args")
@@ -106,7 +106,7 @@ class DataConfig(_Section):
 
 
 class OpenAIConfig(_Section):
-    """An OpenAI-compatible completions server (vLLM, SGLang, `opdflow serve`): see infra/openai_backend.py."""
+    """An OpenAI-compatible completions server (vLLM, SGLang, `opdflow serve`): see infra/sampling/openai_backend.py."""
     base_url: str | None = Field(None, description="the server's API root, e.g. http://host:8000/v1")
     model: str | None = Field(None, description="the model name the server serves it under")
     api_key_env: str = Field("OPENAI_API_KEY", json_schema_extra=EXECUTION,
@@ -127,7 +127,7 @@ class OpenAIConfig(_Section):
 
 class VllmConfig(_Section):
     """A `vllm serve` that opdflow starts and stops itself, in vLLM's own environment (vLLM's FastAPI
-    pin cannot sit beside Prefect's): see infra/vllm_backend.py and `make vllm-env`."""
+    pin cannot sit beside Prefect's): see infra/sampling/vllm_backend.py and `make vllm-env`."""
     python: str = Field(".venv-vllm/bin/python", json_schema_extra=EXECUTION,
                         description="the Python of the environment vLLM is installed in "
                         "(a relative path is taken from the working directory; `make vllm-env` builds "
@@ -386,7 +386,7 @@ class ScaleConfig(_Section):
 
 class Config(_Section):
     seed: int = Field(0, ge=0, description="the run's seed: prompt order, rollout sampling and every other "
-                      "draw derive from it (infra.provenance.derive_seed)")
+                      "draw derive from it (infra.artifacts.provenance.derive_seed)")
     store: str = Field("./opdflow-store", description="where the run's artifacts go: a local dir or "
                        "s3://bucket/prefix; not part of the run's identity (a run is the same wherever it is "
                        "stored)")

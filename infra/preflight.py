@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from opdflow.infra.config import Config, ConfigError
-from opdflow.infra.data import load_prompts
-from opdflow.infra.lm import ChatFormat, context_length, encode_prompt, first_difference, load_tokenizer
+from opdflow.infra.testbeds.data import load_prompts
+from opdflow.infra.models.lm import ChatFormat, context_length, encode_prompt, first_difference, load_tokenizer
 
 
 def _tokenizer_and_context(config: Config, role: str):
     m = getattr(config, role)
     if m.is_builtin:  # demo or planted: the tokenizer is built, not read
-        from opdflow.infra.builtin import builtin
+        from opdflow.infra.testbeds.builtin import builtin
         return builtin(m.path).load().build_tokenizer(), getattr(config, m.path).max_position_embeddings
     try:
         tok = load_tokenizer(m.path)
@@ -43,7 +43,7 @@ def preflight(config: Config) -> list[dict]:
     for role, tok in (("teacher", t_tok), ("student", s_tok)):
         n_tok, head_rows = vocab_rows(config, role, tok)  # raises when the lm_head has fewer rows than tokens
         if role == "teacher" and head_rows > n_tok and config.scoring.backend == "vllm":
-            from opdflow.infra.vllm_backend import padded_scoring_problem
+            from opdflow.infra.sampling.vllm_backend import padded_scoring_problem
             raise ConfigError("scoring.backend", padded_scoring_problem(head_rows, n_tok))
     chat = check_renderings(config, rows, t_tok, s_tok)
     longest = max(len(encode_prompt(s_tok, r["prompt"], chat)) for r in rows) + 1
@@ -106,7 +106,7 @@ def check_renderings(config: Config, rows: list[dict], t_tok, s_tok) -> ChatForm
 def vocab_rows(config: Config, role: str, tok) -> tuple[int, int]:
     """(tokenizer size, lm_head rows) of a model, from its config (no weights read). More rows
     than tokens is a padded vocabulary (Qwen: 151,665 tokens, 151,936 rows): the extra rows are
-    masked everywhere (`infra.lm.real_logits`). Fewer rows than tokens cannot work: refused."""
+    masked everywhere (`infra.models.lm.real_logits`). Fewer rows than tokens cannot work: refused."""
     m = getattr(config, role)
     n_tok = len(tok)
     if m.is_builtin:
@@ -173,7 +173,7 @@ def _require_vllm(cfg, field: str) -> None:
     """A vllm backend starts `vllm serve` from vLLM's own environment (`<section>.vllm.python`,
     `make vllm-env`) or a server command: that environment must exist and hold vLLM. Checked from
     the package's metadata, without importing vLLM (slow)."""
-    from opdflow.infra.vllm_backend import VllmUnavailable, check_available
+    from opdflow.infra.sampling.vllm_backend import VllmUnavailable, check_available
     try:
         check_available(cfg, field)
     except VllmUnavailable as e:

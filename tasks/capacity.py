@@ -11,7 +11,7 @@ the round. A prediction from figures measured on one device class holds for that
 """
 from __future__ import annotations
 
-from opdflow.infra.manifest import Run
+from opdflow.infra.artifacts.manifest import Run
 from opdflow.tasks.plan import round_stage
 
 STAGES = ("rollout", "score", "train")

@@ -24,8 +24,8 @@ from prefect.cache_policies import NONE
 
 from opdflow.infra.config import ConfigError
 from opdflow.infra.failures import PermanentFailure, permanent_cause
-from opdflow.infra.manifest import Run, RunError
-from opdflow.infra.store import ChecksumError, CorruptObject, InvalidKey
+from opdflow.infra.artifacts.manifest import Run, RunError
+from opdflow.infra.artifacts.store import ChecksumError, CorruptObject, InvalidKey
 
 PERMANENT = (ConfigError, RunError, ChecksumError, CorruptObject, InvalidKey, PermanentFailure, ValueError, TypeError,
              KeyError, NotImplementedError, ImportError)

@@ -4,14 +4,14 @@ A frequency-matched random set of token ids: the same share of counted positions
 rock set, drawn from ids that are neither rocks nor excluded. The `rock` stage draws one
 over the probe set (its report's random control); the random arm's first training round
 draws one per ablation seed over that round's trained positions (`tasks/train.draw_bypass`).
-Its own module so that training's code (and so its stage key, `infra/provenance`) does not
+Its own module so that training's code (and so its stage key, `infra/artifacts/provenance`) does not
 include the rock analysis and its plots.
 """
 from __future__ import annotations
 
 import random
 
-from opdflow.infra.lm import derive_seed
+from opdflow.infra.models.lm import derive_seed
 
 
 def token_share(counts: dict[int, int], ids) -> float:

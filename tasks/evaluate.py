@@ -29,10 +29,10 @@ import pyarrow as pa
 
 from opdflow.evals.harness import (DATA_TASK, evaluate, merge_sample_scores, task_documents, write_arith_task,
                                    write_data_task)
-from opdflow.infra.builtin import builtin
+from opdflow.infra.testbeds.builtin import builtin
 from opdflow.infra.config import ConfigError
-from opdflow.infra.lm import ChatFormat, load_tokenizer
-from opdflow.infra.manifest import Run, StageContext, file_inputs
+from opdflow.infra.models.lm import ChatFormat, load_tokenizer
+from opdflow.infra.artifacts.manifest import Run, StageContext, file_inputs
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.plan import checkpoint_of, eval_labels, parse
 from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds

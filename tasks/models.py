@@ -1,7 +1,7 @@
 """Stage `models`: resolve the teacher and the initial student.
 
 * Built-in models (`path: demo`, or `path: planted` for the planted-rock testbed, see
-  infra/builtin.py): built once per spec and code version, then reused from the store
+  infra/testbeds/builtin.py): built once per spec and code version, then reused from the store
   under `demo/<hash>/` (committed by a `manifest.json` written last, like a stage). The
   stage records those objects as its outputs `teacher/*`, `student/*`, so every later
   stage reads them through the checksummed manifest. Its metrics are the models'
@@ -20,11 +20,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from opdflow.infra.builtin import builtin
+from opdflow.infra.testbeds.builtin import builtin
 from opdflow.infra.config import Config
-from opdflow.infra.manifest import Ref, Run, StageContext, cache_root, run_stage
-from opdflow.infra.provenance import dir_fingerprint
-from opdflow.infra.store import Store
+from opdflow.infra.artifacts.manifest import Ref, Run, StageContext, cache_root, run_stage
+from opdflow.infra.artifacts.provenance import dir_fingerprint
+from opdflow.infra.artifacts.store import Store
 from opdflow.tasks.stage import Stage, single
 
 
@@ -132,8 +132,8 @@ def testbed_markdown(run: Run) -> str | None:
     rock set against the planted truth (rock stage); None on any other task."""
     if run.config.teacher.path != "planted" or run.entry("models") is None:
         return None
-    from opdflow.infra.lm import load_tokenizer
-    from opdflow.infra.planted import truth_overlap
+    from opdflow.infra.models.lm import load_tokenizer
+    from opdflow.infra.testbeds.planted import truth_overlap
     lines = ["## Planted testbed", ""]
     cal = run.entry("models")["metrics"].get("calibration")
     if cal:

@@ -42,10 +42,10 @@ import pyarrow as pa
 import torch
 
 from opdflow.evals.answers import is_correct
-from opdflow.infra.builtin import answer_pattern
+from opdflow.infra.testbeds.builtin import answer_pattern
 from opdflow.infra.config import Config
-from opdflow.infra.lm import derive_seed, kv_decode, load_model, load_tokenizer, real_logits
-from opdflow.infra.manifest import Run, StageContext
+from opdflow.infra.models.lm import derive_seed, kv_decode, load_model, load_tokenizer, real_logits
+from opdflow.infra.artifacts.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.plan import checkpoint_of, patching_enabled
 from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds
@@ -81,7 +81,7 @@ def intervened_greedy(student, teacher, prompts: list[list[int]], max_new: int, 
     are -inf (knockout). `patch_ids`: where the student's next token is in the set and the
     teacher's greedy token differs, the teacher's is taken (with probability `keep_prob`,
     seeded: share matching). `teacher` may be None when nothing is patched. `vocab`: the
-    tokenizer's size; padded lm_head rows beyond it are never picked (infra.lm.real_logits).
+    tokenizer's size; padded lm_head rows beyond it are never picked (infra.models.lm.real_logits).
 
     Returns (response ids, substitutions, set positions) per prompt: set positions are the
     steps whose student token was in `patch_ids`, substitutions those of them where the

@@ -1,7 +1,7 @@
 """Stage `prompts`: the prompt dataset, split and tokenized once, as one Parquet table.
 
 Columns: prompt_id (stable), split (train/probe/eval), prompt, answer, prompt_ids (the prompt
-rendered by `data.chat_template` with the student's tokenizer, `infra.lm.encode_prompt`).
+rendered by `data.chat_template` with the student's tokenizer, `infra.models.lm.encode_prompt`).
 Every later stage reads prompts from here, so a rerun on another machine sees exactly
 the same prompts and token ids.
 """
@@ -12,10 +12,10 @@ import collections
 import pyarrow as pa
 
 from opdflow.infra.config import BUILTINS
-from opdflow.infra.data import load_prompts
-from opdflow.infra.lm import ChatFormat, encode_prompt, load_tokenizer
-from opdflow.infra.manifest import Run, StageContext, file_inputs, run_stage
-from opdflow.infra.tables import parquet_to_table
+from opdflow.infra.testbeds.data import load_prompts
+from opdflow.infra.models.lm import ChatFormat, encode_prompt, load_tokenizer
+from opdflow.infra.artifacts.manifest import Run, StageContext, file_inputs, run_stage
+from opdflow.infra.artifacts.tables import parquet_to_table
 from opdflow.tasks.stage import Stage, single
 
 

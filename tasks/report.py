@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 
-from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.artifacts.manifest import Run, StageContext, run_stage
 from opdflow.tasks.common import publish_markdown, publish_table
 from opdflow.tasks.plan import eval_labels, instances, patching_enabled, plan
 from opdflow.tasks.stage import Stage, single

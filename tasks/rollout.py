@@ -11,7 +11,7 @@ changes its output.
 Output `rollouts/part-NNNNN.parquet`, one part per shard (`scale.shards`, see
 `opdflow.tasks.shards`): prompt_id, sample_idx, seed, prompt_ids, response_ids,
 logprobs (the sampler's own per-token logprob), finish_reason, response_text.
-The sampler is `rollout.backend` (see `opdflow.infra.backends`); it and its settings are
+The sampler is `rollout.backend` (see `opdflow.infra.sampling.backends`); it and its settings are
 recorded in each shard's manifest entry. A local model is loaded only for the backends
 that sample in this process (transformers, native).
 """
@@ -24,12 +24,12 @@ import time
 
 import pyarrow as pa
 
-from opdflow.infra import backends
+from opdflow.infra.sampling import backends
 from opdflow.evals.answers import is_correct
-from opdflow.infra.builtin import answer_pattern
+from opdflow.infra.testbeds.builtin import answer_pattern
 from opdflow.infra.config import Config
-from opdflow.infra.lm import SampleSettings, derive_seed, load_model, load_tokenizer
-from opdflow.infra.manifest import Run, StageContext
+from opdflow.infra.models.lm import SampleSettings, derive_seed, load_model, load_tokenizer
+from opdflow.infra.artifacts.manifest import Run, StageContext
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.plan import parse, round_instances, seed_tag, student_before
 from opdflow.tasks.shards import read_parts, run_sharded, shard_bounds
@@ -75,7 +75,7 @@ def generate(run: Run, model_dir, jobs: list[tuple[dict, int]], seed_tag: tuple,
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, c.student.dtype) if backends.needs_local_model(backends.rollout_backend(c)) else None
     seeds = [derive_seed(c.seed, *seed_tag, r["prompt_id"], j) for r, j in jobs]
-    # the tokenizer's size is the vocabulary: padded lm_head rows are never sampled (infra.lm)
+    # the tokenizer's size is the vocabulary: padded lm_head rows are never sampled (infra.models.lm)
     st = dataclasses.replace(sample or settings(c), vocab_size=len(tok))
     t0 = time.time()
     out = backends.sampler_for(c)(model_dir, model, tok, [r["prompt_ids"] for r, _ in jobs], seeds, st,

@@ -2,7 +2,7 @@
 
 For each response token: the teacher's log-prob of the sampled token, its top-k
 (token ids, log-probs) over the vocabulary (the tokenizer's: padded lm_head rows are cut off,
-see `opdflow.infra.lm`), and the log of the teacher's mass outside the top-k, computed from
+see `opdflow.infra.models.lm`), and the log of the teacher's mass outside the top-k, computed from
 the full logits without cancellation. The train stage distills against the top-k with that
 tail as one bucket (see `opdflow.kernels.reference`); with k >= vocabulary size (the demo)
 that is the exact full-vocabulary divergence.
@@ -14,7 +14,7 @@ columns are dropped before writing; training then uses the per-token reverse-KL 
 `scoring.signal: hidden` (transformers backend only: a server returns no hidden states) stores
 prompt_id, sample_idx, teacher_logprobs and `teacher_hidden`: per response the teacher's final
 hidden states (the lm_head's input, after the final norm) as the bytes of an [n, H] tensor in
-the teacher's dtype (`infra.scoring.hidden_bytes`; dtype and H are in the manifest's backend,
+the teacher's dtype (`infra.models.scoring.hidden_bytes`; dtype and H are in the manifest's backend,
 `hidden_dtype` / `hidden_size`). Training rebuilds the teacher's logits from them and its
 lm_head chunk by chunk inside the loss (`kernels.fused_linear`), the exact full-vocabulary
 divergence without V floats per token stored.
@@ -27,10 +27,10 @@ topk_ids, topk_logprobs, teacher_tail_logmass. A scorer that returns only top-k 
 that tail is inexact where the teacher is confident (float32 top-k log-probs have already
 lost it), which is why the local scorer stores the exact one (`tail: exact`).
 
-The scorer is `scoring.backend` (see `opdflow.infra.backends`): transformers runs the teacher
-in this process with the chunked LM head of `opdflow.infra.scoring` (only `chunk_tokens`
+The scorer is `scoring.backend` (see `opdflow.infra.sampling.backends`): transformers runs the teacher
+in this process with the chunked LM head of `opdflow.infra.models.scoring` (only `chunk_tokens`
 rows of logits at a time; equal to `score_table`, the full-logits reference kept here, to
-1e-5), vllm starts a `vllm serve` on the teacher for the shard (`infra.vllm_backend`), openai
+1e-5), vllm starts a `vllm serve` on the teacher for the shard (`infra.sampling.vllm_backend`), openai
 asks a server that serves the teacher. The teacher is loaded only for the
 former; its tokenizer is always read (the server's is checked against it).
 """
@@ -41,11 +41,11 @@ import time
 import pyarrow as pa
 import torch
 
-from opdflow.infra import backends
-from opdflow.infra.lm import load_model, load_tokenizer, response_logits
-from opdflow.infra.manifest import Run, RunError, StageContext
-from opdflow.infra.scoring import score_logits
-from opdflow.infra.tables import parquet_to_table
+from opdflow.infra.sampling import backends
+from opdflow.infra.models.lm import load_model, load_tokenizer, response_logits
+from opdflow.infra.artifacts.manifest import Run, RunError, StageContext
+from opdflow.infra.models.scoring import score_logits
+from opdflow.infra.artifacts.tables import parquet_to_table
 from opdflow.tasks.plan import parse, round_instances, round_stage
 from opdflow.tasks.shards import read_parts, run_sharded
 from opdflow.tasks.stage import ShardParts, Stage
@@ -67,7 +67,7 @@ def signal_of(scores: pa.Table) -> str:
 
 def hidden_table(rollouts: pa.Table, per_seq: list) -> pa.Table:
     """Per response (teacher logprobs, hidden states [n, H]) -> the `hidden` signal's table."""
-    from opdflow.infra.scoring import hidden_bytes
+    from opdflow.infra.models.scoring import hidden_bytes
     return pa.table({"prompt_id": rollouts["prompt_id"], "sample_idx": rollouts["sample_idx"],
                      "teacher_logprobs": pa.array([lp for lp, _ in per_seq], pa.list_(pa.float64())),
                      HIDDEN_COLUMN: pa.array([hidden_bytes(h) for _, h in per_seq], pa.binary())})
@@ -105,7 +105,7 @@ def scores_table(rollouts: pa.Table, scores: list) -> pa.Table:
 @torch.no_grad()
 def score_table(model, pad_id: int, rollouts: pa.Table, top_k: int, batch_size: int, progress,
                 vocab: int | None = None) -> pa.Table:
-    """The full-logits reference scorer (whole batches of logits; `infra.scoring` is the
+    """The full-logits reference scorer (whole batches of logits; `infra.models.scoring` is the
     chunked one the stage runs), same table."""
     prompts, responses = rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist()
     k = min(top_k, vocab or model.config.vocab_size, model.config.vocab_size)
@@ -152,7 +152,7 @@ def _stage(run: Run, stage: str) -> ShardParts:
         ctx.metrics.update(score_metrics(sums), seconds_scoring=round(secs, 3),
                            tokens_per_s=round(sums["n_tokens"] / max(secs, 1e-9), 1))
     def hidden_shard(ctx: StageContext, model, tok, rollouts: pa.Table) -> None:
-        from opdflow.infra.scoring import teacher_hidden_states
+        from opdflow.infra.models.scoring import teacher_hidden_states
         t0 = time.time()
         per_seq = teacher_hidden_states(model, rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(),
                                         tok.pad_token_id, c.scoring.batch_size, c.scoring.chunk_tokens, ctx.progress,

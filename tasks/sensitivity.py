@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from opdflow.infra.lm import Sample, SampleSettings
+from opdflow.infra.models.lm import Sample, SampleSettings
 from opdflow.tasks.stage import Stage
 
 HIST_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -139,7 +139,7 @@ def greedy_settings(max_new_tokens: int, batch_size: int) -> SampleSettings:
 
 def forward_logprobs(model, tok, prompts, responses, batch_size: int = 32) -> list[list[float]]:
     """Teacher-forced logprobs of each response token under `model` (the transformers forward)."""
-    from opdflow.infra.scoring import teacher_scores
+    from opdflow.infra.models.scoring import teacher_scores
     return [s[0] for s in teacher_scores(model, prompts, responses, tok.pad_token_id, 1, batch_size)]
 
 
@@ -147,8 +147,8 @@ def measure(config, model_dir, prompts: list[list[int]], answers: list[str] | No
             max_new_tokens: int, batch_size: int = 32) -> tuple[dict, dict[str, str]]:
     """Greedy outputs of `model_dir` under each backend, compared (`compare`); returns the result
     and {backend: why it did not run}."""
-    from opdflow.infra import native, vllm_backend
-    from opdflow.infra.lm import load_model, load_tokenizer, sample
+    from opdflow.infra.sampling import native, vllm_backend
+    from opdflow.infra.models.lm import load_model, load_tokenizer, sample
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, config.student.dtype).eval()
     st = greedy_settings(max_new_tokens, batch_size)
@@ -193,7 +193,7 @@ def measure(config, model_dir, prompts: list[list[int]], answers: list[str] | No
                          for name, o in outs.items()}
     correct = None
     if answers is not None:
-        from opdflow.infra.demo import extract_answer
+        from opdflow.infra.testbeds.demo import extract_answer
         correct = {name: [extract_answer(tok.decode(s.response_ids, skip_special_tokens=True)) == a
                           for s, a in zip(o, answers)] for name, o in outs.items()}
     result = compare({k: [s.response_ids for s in v] for k, v in outs.items()}, correct, decode_vs_forward, forced)
@@ -213,9 +213,9 @@ def run(run, stage: str = "sensitivity", force: bool = False, progress=None) -> 
     the final student by default) greedy outputs on
     the first `n_prompts` eval prompts under each of `sensitivity.backends`. Outputs
     `sensitivity.json` (the comparison) and `sensitivity.md` (the report section)."""
-    from opdflow.infra import backends as backends_mod
+    from opdflow.infra.sampling import backends as backends_mod
     from opdflow.infra.config import DEMO
-    from opdflow.infra.manifest import run_stage
+    from opdflow.infra.artifacts.manifest import run_stage
     from opdflow.tasks import prompts as prompts_stage
     c = run.config
     src, inputs = _stage_inputs(run)
@@ -234,7 +234,7 @@ def run(run, stage: str = "sensitivity", force: bool = False, progress=None) -> 
         pairs = {f"share_differ.{p['a']}.{p['b']}": round(p["share_differ"], 4) for p in result["pairs"]}
         scores = {f"score.{k}": round(v["score"]["mean"], 4) for k, v in result["per_backend"].items() if "score" in v}
         ctx.metrics.update(n_prompts=len(rows), backends_run=len(result["backends"]), **pairs, **scores)
-        from opdflow.infra.vllm_backend import last_record
+        from opdflow.infra.sampling.vllm_backend import last_record
         if "vllm" in result["backends"]:
             ctx.backend.update(vllm=last_record())
     return run_stage(run, stage, params=params, inputs=inputs, body=body, force=force, progress=progress)

@@ -18,7 +18,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Callable
 
-from opdflow.infra.manifest import Run, StageContext, run_stage
+from opdflow.infra.artifacts.manifest import Run, StageContext, run_stage
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -123,7 +123,7 @@ def concat_parts(run: Run, refs: dict) -> "pa.Table":
     """One table from parts (each verified against its recorded sha256), in name order."""
     import pyarrow as pa
 
-    from opdflow.infra.tables import parquet_to_table
+    from opdflow.infra.artifacts.tables import parquet_to_table
     return pa.concat_tables([parquet_to_table(run.read(refs[k])) for k in sorted(refs)])
 
 

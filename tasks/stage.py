@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from opdflow.infra.config import Config
-    from opdflow.infra.manifest import Run, StageContext
+    from opdflow.infra.artifacts.manifest import Run, StageContext
 
 # (params, inputs, shard body(ctx, i, n)): what a sharded stage and each of its shards share
 ShardParts = tuple[dict, dict, "Callable[[StageContext, int, int], None]"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 
-from opdflow.infra.manifest import Run
+from opdflow.infra.artifacts.manifest import Run
 from opdflow.tasks.common import artifact_key, config_name
 
 

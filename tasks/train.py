@@ -42,7 +42,7 @@ Teacher signal (`scoring.signal`): the rows carry what the score stage stored. W
 they carry the teacher's final hidden states, and the stage also takes the teacher's model dir
 as an input (so only that signal's stage key changes): `prepare` loads the teacher on the CPU
 once per round to take its lm_head (padded rows beyond the tokenizer cut off,
-`infra.lm.real_head`) and writes it to the work dir (`teacher_head.safetensors`); every
+`infra.models.lm.real_head`) and writes it to the work dir (`teacher_head.safetensors`); every
 training process moves it to its device, and the loss rebuilds the teacher's logits chunk by
 chunk from it (`train_worker.loss_step`). That costs the teacher's size in CPU memory while
 the head is extracted and V x H teacher weights on each training device.
@@ -77,10 +77,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opdflow.infra.manifest import Run, RunError, StageContext, run_stage
+from opdflow.infra.artifacts.manifest import Run, RunError, StageContext, run_stage
 from opdflow.tasks import rollout as rollout_stage
 from opdflow.tasks import score as score_stage
-from opdflow.infra.lm import derive_seed
+from opdflow.infra.models.lm import derive_seed
 from opdflow.tasks.plan import ARMS, parse, rollout_of, round_instances, round_stage, seed_tag, student_before
 from opdflow.tasks.stage import Stage
 from opdflow.tasks.train_worker import CHECKPOINT, PROGRESS, announce, train_round, zeroed_ids
@@ -239,14 +239,14 @@ def prepare(run: Run, ctx: StageContext, work: Path, name, src_stage, src_prefix
 
 
 def teacher_head(run: Run, score_entry: dict, path: Path) -> dict:
-    """The teacher's lm_head, padded rows cut off (`infra.lm.real_head`), written to `path`
+    """The teacher's lm_head, padded rows cut off (`infra.models.lm.real_head`), written to `path`
     (safetensors: weight, and bias when it has one) in the dtype its hidden states were stored
     in; returns the spec's `teacher_hidden` ({head, dtype, size}). Refused when the stored
     hidden states' width or dtype is not the head's (the scores are of another teacher)."""
     import torch
     from safetensors.torch import save_file
 
-    from opdflow.infra.lm import load_model, load_tokenizer, real_head
+    from opdflow.infra.models.lm import load_model, load_tokenizer, real_head
     b = score_entry["backend"]
     tdir = run.materialize("models", "teacher")
     model = load_model(tdir, run.config.teacher.dtype, dev=torch.device("cpu"))

@@ -42,7 +42,7 @@ from safetensors.torch import save_file as st_save_file
 
 from opdflow.infra import distributed
 from opdflow.infra.config import Config, parse_config
-from opdflow.infra.lm import (batch_response_hidden, batch_response_logits, check_head_is_logits, derive_seed,
+from opdflow.infra.models.lm import (batch_response_hidden, batch_response_logits, check_head_is_logits, derive_seed,
                                load_model, load_tokenizer, real_head, real_logits, save_model)
 from opdflow.kernels import DistillationLoss, FusedLinearDistillationLoss, resolve_backend
 from opdflow.kernels.reference import token_logprobs
@@ -132,7 +132,7 @@ def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: 
 
     `vocab` (the tokenizer's size) cuts a padded lm_head's extra rows off the student's logits,
     so its distribution is over the real vocabulary only, as the sampler's and the teacher's
-    (`infra.lm.real_logits`). The teacher's tail log-mass is the rows' `teacher_tail_logmass`
+    (`infra.models.lm.real_logits`). The teacher's tail log-mass is the rows' `teacher_tail_logmass`
     when present (the score stage always writes it).
 
     Rows with `teacher_hidden` (`scoring.signal: hidden`) carry the teacher's final hidden
@@ -161,7 +161,8 @@ def loss_step(model, loss_fn, rows: list[dict], bypass: frozenset[int], pad_id: 
                         tokens[lo:lo + LOGPROB_CHUNK])
     else:
         logits = real_logits(batch_response_logits(model, prompts, responses, pad_id, dev, grad=True), vocab)
-        trainer_lp = token_logprobs(logits, tokens, LOGPROB_CHUNK)
+        with torch.no_grad():  # a record and the TIS weight's input, never a path for the gradient
+            trainer_lp = token_logprobs(logits, tokens, LOGPROB_CHUNK)
     weights = torch.tensor(bypass_weights(rows, bypass, position), device=dev)
     if tis_cap is not None:
         from opdflow.tasks.mismatch import tis_weights
@@ -199,7 +200,7 @@ def load_teacher_head(spec_hidden: dict, vocab: int, dev: torch.device) -> dict:
 
 def hidden_teacher(rows: list[dict], teacher_head: dict | None, n_tokens: int, fused: bool, dev) -> dict:
     """The loss's teacher arguments from rows with `teacher_hidden` (see `loss_step`)."""
-    from opdflow.infra.scoring import hidden_from_bytes
+    from opdflow.infra.models.scoring import hidden_from_bytes
     if teacher_head is None:
         raise ValueError("rows hold the teacher's hidden states (scoring.signal: hidden) but no teacher lm_head "
                          "was given to rebuild its logits")
@@ -337,7 +338,7 @@ def save_partial(d: distributed.Dist, spec: dict, model, opt, state: TrainState)
     distributed.save_sharded(local / "dcp", model, opt)
     distributed.barrier(d)
     if d.is_main:
-        from opdflow.infra.store import open_store
+        from opdflow.infra.artifacts.store import open_store
         st_save_file({"cpu": torch.get_rng_state()}, str(local / "rng.safetensors"))
         pq.write_table(pa.table(state.records), local / "records.parquet", compression="zstd")
         store, base = open_store(spec["store"]), f"{spec['partial_prefix']}/step-{state.step:06d}"

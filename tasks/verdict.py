@@ -25,8 +25,8 @@ import json
 
 import numpy as np
 
-from opdflow.infra.lm import derive_seed
-from opdflow.infra.manifest import Run
+from opdflow.infra.models.lm import derive_seed
+from opdflow.infra.artifacts.manifest import Run
 from opdflow.tasks import stats
 from opdflow.tasks.plan import (ARMS, LABEL_OF_ARM, UNIFORM, ablation_arms, arm_label, rollout_of, round_stage)
 

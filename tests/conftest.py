@@ -289,7 +289,7 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_dirs(tmp_path_factory) -> dict:
     """The tiny demo teacher and student (`DemoSpec.tiny()`), built once per session."""
-    from opdflow.infra import demo
+    from opdflow.infra.testbeds import demo
     return demo.build_demo(demo.DemoSpec.tiny(), tmp_path_factory.mktemp("tiny-demo"))
 
 

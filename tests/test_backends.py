@@ -1,4 +1,4 @@
-"""The rollout and score stages on each backend (`infra/backends.py`), as plain functions.
+"""The rollout and score stages on each backend (`infra/sampling/backends.py`), as plain functions.
 
 - native vs transformers: the same rollouts table on the tiny config (the native sampler is the
   transformers one token for token).
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from opdflow.infra.config import load_config
-from opdflow.infra.manifest import Run
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks import models, prompts, rollout, score
 from opdflow.tasks.shards import read_parts
 
@@ -57,8 +57,8 @@ def _remote(base_url: str, name: str) -> dict:
 
 @pytest.mark.integration
 def test_openai_rollout_and_scoring_equal_the_local_backends(tmp_path, monkeypatch, opdflow_serve):
-    from opdflow.infra import backends
-    from opdflow.infra.lm import load_model, load_tokenizer
+    from opdflow.infra.sampling import backends
+    from opdflow.infra.models.lm import load_model, load_tokenizer
     monkeypatch.setenv("OPDFLOW_TEST_NO_KEY", "sk-test-secret")  # sent as a bearer token, never recorded
     store = open_store(str(tmp_path / "store"))
     ref = _run(store, "local", {}, stages=("rollout.r01",))

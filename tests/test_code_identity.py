@@ -1,4 +1,4 @@
-"""A stage's identity follows the code it runs (`infra/provenance.module_code_version`).
+"""A stage's identity follows the code it runs (`infra/artifacts/provenance.module_code_version`).
 
 A fresh copy of the package runs a tiny config (one round, no ablation) through the stages'
 plain functions in a subprocess; then a caption of `tasks/report.py` is edited in the copy
@@ -27,8 +27,8 @@ _RUN = """
 import json, sys
 import opdflow.tasks.report
 from opdflow.infra.config import load_config
-from opdflow.infra.manifest import Run
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks.plan import plan, stage_of
 config = load_config(sys.argv[1], json.loads(sys.argv[2]))
 run = Run.create_or_open(open_store(sys.argv[3]), "edit", config)
@@ -39,7 +39,7 @@ print(json.dumps({"ran": ran, "keys": keys, "report_module": opdflow.tasks.repor
 
 
 def test_a_report_caption_edit_reruns_the_report_alone(tmp_path):
-    from opdflow.infra.provenance import PACKAGE_DIRS
+    from opdflow.infra.artifacts.provenance import PACKAGE_DIRS
     copy = tmp_path / "copy"
     for d in PACKAGE_DIRS:
         shutil.copytree(ROOT / d, copy / "opdflow" / d, ignore=shutil.ignore_patterns("__pycache__"))

@@ -29,9 +29,9 @@ def _expect(raw: dict, field: str, words: str):
 
 
 def test_every_config_in_the_repo_validates(tmp_path, monkeypatch):
-    # configs/realpair.yaml names the pair `python -m opdflow.infra.realpair realpair` builds in
+    # configs/realpair.yaml names the pair `python -m opdflow.infra.testbeds.realpair realpair` builds in
     # the working directory (its documented first step): built here, in a scratch working dir
-    from opdflow.infra.realpair import build_pair
+    from opdflow.infra.testbeds.realpair import build_pair
     build_pair(tmp_path / "realpair")
     monkeypatch.chdir(tmp_path)
     found = sorted((ROOT / "configs").glob("*.yaml"))
@@ -67,7 +67,7 @@ def test_missing_model_dir(tmp_path):
 
 def _hf_dir(path: Path, extra_token: str | None = None, max_pos: int = 128) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
-    from opdflow.infra.demo import build_tokenizer
+    from opdflow.infra.testbeds.demo import build_tokenizer
     tok = build_tokenizer()
     if extra_token:
         tok.add_tokens([extra_token])

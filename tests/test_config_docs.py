@@ -2,7 +2,7 @@
 marking (the one list of what is not a run's identity) is what identity and stage params derive from."""
 from pydantic import BaseModel, Field
 
-from opdflow.infra import backends
+from opdflow.infra.sampling import backends
 from opdflow.infra.config import Config, ScaleConfig, parse_config
 from opdflow.infra.config_docs import DOCS, main, missing_descriptions, render
 

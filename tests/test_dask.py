@@ -18,8 +18,8 @@ import time
 import pytest
 
 from opdflow.infra.config import load_config
-from opdflow.infra.manifest import Run
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks import models, prompts, rollout
 from opdflow.tasks.shards import read_parts, shard_name
 

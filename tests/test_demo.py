@@ -1,4 +1,4 @@
-"""Tests for the embedded demo (opdflow.infra.demo): task format, splits, tokenizer, tiny build.
+"""Tests for the embedded demo (opdflow.infra.testbeds.demo): task format, splits, tokenizer, tiny build.
 
 Run: ``python -m pytest -q tests/test_demo.py`` (about 30 s on 2 cores; builds the tiny spec once).
 """
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from opdflow.infra import demo
+from opdflow.infra.testbeds import demo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -16,7 +16,7 @@ import io
 
 import pytest
 
-from opdflow.infra.provenance import PACKAGE_DIRS, ROOT
+from opdflow.infra.artifacts.provenance import PACKAGE_DIRS, ROOT
 
 
 def modules_with_examples() -> list[str]:

@@ -291,8 +291,8 @@ def test_lifecycle_end_to_end(prefect_server, mlflow_server, tmp_path, subtests)
 
 def test_first_stages_on_s3(s3_store_uri, tiny_config):
     """models -> prompts -> one OPD round with the store on a real S3 endpoint."""
-    from opdflow.infra.manifest import Run
-    from opdflow.infra.store import open_store
+    from opdflow.infra.artifacts.manifest import Run
+    from opdflow.infra.artifacts.store import open_store
     from opdflow.tasks import models, prompts, rollout, score, train
     store = open_store(s3_store_uri)
     store.check()

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from opdflow.infra.config import parse_config
-from opdflow.infra.manifest import Run, RunError, run_stage, stage_key
-from opdflow.infra.store import ChecksumError, InvalidKey, open_store
+from opdflow.infra.artifacts.manifest import Run, RunError, run_stage, stage_key
+from opdflow.infra.artifacts.store import ChecksumError, InvalidKey, open_store
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The native sampler (opdflow.infra.native): same tokens and logprobs as the transformers backend,
+"""The native sampler (opdflow.infra.sampling.native): same tokens and logprobs as the transformers backend,
 whatever the batch, the slot or the refills; weights updated in place; on CUDA, graph == eager.
 
 Run: ``python -m pytest -q tests/test_native.py`` (about 30 s on 2 cores, most of it building the
@@ -15,10 +15,11 @@ import copy
 import pytest
 import torch
 
-from opdflow.infra import demo, native
-from opdflow.infra.lm import (SampleSettings, batch_response_logits, load_model, load_tokenizer, sample,
+from opdflow.infra.testbeds import demo
+from opdflow.infra.sampling import native
+from opdflow.infra.models.lm import (SampleSettings, batch_response_logits, load_model, load_tokenizer, sample,
                               sampling_logprobs, uniform_noise)
-from opdflow.infra.native import NativeSampler
+from opdflow.infra.sampling.native import NativeSampler
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

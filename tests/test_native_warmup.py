@@ -1,4 +1,4 @@
-"""The native sampler's warm-up self-check (infra/native.py `_warmup_check`), run on CPU.
+"""The native sampler's warm-up self-check (infra/sampling/native.py `_warmup_check`), run on CPU.
 
 On CUDA the sampler compares one replay of its captured decode step with one eager step on the
 first batch and falls back to eager decoding when they differ. Capture needs CUDA, so here the
@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdflow.infra import demo, native
-from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, sample
+from opdflow.infra.testbeds import demo
+from opdflow.infra.sampling import native
+from opdflow.infra.models.lm import SampleSettings, load_model, load_tokenizer, sample
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 ST = SampleSettings(temperature=1.0, max_new_tokens=12, batch_size=4)

@@ -195,8 +195,8 @@ def test_s3_outage_during_a_stage_is_retried(moto_server, s3_store_uri, monkeypa
     from prefect import flow
 
     from opdflow.infra.config import load_config
-    from opdflow.infra.manifest import Run
-    from opdflow.infra.store import open_store
+    from opdflow.infra.artifacts.manifest import Run
+    from opdflow.infra.artifacts.store import open_store
     from opdflow.tasks.models import models_task
     from opdflow.tasks.prompts import prompts_task
     from opdflow.tasks.rollout import rollout_task

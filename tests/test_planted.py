@@ -1,4 +1,4 @@
-"""The planted-rock testbed (infra/planted.py): task format and truth, splits, the built-in task
+"""The planted-rock testbed (infra/testbeds/planted.py): task format and truth, splits, the built-in task
 registry, config wiring, the lm-eval task's pattern, the calibration measure on stub models whose
 answer is known, and a tiny build through the models stage (its calibration in the metrics).
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from opdflow.infra import planted
-from opdflow.infra.builtin import BUILTINS, answer_pattern, builtin
+from opdflow.infra.testbeds import planted
+from opdflow.infra.testbeds.builtin import BUILTINS, answer_pattern, builtin
 from opdflow.infra.config import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_config_wiring():
         parse_config({"teacher": {"path": "planted"}, "student": {"path": "planted"}, "data": {"source": "demo"}})
     with pytest.raises(ConfigError, match="opdflow_planted is the planted testbed's benchmark"):
         parse_config({"eval": {"tasks": ["opdflow_planted"]}})
-    from opdflow.infra.data import load_prompts
+    from opdflow.infra.testbeds.data import load_prompts
     rows = load_prompts(c)
     assert {r["split"] for r in rows} == {"train", "probe", "eval"}
     assert rows[0]["prompt"] == planted.make_examples("train", 1, c.seed)[0]["prompt"]
@@ -129,8 +129,8 @@ def test_planted_accuracy_known_answers():
 @pytest.mark.slow
 def test_tiny_build_records_the_calibration_in_the_models_stage(tmp_path, monkeypatch):
     from opdflow.infra.config import load_config
-    from opdflow.infra.manifest import Run
-    from opdflow.infra.store import open_store
+    from opdflow.infra.artifacts.manifest import Run
+    from opdflow.infra.artifacts.store import open_store
     from opdflow.tasks import models, prompts
     monkeypatch.setenv("OPDFLOW_CACHE", str(tmp_path / "cache"))
     config = load_config(ROOT / "configs" / "planted_tiny.yaml")

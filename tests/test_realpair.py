@@ -1,4 +1,4 @@
-"""The realistic local pair (`infra.realpair`): a Llama teacher and a Qwen2 student sharing a BPE
+"""The realistic local pair (`infra.testbeds.realpair`): a Llama teacher and a Qwen2 student sharing a BPE
 tokenizer with ChatML special tokens and a chat template, lm_heads padded to 151,936 rows (the
 padded rows made "hot", so an unmasked sampler / top-k / loss would pick them).
 
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from opdflow.infra.config import ConfigError, parse_config
-from opdflow.infra.lm import ChatFormat, SampleSettings, encode_prompt, load_model, load_tokenizer, sample
-from opdflow.infra.manifest import Run
-from opdflow.infra.realpair import QWEN_ROWS, build_pair
-from opdflow.infra.store import open_store
+from opdflow.infra.models.lm import ChatFormat, SampleSettings, encode_prompt, load_model, load_tokenizer, sample
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.testbeds.realpair import QWEN_ROWS, build_pair
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks import models, prompts, rollout, score, train
 from opdflow.tasks.shards import read_parts
 
@@ -62,7 +62,7 @@ def test_validate_reports_the_padded_vocabulary(pair):
 
 
 def test_renderings_are_compared_before_sampling(pair, tmp_path):
-    from opdflow.infra.data import load_prompts
+    from opdflow.infra.testbeds.data import load_prompts
     from opdflow.infra.preflight import check_renderings
     c = _config(pair)
     rows = load_prompts(c)
@@ -103,7 +103,7 @@ def test_rollout_score_train_on_the_padded_pair(pair, tmp_path):
     assert run.require("rollout.r01")["backend"]["vocab_size"] == n
     prompt_text = load_tokenizer(pair["student"]).decode(ro["prompt_ids"].to_pylist()[0])
     assert "<|im_start|>assistant\n<think>" in prompt_text
-    from opdflow.infra.tables import parquet_to_table
+    from opdflow.infra.artifacts.tables import parquet_to_table
     rec = parquet_to_table(run.read_output("train.r01", "token_losses.parquet"))
     assert rec.num_rows == len(sampled) and max(rec["token_id"].to_pylist()) < n
     assert all(math.isfinite(x) and x >= 0 for x in rec["loss"].to_pylist())
@@ -114,7 +114,7 @@ def test_rollout_score_train_on_the_padded_pair(pair, tmp_path):
     raw = sample(student, ids, [1], SampleSettings(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id)
     assert max(raw[0].response_ids) >= n
     # ... and the teacher's top-k holds them, which the kernel boundary refuses with a clear error
-    from opdflow.infra.scoring import teacher_scores
+    from opdflow.infra.models.scoring import teacher_scores
     from opdflow.kernels import distillation_loss
     teacher = load_model(pair["teacher"]).eval()
     unmasked = teacher_scores(teacher, ids, [sampled[:3]], tok.pad_token_id, 8, 1)
@@ -147,7 +147,7 @@ def test_whole_plan_on_the_padded_pair(pair, tmp_path):
     import yaml
     from pathlib import Path
     from opdflow.infra.preflight import preflight
-    from opdflow.infra.tables import parquet_to_table
+    from opdflow.infra.artifacts.tables import parquet_to_table
     from opdflow.tasks.plan import plan, stage_of
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "realpair.yaml").read_text())
     raw["teacher"]["path"], raw["student"]["path"] = str(pair["teacher"]), str(pair["student"])

@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdflow.infra.lm import SampleSettings, batch_response_logits, sample, sampling_logprobs, uniform_noise
+from opdflow.infra.models.lm import SampleSettings, batch_response_logits, sample, sampling_logprobs, uniform_noise
 
 
 @pytest.fixture(scope="module")
 def model_and_tok():
     from transformers import LlamaConfig, LlamaForCausalLM
-    from opdflow.infra.demo import build_tokenizer
+    from opdflow.infra.testbeds.demo import build_tokenizer
     tok = build_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -1,13 +1,13 @@
-"""Chunked teacher scoring (`infra.scoring.teacher_scores`) against the full-logits `score_table`."""
+"""Chunked teacher scoring (`infra.models.scoring.teacher_scores`) against the full-logits `score_table`."""
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
 import torch
 
-from opdflow.infra import demo
-from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, response_logits, sample
-from opdflow.infra.scoring import check_head_path, logit_transform, split_model, teacher_scores
+from opdflow.infra.testbeds import demo
+from opdflow.infra.models.lm import SampleSettings, load_model, load_tokenizer, response_logits, sample
+from opdflow.infra.models.scoring import check_head_path, logit_transform, split_model, teacher_scores
 from opdflow.tasks.score import score_table
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -26,8 +26,8 @@ def _tiny_model(out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opdflow.infra.demo import build_tokenizer
-    from opdflow.infra.lm import save_model
+    from opdflow.infra.testbeds.demo import build_tokenizer
+    from opdflow.infra.models.lm import save_model
     tok = build_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -106,9 +106,9 @@ def test_non_loopback_needs_a_key(model_dir):
 
 
 def test_openai_backend_sends_the_key(guarded):
-    from opdflow.infra.demo import build_tokenizer
-    from opdflow.infra.lm import SampleSettings
-    from opdflow.infra.openai_backend import OpenAIBackend, OpenAIBackendError
+    from opdflow.infra.testbeds.demo import build_tokenizer
+    from opdflow.infra.models.lm import SampleSettings
+    from opdflow.infra.sampling.openai_backend import OpenAIBackend, OpenAIBackendError
     tok = build_tokenizer()
     st = SampleSettings(max_new_tokens=3)
     with OpenAIBackend(guarded.url, "tiny", api_key=KEY) as b:
@@ -130,8 +130,8 @@ def test_request_timeouts(model_dir):
     import httpx
     import uvicorn
 
-    from opdflow.infra.lm import sample
-    from opdflow.infra.serve import Limits, make_app
+    from opdflow.infra.models.lm import sample
+    from opdflow.infra.serving.serve import Limits, make_app
 
     def slow(*args, **kw):
         time.sleep(1.5)

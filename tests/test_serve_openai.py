@@ -1,4 +1,4 @@
-"""`opdflow serve` (infra/serve.py) and the OpenAI-compatible client backend (infra/openai_backend.py).
+"""`opdflow serve` (infra/serving/serve.py) and the OpenAI-compatible client backend (infra/sampling/openai_backend.py).
 
 Parsing tests use response bodies in vLLM's completions shape (vllm/entrypoints/openai/completion/
 protocol.py and serving.py: logprobs blocks with "token_id:N" tokens and k + 1 top entries;
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from opdflow.infra.lm import SampleSettings
-from opdflow.infra.openai_backend import (OpenAIBackend, OpenAIBackendError, error_message, parse_completion_choice,
+from opdflow.infra.models.lm import SampleSettings
+from opdflow.infra.sampling.openai_backend import (OpenAIBackend, OpenAIBackendError, error_message, parse_completion_choice,
                                           parse_prompt_logprobs, parse_retry_after, retry_delay, server_root,
                                           top_k_entries)
 
@@ -176,8 +176,8 @@ def _free_port() -> int:
 def _save_tiny_model(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from opdflow.infra.demo import build_tokenizer
-    from opdflow.infra.lm import save_model
+    from opdflow.infra.testbeds.demo import build_tokenizer
+    from opdflow.infra.models.lm import save_model
     tok = build_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -200,7 +200,7 @@ def server(model_dir, opdflow_serve):
 
 @pytest.fixture(scope="module")
 def local(model_dir):
-    from opdflow.infra.lm import load_model, load_tokenizer
+    from opdflow.infra.models.lm import load_model, load_tokenizer
     return load_model(model_dir).eval(), load_tokenizer(model_dir)
 
 
@@ -218,7 +218,7 @@ def _prompts(tok) -> list[list[int]]:
 def test_check_tokenizer(backend, local, tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
-    from opdflow.infra.lm import load_tokenizer
+    from opdflow.infra.models.lm import load_tokenizer
     backend.check_tokenizer(local[1])
     # same special tokens, but the digits' ids permuted: a different vocabulary
     vocab = dict(local[1].get_vocab())
@@ -237,7 +237,7 @@ def test_check_tokenizer(backend, local, tmp_path):
 
 @pytest.mark.integration
 def test_sample_is_seeded_and_equals_the_local_sampler(backend, local):
-    from opdflow.infra.lm import sample
+    from opdflow.infra.models.lm import sample
     model, tok = local
     prompts, seeds = _prompts(tok), [11, 22, 33, 44, 55]
     settings = [SampleSettings(temperature=1.0, max_new_tokens=12, batch_size=2),
@@ -263,7 +263,7 @@ def test_sample_is_seeded_and_equals_the_local_sampler(backend, local):
 def test_score_equals_a_local_teacher_forced_forward(backend, local, server):
     import httpx
     import torch
-    from opdflow.infra.lm import batch_response_logits
+    from opdflow.infra.models.lm import batch_response_logits
     model, tok = local
     prompts = _prompts(tok)
     responses = [s.response_ids for s in backend.sample(prompts, [1, 2, 3, 4, 5], SampleSettings(max_new_tokens=10),
@@ -307,8 +307,8 @@ def test_a_padded_lm_head_is_never_served(tmp_path, opdflow_serve):
     with the padded columns cut off)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from opdflow.infra.demo import build_tokenizer
-    from opdflow.infra.lm import batch_response_logits, sample, save_model
+    from opdflow.infra.testbeds.demo import build_tokenizer
+    from opdflow.infra.models.lm import batch_response_logits, sample, save_model
     tok = build_tokenizer()
     v, rows = len(tok), len(tok) + 13
     torch.manual_seed(0)
@@ -377,8 +377,8 @@ def test_completion_response_shape(server, local):
 
 def test_make_app_uses_the_given_sampler_with_derived_seeds(model_dir):
     from fastapi.testclient import TestClient
-    from opdflow.infra.lm import Sample, derive_seed
-    from opdflow.infra.serve import make_app
+    from opdflow.infra.models.lm import Sample, derive_seed
+    from opdflow.infra.serving.serve import make_app
     calls = []
 
     def fake_sampler(model, prompts, seeds, settings, eos_id, pad_id, on_batch=None):

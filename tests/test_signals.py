@@ -87,7 +87,7 @@ def test_hidden_loss_and_gradient_equal_the_dense_loss(kind):
 
 
 def test_hidden_bytes_round_trip_and_refusals():
-    from opdflow.infra.scoring import hidden_bytes, hidden_from_bytes
+    from opdflow.infra.models.scoring import hidden_bytes, hidden_from_bytes
     x = torch.randn(3, 4).to(torch.bfloat16)
     y = torch.randn(2, 4).to(torch.bfloat16)
     blobs = [hidden_bytes(x), hidden_bytes(y), hidden_bytes(torch.zeros(0, 4, dtype=torch.bfloat16))]
@@ -120,8 +120,8 @@ def test_signal_end_to_end(tmp_path, tiny_config, signal):
     first step's loss is also recomputed densely (`check_hidden_first_step`)."""
     from safetensors.torch import load
 
-    from opdflow.infra.manifest import Run
-    from opdflow.infra.store import open_store
+    from opdflow.infra.artifacts.manifest import Run
+    from opdflow.infra.artifacts.store import open_store
     from opdflow.tasks.plan import stage_of
     from opdflow.tasks.score import HIDDEN_COLUMNS, SAMPLED_COLUMNS
     from opdflow.tasks.shards import read_parts
@@ -167,7 +167,7 @@ def check_hidden_first_step(run, config, logged: float) -> None:
     stage's logged loss, `train_worker.loss_step` with the fused and the unfused loss on the
     committed rows, and the dense reverse KL of the student's and the teacher's materialised
     logits (both models' own forwards, float64 loss)."""
-    from opdflow.infra.lm import batch_response_logits, derive_seed, load_model, load_tokenizer, real_head, real_logits
+    from opdflow.infra.models.lm import batch_response_logits, derive_seed, load_model, load_tokenizer, real_head, real_logits
     from opdflow.kernels import DistillationLoss, FusedLinearDistillationLoss
     from opdflow.kernels.loss import distillation_loss
     from opdflow.tasks.train import round_rows

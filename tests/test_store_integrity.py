@@ -20,8 +20,8 @@ import yaml
 
 from opdflow.flows.cli import main
 from opdflow.infra.config import merge
-from opdflow.infra.manifest import Run
-from opdflow.infra.store import open_store, sha256_file
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.store import open_store, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

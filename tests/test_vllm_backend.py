@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from opdflow.infra import backends, vllm_backend
+from opdflow.infra.sampling import backends, vllm_backend
 from opdflow.infra.config import Config, VllmConfig, parse_config
-from opdflow.infra.native import compare_steps
+from opdflow.infra.sampling.native import compare_steps
 from opdflow.tasks import sensitivity
 
 WATCHER = Path(vllm_backend.__file__).with_name("procwatch.py")
@@ -132,10 +132,10 @@ def test_padded_lm_head_masks_rollouts_and_refuses_vllm_scoring(tmp_path):
     before any server starts (vLLM's prompt_logprobs normalise over every row)."""
     import json
     from opdflow.infra.config import ConfigError
-    from opdflow.infra.lm import SampleSettings, load_tokenizer
-    from opdflow.infra.openai_backend import completion_request
+    from opdflow.infra.models.lm import SampleSettings, load_tokenizer
+    from opdflow.infra.sampling.openai_backend import completion_request
     from opdflow.infra.preflight import preflight
-    from opdflow.infra.realpair import build_pair
+    from opdflow.infra.testbeds.realpair import build_pair
     pair = build_pair(tmp_path / "pair", rows=4096, n_prompts=32)
     tok = load_tokenizer(pair["teacher"])
     n_tok = len(tok)

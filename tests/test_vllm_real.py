@@ -33,8 +33,8 @@ from pathlib import Path
 import pytest
 
 from opdflow.infra.config import VllmConfig, load_config
-from opdflow.infra.manifest import Run
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks import models, prompts, rollout, score
 from opdflow.tasks.shards import read_parts
 
@@ -47,7 +47,7 @@ WIDE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}  
 
 def _vllm_python() -> str:
     """vLLM's Python, or a skip that says why there is none."""
-    from opdflow.infra.vllm_backend import VllmUnavailable, check_available
+    from opdflow.infra.sampling.vllm_backend import VllmUnavailable, check_available
     py = os.environ.get("OPDFLOW_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
     failed = ROOT / ".venv-vllm" / "build-failed"
     if failed.exists() and "OPDFLOW_VLLM_PYTHON" not in os.environ:
@@ -86,8 +86,8 @@ def store(tmp_path_factory):
 
 
 def test_rollout_and_score_stages_through_vllm(store, vllm_python):
-    from opdflow.infra import backends
-    from opdflow.infra.lm import load_model, load_tokenizer
+    from opdflow.infra.sampling import backends
+    from opdflow.infra.models.lm import load_model, load_tokenizer
     from opdflow.tasks.sensitivity import forward_logprobs
     over = overrides(vllm_python, backend="vllm")
     over["scoring"]["backend"] = "vllm"
@@ -159,9 +159,9 @@ KILL_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 from opdflow.infra.config import load_config
-from opdflow.infra.manifest import Run
-from opdflow.infra.openai_backend import OpenAIBackend
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.sampling.openai_backend import OpenAIBackend
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks import models, prompts, rollout
 
 store_uri, root, over, marker = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
@@ -204,13 +204,13 @@ def test_killed_rollout_stage_leaves_no_vllm_process(store, vllm_python, tmp_pat
 # -- a padded lm_head (Qwen: 151,665 tokens, 151,936 rows) -----------------------------------
 
 def _padded_student(tmp_path) -> tuple[Path, list[list[int]]]:
-    """infra.realpair's pair with its student rebuilt at head_dim 32 (realpair's is 8, which vLLM's
+    """infra.testbeds.realpair's pair with its student rebuilt at head_dim 32 (realpair's is 8, which vLLM's
     CPU attention has no kernel for), the same 151,936-row lm_head with its padded rows made hot
     (as realpair does: an unmasked sampler picks them); and chat prompts from its data."""
     import torch
     from transformers import AutoConfig, Qwen2ForCausalLM
-    from opdflow.infra.lm import load_tokenizer
-    from opdflow.infra.realpair import build_pair
+    from opdflow.infra.models.lm import load_tokenizer
+    from opdflow.infra.testbeds.realpair import build_pair
     d = build_pair(tmp_path / "pair", n_prompts=8)["student"]
     tok, cfg = load_tokenizer(d), AutoConfig.from_pretrained(str(d))
     cfg.hidden_size, cfg.intermediate_size = 64, 128
@@ -233,15 +233,15 @@ def test_vllm_rollouts_never_sample_a_padded_row(vllm_python, tmp_path, monkeypa
       fail), and `check_ids` refuses them;
     - `vllm_backend.sample` (the rollout backend's path, its server the one started here) masks
       them: no id >= the tokenizer's size, and each token's reported logprob equals the transformers
-      backend's masked distribution (`infra.lm.pick_tokens`, temperature 1) within LP_TOL (observed
+      backend's masked distribution (`infra.models.lm.pick_tokens`, temperature 1) within LP_TOL (observed
       ~1e-6); the full-row distribution is far from it (the mask changes the logprobs);
     - prompt_logprobs (the scoring path) on the same server: normalised over all rows, padded ids in
       the top-1, `allowed_token_ids` or not: why `scoring.backend: vllm` refuses a padded teacher."""
     import contextlib
     import torch
-    from opdflow.infra import vllm_backend as vb
-    from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, pick_tokens
-    from opdflow.infra.openai_backend import (OpenAIBackendError, completion_request, parse_completion_choice,
+    from opdflow.infra.sampling import vllm_backend as vb
+    from opdflow.infra.models.lm import SampleSettings, load_model, load_tokenizer, pick_tokens
+    from opdflow.infra.sampling.openai_backend import (OpenAIBackendError, completion_request, parse_completion_choice,
                                               parse_prompt_logprobs, score_request)
     d, prompts = _padded_student(tmp_path)
     tok = load_tokenizer(d)

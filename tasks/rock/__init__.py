@@ -38,7 +38,7 @@ tokens once (`token_counts.safetensors`),
 unsharded sums; `directions.safetensors`), and `rock` measures every compared
 checkpoint on its shard (steps 2; `records/part-*.parquet`, per position and
 checkpoint) and then analyses all parts: per-token aggregates stream over the parts
-with `opdflow.infra.streaming` (memory bounded by the vocabulary, not by the number of
+with `opdflow.infra.artifacts.streaming` (memory bounded by the vocabulary, not by the number of
 positions). Outputs of `rock`: records parts, tokens.parquet (per token id),
 rock_sets.json (rock, control, dropped, random_matched), summary.json, report.md with
 embedded plots.

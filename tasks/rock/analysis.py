@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from safetensors.torch import load as st_load
 
-from opdflow.infra.lm import load_model, load_tokenizer
-from opdflow.infra.manifest import Run, StageContext, materialize_refs
-from opdflow.infra.streaming import aggregate_dataset, token_dataset
+from opdflow.infra.models.lm import load_model, load_tokenizer
+from opdflow.infra.artifacts.manifest import Run, StageContext, materialize_refs
+from opdflow.infra.artifacts.streaming import aggregate_dataset, token_dataset
 from opdflow.tasks.control import matched_random
 from opdflow.tasks.shards import run_sharded
 from opdflow.tasks.stage import ShardParts, Stage, single

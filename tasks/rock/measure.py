@@ -8,8 +8,8 @@ import pyarrow as pa
 import torch
 
 from opdflow.infra.config import Config, ScoringConfig, default
-from opdflow.infra.lm import real_logits
-from opdflow.infra.scoring import check_head_path, logit_transform, pack, response_hidden, split_model
+from opdflow.infra.models.lm import real_logits
+from opdflow.infra.models.scoring import check_head_path, logit_transform, pack, response_hidden, split_model
 from opdflow.kernels.loss import divergence_and_grad
 from opdflow.tasks.plan import round_stage
 
@@ -44,7 +44,7 @@ def measure(model, teacher, pad_id: int, table: pa.Table, batch_size: int, count
     reference direction. `vocab` (the tokenizer's size) cuts padded lm_head rows off both
     models' logits: the divergence, gradients and top-1s are over the real vocabulary.
 
-    Memory: both model bodies run to final hidden states (`infra.scoring`'s split), and the
+    Memory: both model bodies run to final hidden states (`infra.models.scoring`'s split), and the
     lm_heads are applied `chunk_tokens` positions at a time, so no more than a few
     ``[chunk_tokens, V]`` float32 tensors exist at once whatever the batch and sequence
     length; only the running totals of the two V-sized direction sums are float64. The

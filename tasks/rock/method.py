@@ -9,7 +9,7 @@ import re
 from collections import defaultdict
 
 
-from opdflow.infra.lm import derive_seed
+from opdflow.infra.models.lm import derive_seed
 
 
 # -- the method as plain functions (tested with known answers) ---------------------------

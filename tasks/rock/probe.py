@@ -10,9 +10,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from opdflow.infra.config import Config
-from opdflow.infra.lm import load_model, load_tokenizer
-from opdflow.infra.manifest import Run, StageContext
-from opdflow.infra.tables import parquet_to_table
+from opdflow.infra.models.lm import load_model, load_tokenizer
+from opdflow.infra.artifacts.manifest import Run, StageContext
+from opdflow.infra.artifacts.tables import parquet_to_table
 from opdflow.tasks import prompts as prompts_stage
 from opdflow.tasks.plan import checkpoint_of
 from opdflow.tasks.shards import concat_parts, run_sharded, shard_bounds

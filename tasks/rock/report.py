@@ -6,8 +6,8 @@ import io
 import math
 
 
-from opdflow.infra.manifest import Run
-from opdflow.infra.tables import parquet_to_table
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.tables import parquet_to_table
 from opdflow.tasks.common import publish_table
 from opdflow.tasks.rock.method import category
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from opdflow.evals import harness
-from opdflow.infra import demo
+from opdflow.infra.testbeds import demo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

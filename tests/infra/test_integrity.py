@@ -13,11 +13,11 @@ import os
 
 import pytest
 
-from opdflow.infra import manifest
+from opdflow.infra.artifacts import manifest
 from opdflow.infra.config import parse_config
-from opdflow.infra.manifest import Run, file_inputs, materialize_refs, run_stage, stage_key
-from opdflow.infra.store import ChecksumError, CorruptObject, open_store
-from opdflow.infra.verify import format_report, repair_stages, verify_run
+from opdflow.infra.artifacts.manifest import Run, file_inputs, materialize_refs, run_stage, stage_key
+from opdflow.infra.artifacts.store import ChecksumError, CorruptObject, open_store
+from opdflow.infra.artifacts.verify import format_report, repair_stages, verify_run
 
 
 def _make_run(store) -> Run:
@@ -94,7 +94,7 @@ def test_invalid_stored_config_and_execution_name_the_file(tmp_path):
 
 
 def test_parquet_parse_error_names_the_file(tmp_path):
-    from opdflow.infra.tables import parquet_to_table
+    from opdflow.infra.artifacts.tables import parquet_to_table
     store = open_store(str(tmp_path / "store"))
     run = Run.create_or_open(store, "r1", parse_config({}))
     e, _ = run_stage(run, "s", params={}, inputs={}, body=lambda ctx: ctx.put_bytes("t.parquet", b"not parquet"))
@@ -188,7 +188,7 @@ def test_permanent_causes_are_not_retried(tmp_path):
     from safetensors import SafetensorError
 
     from opdflow.infra.failures import PermanentFailure, SubprocessFailed, explain
-    from opdflow.infra.store import StoreError
+    from opdflow.infra.artifacts.store import StoreError
     from opdflow.tasks.common import is_transient
     for exc in (SafetensorError("invalid header length"), torch.OutOfMemoryError("CUDA out of memory"),
                 OfflineModeIsEnabled("offline"), LocalEntryNotFoundError("no local file"),
@@ -215,8 +215,8 @@ def user_model(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opdflow.infra.demo import build_tokenizer
-    from opdflow.infra.lm import save_model
+    from opdflow.infra.testbeds.demo import build_tokenizer
+    from opdflow.infra.models.lm import save_model
     root = tmp_path_factory.mktemp("user-model")
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -234,7 +234,7 @@ def test_validate_and_load_name_a_truncated_weights_file(user_model, tmp_path):
 
     from opdflow.flows.cli import main
     from opdflow.infra.failures import PermanentFailure
-    from opdflow.infra.lm import load_model
+    from opdflow.infra.models.lm import load_model
     bad = tmp_path / "teacher"
     shutil.copytree(user_model / "teacher", bad)
     w = bad / "model.safetensors"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from opdflow.infra.lm import batch_response_hidden, batch_response_logits, check_head_is_logits
+from opdflow.infra.models.lm import batch_response_hidden, batch_response_logits, check_head_is_logits
 
 SMALL = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
              num_attention_heads=2, num_key_value_heads=1, head_dim=8)

@@ -8,7 +8,7 @@ import pickle
 import boto3
 import pytest
 
-from opdflow.infra.store import (
+from opdflow.infra.artifacts.store import (
     ChecksumError, InvalidKey, LocalStore, MiB, ObjectMissing, S3Store, Store, StoreError,
     open_store, sha256_bytes, sha256_file, validate_key, validate_run_id,
 )

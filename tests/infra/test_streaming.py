@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from opdflow.infra.streaming import (TokenAggregate, aggregate_batches, aggregate_dataset, dataset_batches,
+from opdflow.infra.artifacts.streaming import (TokenAggregate, aggregate_batches, aggregate_dataset, dataset_batches,
                                      token_dataset, write_parts)
 from opdflow.tasks.rock.method import aggregate
 

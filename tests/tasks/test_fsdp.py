@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load as st_load
 
 from opdflow.infra.config import load_config
-from opdflow.infra.manifest import Run
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks import models, prompts, rollout, score, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -26,7 +26,7 @@ TOL = 1e-5
 
 KILL_SCRIPT = """
 import sys
-from opdflow.infra.manifest import Run
+from opdflow.infra.artifacts.manifest import Run
 from opdflow.tasks import train
 train.run(Run.open(sys.argv[1], "fsdp"), "train.r01", force=True)
 """

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdflow.infra import demo
-from opdflow.infra.lm import SampleSettings, load_model, load_tokenizer, sample
+from opdflow.infra.testbeds import demo
+from opdflow.infra.models.lm import SampleSettings, load_model, load_tokenizer, sample
 from opdflow.tasks.patch import (arm_summary, intervened_greedy, is_correct, knockout_arms, knockout_summary,
                                  patched_greedy, share_match)  # is_correct: opdflow.evals.answers
 from opdflow.tasks.stats import mcnemar

@@ -98,14 +98,14 @@ def test_registry_declares_every_kind_and_the_plan_respects_needs():
 
 
 def test_stage_code_versions_cover_what_each_stage_imports():
-    """A stage's code version hashes its module's import closure (`infra/provenance`): train's
+    """A stage's code version hashes its module's import closure (`infra/artifacts/provenance`): train's
     holds the training loop, the kernels and the stages it reads, not the report, the rock
     analysis (plots) or the verdict; the report's holds the verdict."""
-    from opdflow.infra.manifest import stage_code_version
-    from opdflow.infra.provenance import code_version, module_closure
+    from opdflow.infra.artifacts.manifest import stage_code_version
+    from opdflow.infra.artifacts.provenance import code_version, module_closure
     train = set(module_closure("opdflow.tasks.train"))
     assert {"opdflow.tasks.train_worker", "opdflow.kernels.loss", "opdflow.tasks.score", "opdflow.tasks.control",
-            "opdflow.infra.manifest"} <= train
+            "opdflow.infra.artifacts.manifest"} <= train
     assert not train & {"opdflow.tasks.report", "opdflow.tasks.rock.analysis", "opdflow.tasks.rock.report",
                         "opdflow.tasks.verdict", "opdflow.tasks.summary", "opdflow.tasks.patch", "opdflow.tasks.evaluate",
                         "opdflow.flows.lifecycle"}

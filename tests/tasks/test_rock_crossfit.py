@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from opdflow.infra.streaming import aggregate_dataset, token_dataset
+from opdflow.infra.artifacts.streaming import aggregate_dataset, token_dataset
 from opdflow.tasks.rock.method import cross_fitted_stagnation, probe_halves, select, selection_persistence, stagnation
 from opdflow.tasks.rock.analysis import unbiased_stagnation
 

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from opdflow.infra.config import load_config
-from opdflow.infra.manifest import Run
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks import models, prompts, rollout, score
 from opdflow.tasks.shards import read_parts, shard_bounds, shard_name, split_shard_name
 

@@ -13,9 +13,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from opdflow.infra.manifest import Run
-from opdflow.infra.store import open_store
-from opdflow.infra.tables import parquet_to_table
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.store import open_store
+from opdflow.infra.artifacts.tables import parquet_to_table
 from opdflow.tasks.shards import read_parts
 from opdflow.tasks import train
 from opdflow.tasks.plan import plan, stage_of
@@ -63,7 +63,7 @@ def test_rollout_contract(tiny_run):
         assert all(lp <= 0 for lp in r["logprobs"])
         assert r["finish_reason"] in ("stop", "length")
     e = tiny_run.require("rollout.r01")
-    from opdflow.infra.backends import rollout_backend
+    from opdflow.infra.sampling.backends import rollout_backend
     assert e["backend"]["name"] == rollout_backend(c) and e["backend"]["configured"] == "auto"
     assert e["backend"]["temperature"] == c.rollout.temperature
     # rounds take different prompts; an ablation seed has its own prompts and sampling seeds

@@ -12,8 +12,8 @@ import pytest
 
 from opdflow.infra.config import parse_config
 from opdflow.infra.failures import PermanentFailure, SubprocessFailed, explain
-from opdflow.infra.manifest import Run, run_stage
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.manifest import Run, run_stage
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks.common import is_transient
 from opdflow.tasks.train import launch
 

@@ -10,15 +10,15 @@ import sys
 import pytest
 
 from opdflow.infra.config import load_config
-from opdflow.infra.manifest import Run
-from opdflow.infra.store import open_store
+from opdflow.infra.artifacts.manifest import Run
+from opdflow.infra.artifacts.store import open_store
 from opdflow.tasks import models, prompts, rollout, score, train
 
 pytestmark = pytest.mark.slow
 
 KILL_SCRIPT = """
 import sys
-from opdflow.infra.manifest import Run
+from opdflow.infra.artifacts.manifest import Run
 from opdflow.tasks import train
 train.run(Run.open(sys.argv[1], "resume"), "train.r01", force=True)
 """

@@ -21,7 +21,7 @@ Rules (DESIGN.md, "Contracts between stages"):
   evicted and fetched again, with a warning naming it.
 * Manifest entries, run.json, execution.json and attempt records that do not parse raise
   `CorruptObject` naming the file; a committed entry whose outputs are gone is recomputed
-  with a warning naming the missing object. `opdflow verify` (`infra/verify.py`) checks it all.
+  with a warning naming the missing object. `opdflow verify` (`infra/artifacts/verify.py`) checks it all.
 
 One file per stage (rather than one manifest file per run) means commits never
 read-modify-write a shared object, which S3 could not make atomic.
@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from opdflow.infra.config import Config, parse_config
-from opdflow.infra.provenance import code_version, module_code_version, stack
+from opdflow.infra.artifacts.provenance import code_version, module_code_version, stack
 from opdflow.infra.config import ConfigError
 from opdflow.infra.failures import explain
-from opdflow.infra.store import (ChecksumError, CorruptObject, ObjectMissing, Store, StoreError, open_store,
+from opdflow.infra.artifacts.store import (ChecksumError, CorruptObject, ObjectMissing, Store, StoreError, open_store,
                                  sha256_file, validate_run_id)
 
 Ref = dict  # {"key": str, "sha256": str, "size": int}
@@ -247,7 +247,7 @@ class Run:
         e = self.require(stage)
         ext = e.get("external", {}).get(prefix)
         if ext is not None:
-            from opdflow.infra.provenance import dir_fingerprint
+            from opdflow.infra.artifacts.provenance import dir_fingerprint
             actual = dir_fingerprint(Path(ext["path"]))
             if actual != ext["fingerprint"]:
                 raise ChecksumError(prefix, f"{ext['path']} (model dir recorded by stage {stage!r}; it changed "
@@ -405,7 +405,7 @@ class StageContext:
         return self.put_bytes(name, json.dumps(obj, indent=2, default=str).encode())
 
     def put_table(self, name: str, table) -> Ref:
-        from opdflow.infra.tables import table_to_parquet
+        from opdflow.infra.artifacts.tables import table_to_parquet
         return self.put_bytes(name, table_to_parquet(table))
 
     def put_file(self, name: str, path: Path) -> Ref:

@@ -5,16 +5,16 @@ the score stage each need "the sampler" / "the teacher scorer" without knowing w
 backends runs them, whether a local model must be loaded, or how a server client is built.
 
 - `sampler_for(config)` -> `sample(model_dir, model, tok, prompts, seeds, settings, on_batch)`,
-  a `list[infra.lm.Sample]` in input order, for `rollout.backend`:
-  transformers (`infra.lm.sample`), native (`infra.native.sample`), vllm
-  (`infra.vllm_backend.sample`: a `vllm serve` started on `model_dir` for the call, in vLLM's own
+  a `list[infra.models.lm.Sample]` in input order, for `rollout.backend`:
+  transformers (`infra.models.lm.sample`), native (`infra.sampling.native.sample`), vllm
+  (`infra.sampling.vllm_backend.sample`: a `vllm serve` started on `model_dir` for the call, in vLLM's own
   environment, `rollout.vllm`) or openai
-  (`infra.openai_backend.OpenAIBackend` on `rollout.openai`; the server's tokenizer is checked
+  (`infra.sampling.openai_backend.OpenAIBackend` on `rollout.openai`; the server's tokenizer is checked
   against ours once per call, before any sampling). `model` is None for the last two:
   `needs_local_model(backend)` says whether the caller must load it.
 - `scorer_for(config)` -> `score(model, tok, prompts, responses, progress)`, per response
   (teacher logprobs, top-k ids, top-k logprobs), for `scoring.backend`: transformers
-  (`infra.scoring.teacher_scores`, chunked LM head), vllm (`infra.vllm_backend.score`: a server
+  (`infra.models.scoring.teacher_scores`, chunked LM head), vllm (`infra.sampling.vllm_backend.score`: a server
   started on the teacher with `--max-logprobs = top_k`) or openai (`OpenAIBackend.score`).
 - `sampler_record` / `scorer_record`: what the manifest entry says ran, with its settings (for
   a server: its URL and model name; the API key is read from the environment variable
@@ -35,7 +35,7 @@ import os
 from typing import Callable
 
 from opdflow.infra.config import Config, OpenAIConfig, VllmConfig, without_execution
-from opdflow.infra.lm import Sample, SampleSettings
+from opdflow.infra.models.lm import Sample, SampleSettings
 
 LOCAL_MODEL_BACKENDS = ("transformers", "native")
 # `auto` picks native on CUDA only once its CUDA-graph path has passed tests/test_native.py's GPU
@@ -53,7 +53,7 @@ def needs_local_model(backend: str) -> bool:
 
 def openai_client(cfg: OpenAIConfig):
     """An OpenAIBackend for a config sub-section; the key comes from the environment."""
-    from opdflow.infra.openai_backend import OpenAIBackend
+    from opdflow.infra.sampling.openai_backend import OpenAIBackend
     return OpenAIBackend(cfg.base_url, cfg.model, api_key=os.environ.get(cfg.api_key_env) or None,
                          timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, concurrency=cfg.concurrency)
 
@@ -72,12 +72,12 @@ def result_settings(section: dict) -> dict:
 # -- samplers ---------------------------------------------------------------------------------
 
 def _transformers(model_dir, model, tok, prompts, seeds, settings, on_batch):
-    from opdflow.infra.lm import sample
+    from opdflow.infra.models.lm import sample
     return sample(model, prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch)
 
 
 def _native(model_dir, model, tok, prompts, seeds, settings, on_batch):
-    from opdflow.infra.native import clear_samplers, sample
+    from opdflow.infra.sampling.native import clear_samplers, sample
     try:
         return sample(model, prompts, seeds, settings, tok.eos_token_id, tok.pad_token_id, on_batch=on_batch)
     finally:
@@ -88,7 +88,7 @@ def _native(model_dir, model, tok, prompts, seeds, settings, on_batch):
 
 def _vllm(config: Config) -> Sampler:
     def run(model_dir, model, tok, prompts, seeds, settings, on_batch):
-        from opdflow.infra.vllm_backend import sample
+        from opdflow.infra.sampling.vllm_backend import sample
         return sample(config.rollout.vllm, model_dir, config.student.dtype, tok, prompts, seeds, settings,
                       on_batch=on_batch)
     return run
@@ -139,10 +139,10 @@ def sampler_record(config: Config, settings: SampleSettings, model=None) -> dict
     if model is not None:
         rec["device"] = str(next(model.parameters()).device)
         if name == "native":
-            from opdflow.infra.native import last_warmup_check
+            from opdflow.infra.sampling.native import last_warmup_check
             rec["warmup_check"] = last_warmup_check()
     elif name == "vllm":
-        from opdflow.infra.vllm_backend import last_record
+        from opdflow.infra.sampling.vllm_backend import last_record
         rec.update(last_record())
     return rec
 
@@ -153,7 +153,7 @@ def _transformers_scorer(config: Config) -> Scorer:
     sc = config.scoring
 
     def run(model, tok, prompts, responses, progress):
-        from opdflow.infra.scoring import teacher_scores
+        from opdflow.infra.models.scoring import teacher_scores
         return teacher_scores(model, prompts, responses, tok.pad_token_id, sc.top_k, sc.batch_size,
                               chunk_tokens=sc.chunk_tokens, progress=progress, vocab=len(tok))
     return run
@@ -175,7 +175,7 @@ def _vllm_scorer(config: Config, teacher_dir) -> Scorer:
     sc = config.scoring
 
     def run(model, tok, prompts, responses, progress):
-        from opdflow.infra.vllm_backend import score
+        from opdflow.infra.sampling.vllm_backend import score
         return score(sc.vllm, teacher_dir, config.teacher.dtype, tok, prompts, responses, sc.top_k, progress)
     return run
 
@@ -202,9 +202,9 @@ def scorer_record(config: Config, model=None) -> dict:
     if sc.backend == "openai":
         return {"name": "openai", "base_url": sc.openai.base_url, "model": sc.openai.model, "top_k": sc.top_k}
     if sc.backend == "vllm":
-        from opdflow.infra.vllm_backend import last_record
+        from opdflow.infra.sampling.vllm_backend import last_record
         return {"name": "vllm", "dtype": config.teacher.dtype, "top_k": sc.top_k, **last_record()}
-    from opdflow.infra.scoring import vocab_size
+    from opdflow.infra.models.scoring import vocab_size
     return {"name": sc.backend, "dtype": config.teacher.dtype, "device": str(next(model.parameters()).device),
             "top_k": min(sc.top_k, vocab_size(model)), "batch_size": sc.batch_size, "chunk_tokens": sc.chunk_tokens}
 

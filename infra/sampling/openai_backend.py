@@ -5,15 +5,15 @@ transformers in the stage's own process, and a teacher can live on another machi
 backend talks to such a server (or to `opdflow serve`) over HTTP with the same interface as the
 in-process sampler, so the rollout and score stages can use either:
 
-- `sample(prompts, seeds, settings, eos_id, pad_id, on_batch)` -> `list[infra.lm.Sample]`, as
-  `infra.lm.sample`: one request per (prompt, seed) with the seed passed through, token-id
+- `sample(prompts, seeds, settings, eos_id, pad_id, on_batch)` -> `list[infra.models.lm.Sample]`, as
+  `infra.models.lm.sample`: one request per (prompt, seed) with the seed passed through, token-id
   prompts, `logprobs=1` and `return_tokens_as_token_ids=true`, so the response's tokens
   ("token_id:N") give back the exact ids and `token_logprobs` the sampler's logprobs.
   `allowed_vocab=N` adds vLLM's `allowed_token_ids = range(N)` (the vllm backend on a padded
   lm_head; not sent to a generic server, which may not know it); either way `check_ids`
   refuses an id at or beyond the tokenizer's size after sampling.
   Reproducibility is the server's: `opdflow serve` samples a one-prompt request with its seed
-  exactly as `infra.lm.sample` would in process; vLLM seeds a per-request generator. vLLM reports raw-model logprobs unless started with
+  exactly as `infra.models.lm.sample` would in process; vLLM seeds a per-request generator. vLLM reports raw-model logprobs unless started with
   `--logprobs-mode processed_logprobs` (they agree at temperature 1, top-p 1).
 - `score(prompts, responses, top_k)` -> per response (teacher logprob of each token, top-k ids,
   top-k logprobs), as `tasks.score.score_table` stores: the prompt + response is sent as the
@@ -34,7 +34,7 @@ capped at `max_backoff_s`, when the server sends one), no retry on other 4xx (th
 message is raised).
 
 The response parsing is in pure functions (`parse_completion_choice`, `parse_prompt_logprobs`)
-that take JSON bodies as vLLM documents them (see `opdflow.infra.serve` for the shape).
+that take JSON bodies as vLLM documents them (see `opdflow.infra.serving.serve` for the shape).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Sequence
 
 from opdflow.infra.config import OpenAIConfig, default
-from opdflow.infra.lm import Sample, SampleSettings
+from opdflow.infra.models.lm import Sample, SampleSettings
 
 PROBE_TEXTS = (
     "12+34=\n",
@@ -343,7 +343,7 @@ class OpenAIBackend:
     def sample(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], settings: SampleSettings,
                eos_id: int, pad_id: int, on_batch: Callable[[int], None] | None = None,
                allowed_vocab: int | None = None) -> list[Sample]:
-        """As `infra.lm.sample`, one request per (prompt, seed). `pad_id` is unused (no padding).
+        """As `infra.models.lm.sample`, one request per (prompt, seed). `pad_id` is unused (no padding).
         `allowed_vocab`: send vLLM's `allowed_token_ids = range(allowed_vocab)` with every request
         (the vllm backend on a padded checkpoint; a generic server may not know the field). The
         ids are checked after sampling either way (`check_ids`)."""

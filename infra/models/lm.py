@@ -16,7 +16,7 @@ Padded vocabularies: real checkpoints often have more lm_head rows than tokenize
 (Qwen: 151,936 rows, 151,665 tokens); the rows beyond the tokenizer are no tokens at all. The
 tokenizer's size (`real_vocab`) is the vocabulary everywhere: `SampleSettings.vocab_size` cuts
 the logits to it before sampling (`pick_tokens`, shared by every local backend), and the
-teacher-forced helpers here, the scorer (`infra.scoring`), the train step and the rock analysis
+teacher-forced helpers here, the scorer (`infra.models.scoring`), the train step and the rock analysis
 cut their logits (or the lm_head's rows) the same way (`real_logits`, `real_head`).
 """
 from __future__ import annotations

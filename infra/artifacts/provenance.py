@@ -15,7 +15,7 @@ outputs, while the closure over-approximates at worst (a module it imports for o
 `infra/config.py`'s descriptions, count in full: source bytes, comments included). Dynamic
 imports (`importlib`, the stage registry's) are not followed: `tasks/plan.stages()` loads
 every stage module, but a stage runs only its own. Files that are not Python (evaluation
-templates) are not in it; built-in models hash their own files (`infra/builtin.py`).
+templates) are not in it; built-in models hash their own files (`infra/testbeds/builtin.py`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 
 PACKAGE_DIRS = ("flows", "tasks", "kernels", "evals", "infra")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def dist_version(dist: str) -> str | None:

@@ -19,7 +19,7 @@ student. Status: with the default ``PlantedSpec`` the teacher does not form the 
 calibration fails; README, "The planted-rock testbed"). Truth: ``CONNECTIVES`` are the planted rock tokens; ``connective_position`` says where
 each response carries one.
 
-``build_planted`` trains the pair with the demo's machinery (infra/demo.py: the tokenizer, the
+``build_planted`` trains the pair with the demo's machinery (infra/testbeds/demo.py: the tokenizer, the
 Llama models, the training loop, the summaries) and runs the calibration check
 (``calibrate``): teacher-forced accuracy at the planted positions and greedy answer accuracy,
 for the teacher, the built student, and the student architecture trained long with
@@ -37,8 +37,8 @@ from typing import Callable
 
 import pydantic
 
-from opdflow.infra import demo
-from opdflow.infra.demo import ANSWER_PATTERN, DemoSpec, ModelSpec
+from opdflow.infra.testbeds import demo
+from opdflow.infra.testbeds.demo import ANSWER_PATTERN, DemoSpec, ModelSpec
 
 __all__ = ["CONNECTIVES", "WORDS", "ANSWER_PATTERN", "MAX_RESPONSE_TOKENS", "PlantedSpec", "format_problem",
            "make_examples", "extract_answer", "build_tokenizer", "connective_positions", "calibrate",

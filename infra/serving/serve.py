@@ -1,8 +1,8 @@
 """`opdflow serve MODEL_DIR`: a Hugging Face model dir behind an OpenAI-compatible completions API.
 
 Why: rollouts and teacher scoring can run against any OpenAI-compatible server (vLLM, SGLang)
-through `opdflow.infra.openai_backend`. This server speaks the same protocol with opdflow's own
-seeded sampler (`opdflow.infra.lm.sample`), so the remote path can be tested end to end without a
+through `opdflow.infra.sampling.openai_backend`. This server speaks the same protocol with opdflow's own
+seeded sampler (`opdflow.infra.models.lm.sample`), so the remote path can be tested end to end without a
 GPU or vLLM, and a small teacher can be served from any machine.
 
 Only the subset of vLLM's OpenAI-compatible server that opdflow uses is served:
@@ -34,13 +34,13 @@ commits 002032ee and 030ea52e); both give the same fields. Per choice: `index` (
   unknown model -> 404, bad request -> 400 (request validation errors too, not FastAPI's 422).
 
 Differences from vLLM, on purpose:
-- Sampling is per-sequence seeded (see `opdflow.infra.lm`): for request seed s, prompt i and
+- Sampling is per-sequence seeded (see `opdflow.infra.models.lm`): for request seed s, prompt i and
   choice j the sequence seed is s itself for the first sequence and `derive_seed(s, i, j)` for
   the others; a request without a seed draws one. So a one-prompt request samples exactly what
-  `infra.lm.sample` samples in process with that seed, and rollouts through `opdflow serve`
+  `infra.models.lm.sample` samples in process with that seed, and rollouts through `opdflow serve`
   equal in-process rollouts of the same weights.
 - `token_logprobs` of generated tokens are under the distribution actually sampled from
-  (temperature, top-k and top-p applied), exactly what `infra.lm.sample` reports; vLLM reports the raw
+  (temperature, top-k and top-p applied), exactly what `infra.models.lm.sample` reports; vLLM reports the raw
   model distribution unless started with `--logprobs-mode processed_logprobs`. At temperature 1
   and top-p 1 (on-policy distillation) the two agree.
 - Stop strings, streaming, beam search, penalties and logit bias are not supported (400 for
@@ -184,7 +184,7 @@ class Served:
 
 def load_served(model_dir: str | Path, dtype: str = default(ModelConfig, "dtype"), model_name: str | None = None,
                 sampler: Callable | None = None, limits: Limits | None = None) -> Served:
-    from opdflow.infra import lm
+    from opdflow.infra.models import lm
     model = lm.load_model(model_dir, dtype)
     model.eval()
     tok = lm.load_tokenizer(model_dir)
@@ -315,7 +315,7 @@ def top_k_of(k: int | None, vocab_size: int) -> int | None:
 def sequence_seeds(seed: int | None, n_prompts: int, n: int) -> list[int]:
     """Per-sequence seeds, prompt-major: the request seed for the first sequence,
     derive_seed(request seed, prompt i, choice j) for the others."""
-    from opdflow.infra.lm import derive_seed
+    from opdflow.infra.models.lm import derive_seed
     base = secrets.randbelow(2**31) if seed is None else seed
     return [base if (i, j) == (0, 0) else derive_seed(base, i, j) for i in range(n_prompts) for j in range(n)]
 
@@ -338,9 +338,9 @@ def apply_stop_ids(ids: list[int], lps: list[float], finish: str, stop_ids: set[
 
 
 def sample_settings(req: CompletionRequest, max_tokens: int, batch_size: int, vocab_size: int | None = None):
-    """The request's sampling parameters as `infra.lm.SampleSettings` (OpenAI defaults: 1, 1, off);
+    """The request's sampling parameters as `infra.models.lm.SampleSettings` (OpenAI defaults: 1, 1, off);
     `vocab_size`: the served vocabulary, so padded lm_head rows are never sampled."""
-    from opdflow.infra.lm import SampleSettings
+    from opdflow.infra.models.lm import SampleSettings
     kw = dict(temperature=1.0 if req.temperature is None else req.temperature,
               top_p=1.0 if req.top_p is None else req.top_p, max_new_tokens=max_tokens,
               batch_size=max(1, batch_size), vocab_size=vocab_size)
@@ -368,7 +368,7 @@ def position_logprobs(served: Served, seqs: list[list[int]]) -> list:
     """Per sequence: raw log-softmax [len - 1, V] (V: the served vocabulary) of the positions
     predicting tokens 1..len-1."""
     import torch
-    from opdflow.infra.lm import batch_response_logits, real_logits
+    from opdflow.infra.models.lm import batch_response_logits, real_logits
     out: list = [None] * len(seqs)
     todo = [i for i, s in enumerate(seqs) if len(s) > 1]
     if not todo:
@@ -387,8 +387,8 @@ def position_logprobs(served: Served, seqs: list[list[int]]) -> list:
 
 
 def sampling_view(logp_rows, settings):
-    """The raw distribution turned into the one sampled from (as `infra.lm.sample` does)."""
-    from opdflow.infra.lm import sampling_logprobs
+    """The raw distribution turned into the one sampled from (as `infra.models.lm.sample` does)."""
+    from opdflow.infra.models.lm import sampling_logprobs
     if settings.temperature == 0.0:
         return logp_rows
     if getattr(settings, "top_k", 0) > 0:
@@ -550,7 +550,7 @@ def build_choice(served: Served, req: CompletionRequest, index: int, prompt: lis
 
 def make_app(model_dir: str | Path, dtype: str = default(ModelConfig, "dtype"), model_name: str | None = None,
              sampler: Callable | None = None, api_key: str | None = None, limits: Limits | None = None):
-    """The FastAPI app serving `model_dir`. `sampler` has `infra.lm.sample`'s signature (the default);
+    """The FastAPI app serving `model_dir`. `sampler` has `infra.models.lm.sample`'s signature (the default);
     with `api_key`, every route but /health needs `Authorization: Bearer <api_key>`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError

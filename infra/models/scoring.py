@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 
 from opdflow.infra.config import ScoringConfig, default
-from opdflow.infra.lm import head_mismatch, real_logits
+from opdflow.infra.models.lm import head_mismatch, real_logits
 from opdflow.kernels.reference import check_token_ids, tail_log_mass, token_logprobs
 
 # per response: teacher logprob of each token, top-k ids, top-k logprobs, tail log-mass per token
@@ -153,13 +153,13 @@ def score_rows(head, transform, hidden: torch.Tensor, tokens: torch.Tensor, k: i
 
 def check_head_path(model, base, head, transform, seq: Sequence[int], max_tokens: int) -> None:
     """Refuse a model whose own forward gives other logits than base -> head -> transform
-    (`infra.lm.head_mismatch` on the first `max_tokens` of `seq`, at most 16)."""
+    (`infra.models.lm.head_mismatch` on the first `max_tokens` of `seq`, at most 16)."""
     n = max(1, min(_PROBE_TOKENS, max_tokens, len(seq)))
     err = head_mismatch(model, list(seq[:n]), base=base, head=head, transform=transform)
     if err is not None:
         raise ValueError(f"{type(model).__name__}: hidden states -> LM head does not reproduce the model's logits "
                          f"(max |diff| {err:.3g}); this architecture transforms its logits in a way "
-                         "infra.scoring does not know: score it with tasks.score.score_table")
+                         "infra.models.scoring does not know: score it with tasks.score.score_table")
 
 
 # -- the entry point --------------------------------------------------------------------------

@@ -49,8 +49,8 @@ def _read_rows(source: str) -> list[dict]:
 def load_prompts(config: Config) -> list[dict]:
     """All prompt rows as dicts {prompt_id, split, prompt, answer}, validated."""
     d = config.data
-    if d.source in BUILTINS:  # a built-in task: demo or planted (infra/builtin.py)
-        from opdflow.infra.builtin import builtin
+    if d.source in BUILTINS:  # a built-in task: demo or planted (infra/testbeds/builtin.py)
+        from opdflow.infra.testbeds.builtin import builtin
         make_examples = builtin(d.source).load().make_examples
         rows, pid = [], 0
         for split, n in (("train", d.n_train), ("probe", d.n_probe), ("eval", d.n_eval)):

@@ -17,7 +17,7 @@ those (issue 16). This module builds, with no hub and in seconds on a CPU:
 
 The weights are untrained: the pair exercises formats and shapes, not distillation quality.
 
-Run: ``python -m opdflow.infra.realpair OUT_DIR`` (prints the dirs), or `build_pair(out_dir)`.
+Run: ``python -m opdflow.infra.testbeds.realpair OUT_DIR`` (prints the dirs), or `build_pair(out_dir)`.
 """
 from __future__ import annotations
 
@@ -136,6 +136,6 @@ def build_pair(out_dir: str | Path, rows: int = QWEN_ROWS, vocab_size: int = 300
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m opdflow.infra.realpair OUT_DIR")
+        sys.exit("usage: python -m opdflow.infra.testbeds.realpair OUT_DIR")
     for name, path in build_pair(sys.argv[1]).items():
         print(f"{name}: {path}")

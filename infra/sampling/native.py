@@ -1,7 +1,7 @@
 """The `native` rollout sampler: a static KV cache, continuous batching, and on CUDA a decode
 step captured once as a CUDA graph.
 
-Why: the transformers backend (`infra.lm.sample`) grows a dynamic KV cache and launches every
+Why: the transformers backend (`infra.models.lm.sample`) grows a dynamic KV cache and launches every
 kernel of every decode step from Python. A small model on a GPU then spends most of a step
 waiting for the host, and a batch runs as long as its longest sequence. Here the cache, the
 inputs and the outputs of a decode step live at fixed addresses, so one step (model forward,
@@ -9,7 +9,7 @@ seeded token pick, bookkeeping) is recorded once with `torch.cuda.CUDAGraph` and
 single launch; and a slot whose sequence ends is refilled with the next waiting prompt, so the
 batch stays full.
 
-Semantics are those of `infra.lm.sample`, token for token: the pick is the shared
+Semantics are those of `infra.models.lm.sample`, token for token: the pick is the shared
 `lm.pick_tokens` (greedy at temperature 0, else Gumbel-max over `uniform_noise(seed, t, ...)`
 after temperature, top-k, top-p), and every slot keeps its own step counter, so token t of a
 sequence gets the noise of (its seed, t) whatever slot, batch or refill it ran in. The logprob
@@ -28,7 +28,7 @@ index, which cannot hold slots at different lengths):
   every row is the last column and only that column's logits are computed), which puts a
   shorter prompt at `start = width - len`. A refill of one prompt has `start = 0`.
 - Positions are per slot (`position_ids = p`, RoPE sees 0..len-1 for every prompt, as in
-  `infra.lm.sample`), and the attention mask is built per slot as a 4-D mask that transformers
+  `infra.models.lm.sample`), and the attention mask is built per slot as a 4-D mask that transformers
   passes through unchanged: query of slot b at index i sees keys in [start[b], i]. Pad rows of
   a prefill see themselves only (never an empty row, so no NaN reaches the cache). Every
   index a sequence reads was written by that same sequence first, so stale keys from an earlier
@@ -64,7 +64,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from opdflow.infra.lm import Sample, SampleSettings, offline, pick_tokens
+from opdflow.infra.models.lm import Sample, SampleSettings, offline, pick_tokens
 
 _ATTENTION = ("sdpa", "eager")
 
@@ -150,7 +150,7 @@ class NativeSampler:
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], settings: SampleSettings,
                eos_id: int, pad_id: int, on_batch: Callable[[int], None] | None = None) -> list[Sample]:
-        """`infra.lm.sample`'s contract. `settings.batch_size` only sets how often `on_batch`
+        """`infra.models.lm.sample`'s contract. `settings.batch_size` only sets how often `on_batch`
         is called (with the number of finished sequences); the batch is `max_batch` slots."""
         self._check(prompts, seeds, settings)
         if settings.max_new_tokens <= 0 or not prompts:
@@ -416,8 +416,8 @@ def _state_dict_of(source, model) -> Mapping[str, torch.Tensor]:
         offline()
         from transformers import AutoModelForCausalLM
 
-        from opdflow.infra.lm import MODEL_LOAD_LOCK
-        with MODEL_LOAD_LOCK:  # one from_pretrained at a time per process (infra/lm.py)
+        from opdflow.infra.models.lm import MODEL_LOAD_LOCK
+        with MODEL_LOAD_LOCK:  # one from_pretrained at a time per process (infra/models/lm.py)
             return AutoModelForCausalLM.from_pretrained(str(source), dtype=model.dtype).state_dict()
     raise TypeError(f"update_weights takes a state dict, a model or a model dir, not {type(source).__name__}")
 
@@ -473,7 +473,7 @@ def clear_samplers() -> None:
 
 def sample(model, prompts: Sequence[Sequence[int]], seeds: Sequence[int], settings: SampleSettings,
            eos_id: int, pad_id: int, on_batch: Callable[[int], None] | None = None) -> list[Sample]:
-    """Drop-in for `infra.lm.sample`: `settings.batch_size` slots, a cache length rounded up
+    """Drop-in for `infra.models.lm.sample`: `settings.batch_size` slots, a cache length rounded up
     to a power of two (at least 64) so that calls share a sampler."""
     need = max((len(p) for p in prompts), default=1) + settings.max_new_tokens
     max_len = max(64, 1 << (need - 1).bit_length())

@@ -9,7 +9,7 @@ of its parent and takes the server down with it.
 
     python procwatch.py PARENT_PID GRACE_S -- CMD ARG ...
 
-It is started by `infra.vllm_backend` as the leader of a new process group (Popen
+It is started by `infra.sampling.vllm_backend` as the leader of a new process group (Popen
 `start_new_session=True`) and starts CMD inside that group with `PR_SET_PDEATHSIG = SIGKILL`
 (Linux), so CMD is killed by the kernel if the watcher itself dies. Then it waits, and stops
 the tree (SIGTERM to every process of the group and every descendant of CMD, SIGKILL to what

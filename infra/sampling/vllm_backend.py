@@ -7,11 +7,11 @@ and transformers. So vLLM lives in its own virtual environment (`make vllm-env` 
 its OpenAI-compatible server as a subprocess:
 
 - `rollout.backend: vllm`: per rollout call (one round, one shard) a server is started on that
-  round's student checkpoint dir, samples go through `infra.openai_backend.OpenAIBackend` (one
+  round's student checkpoint dir, samples go through `infra.sampling.openai_backend.OpenAIBackend` (one
   request per sequence with its own `seed`, token-id prompts, `return_tokens_as_token_ids`),
   and the server is stopped. The server runs with `--logprobs-mode processed_logprobs`, so a
   token's reported logprob is under the distribution it was sampled from (temperature, top-k,
-  top-p applied), as `infra.lm.sample` reports.
+  top-p applied), as `infra.models.lm.sample` reports.
 - `scoring.backend: vllm`: a server on the teacher with `--max-logprobs = scoring.top_k` (vLLM
   refuses a larger `prompt_logprobs`) in its default raw-logprobs mode; `OpenAIBackend.score`
   sends prompt + response with `prompt_logprobs = top_k`.
@@ -23,7 +23,7 @@ from config.json's `vocab_size`, `lm_head_rows`):
 - rollouts are masked exactly: every sampling request carries vLLM's `allowed_token_ids =
   range(len(tokenizer))` (`sample_mask`). vLLM 0.32's v1 sampler sets the other logits to -inf
   before temperature, top-k/top-p and sampling, so with processed_logprobs the reported logprob
-  is under the masked distribution, as `infra.lm.pick_tokens` reports (tests/test_vllm_real.py:
+  is under the masked distribution, as `infra.models.lm.pick_tokens` reports (tests/test_vllm_real.py:
   unmasked, 96/96 sampled ids were padded rows; masked, none, logprobs within 1e-6 of the
   transformers backend's). vLLM has no server-side flag for it (`--hf-overrides vocab_size` would
   not load the larger lm_head: its loader asserts the shape; read in its code, not run). `check_ids` still checks after.
@@ -57,7 +57,7 @@ Stopping what was started, in every case:
 - normal end and exceptions: `VllmServer` is a context manager (`finally`), and every live server
   is also stopped by an `atexit` hook;
 - SIGKILL of the stage's process (where no Python code runs): the server is started under
-  `infra/procwatch.py`, a tiny watcher process that leads its own process group, starts the
+  `infra/sampling/procwatch.py`, a tiny watcher process that leads its own process group, starts the
   server in that group with `PR_SET_PDEATHSIG`, and takes the whole tree (API server, engine
   core, workers) down when its parent dies, when it is told to stop, or when the server exits.
 
@@ -80,7 +80,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from opdflow.infra.lm import Sample, SampleSettings
+from opdflow.infra.models.lm import Sample, SampleSettings
 
 SERVED_NAME = "opdflow"
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"  # `vllm serve`'s own entry point
@@ -316,7 +316,7 @@ def last_record() -> dict:
 
 
 def client(cfg, srv: VllmServer):
-    from opdflow.infra.openai_backend import OpenAIBackend
+    from opdflow.infra.sampling.openai_backend import OpenAIBackend
     return OpenAIBackend(srv.base_url, SERVED_NAME, timeout_s=600.0, max_retries=2, concurrency=cfg.concurrency)
 
 

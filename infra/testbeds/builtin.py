@@ -5,8 +5,8 @@ planted`); the stages that need task-specific parts (the prompt rows, the tokeni
 model build, the answer pattern, the lm-eval task) look them up here instead of testing for
 one name each.
 
-    demo      infra/demo.py     three-digit addition; lm-eval task opdflow_arith
-    planted   infra/planted.py  the planted-rock testbed; lm-eval task opdflow_planted
+    demo      infra/testbeds/demo.py     three-digit addition; lm-eval task opdflow_arith
+    planted   infra/testbeds/planted.py  the planted-rock testbed; lm-eval task opdflow_planted
 
 Each module offers `make_examples(split, n, seed)`, `build_tokenizer()`, `ANSWER_PATTERN` and a
 build function writing `teacher/` and `student/` model dirs; each task's spec is the config
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-EVAL_TEMPLATES = Path(__file__).resolve().parent.parent / "evals" / "tasks"
+EVAL_TEMPLATES = Path(__file__).resolve().parents[2] / "evals" / "tasks"
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class Builtin:
 
 
 BUILTINS: dict[str, Builtin] = {
-    "demo": Builtin("demo", "opdflow.infra.demo", "build_demo", "opdflow_arith"),
-    "planted": Builtin("planted", "opdflow.infra.planted", "build_planted", "opdflow_planted"),
+    "demo": Builtin("demo", "opdflow.infra.testbeds.demo", "build_demo", "opdflow_arith"),
+    "planted": Builtin("planted", "opdflow.infra.testbeds.planted", "build_planted", "opdflow_planted"),
 }
 
 

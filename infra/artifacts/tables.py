@@ -24,6 +24,6 @@ def parquet_to_table(data: bytes, where: str | None = None) -> pa.Table:
     try:
         return pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError) as e:
-        from opdflow.infra.store import CorruptObject
+        from opdflow.infra.artifacts.store import CorruptObject
         loc = where or getattr(data, "where", "<bytes not read from the store>")
         raise CorruptObject(loc.rsplit("/", 1)[-1], loc, f"not a readable Parquet table ({e})") from None

@@ -30,7 +30,7 @@ train, probe or eval, whatever the seed; the seed only decides which problems ar
 
 How to run (about two minutes on 2 cores)::
 
-    python -c "from pathlib import Path; from opdflow.infra.demo import DemoSpec, build_demo; \\
+    python -c "from pathlib import Path; from opdflow.infra.testbeds.demo import DemoSpec, build_demo; \\
                print(build_demo(DemoSpec(), Path('/tmp/opdflow-demo')))"
 
 ``DemoSpec.tiny()`` builds working (but untrained-quality) models in a few seconds for tests.
@@ -214,7 +214,7 @@ def build_tokenizer(words: tuple[str, ...] | list[str] = tuple(WORDS)):
     """A small exact-round-trip ``PreTrainedTokenizerFast`` (see the module docstring).
 
     ``words``: the whole-word tokens (the demo's by default; the planted testbed,
-    infra/planted.py, adds its connectives)."""
+    infra/testbeds/planted.py, adds its connectives)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -364,8 +364,8 @@ def train_model(model, ms: ModelSpec, pool, seed: int,
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
                     batch_size: int = 64) -> list[str]:
     """Greedy continuations (special tokens stripped), decoded by the one decode loop
-    (`infra.lm.sample` at temperature 0: batched, left-padded, KV-cached)."""
-    from opdflow.infra.lm import SampleSettings, sample
+    (`infra.models.lm.sample` at temperature 0: batched, left-padded, KV-cached)."""
+    from opdflow.infra.models.lm import SampleSettings, sample
 
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     st = SampleSettings(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from opdflow.infra.store import CorruptObject, ObjectMissing, Store
+from opdflow.infra.artifacts.store import CorruptObject, ObjectMissing, Store
 
 FAULTS = ("missing", "corrupt", "unreadable")
 _OWNER = re.compile(r"^runs/[^/]+/stages/(?P<stage>[^/]+)/")
@@ -82,7 +82,7 @@ def _check_object(store: Store, key: str, sha: str, memo: dict[str, Problem | No
 
 def verify_run(store: Store, run_id: str) -> RunReport:
     """Check everything committed for `run_id` in `store` (see the module docstring)."""
-    from opdflow.infra.manifest import Run, RunError
+    from opdflow.infra.artifacts.manifest import Run, RunError
     prefix = f"runs/{run_id}"
     rep = RunReport(run_id, store.uri)
     if not store.exists(f"{prefix}/run.json"):
@@ -148,7 +148,7 @@ def _check_external(role: str, ext: dict) -> Problem | None:
     """A user's model dir recorded by the models stage: still there, same fingerprint."""
     from pathlib import Path
 
-    from opdflow.infra.provenance import dir_fingerprint
+    from opdflow.infra.artifacts.provenance import dir_fingerprint
     path = Path(ext.get("path", ""))
     if not path.is_dir():
         return Problem("missing", str(path), str(path), f"the {role} model dir recorded by the run is gone")

@@ -15,7 +15,7 @@ that touches the storage backend; everything above it speaks `Store`:
   fsynced, then `os.replace`d, so a reader never sees half an object; `get_file` does the same
   at the destination and verifies the checksum before the rename. S3 PUTs are atomic already.
 * **No commits here.** The store has no notion of a commit or of garbage: a stage commits by
-  writing its manifest entry last (`opdflow.infra.manifest`), and readers follow only
+  writing its manifest entry last (`opdflow.infra.artifacts.manifest`), and readers follow only
   committed entries.
 
 Keys are relative POSIX paths (`runs/<run_id>/stages/...`), validated by `validate_key` so no

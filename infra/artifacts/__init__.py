@@ -1,0 +1,1 @@
+"""The artifact store: objects, the run manifest, Parquet tables, provenance, streamed aggregation, verification."""

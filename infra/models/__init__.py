@@ -1,0 +1,1 @@
+"""Models: loading, teacher-forced forward, sampling primitives and the one decode loop, teacher scoring."""

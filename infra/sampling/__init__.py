@@ -1,0 +1,1 @@
+"""Samplers behind `rollout.backend`: the registry, the native CUDA-graph sampler, the OpenAI-compatible client, vLLM and its process watcher."""

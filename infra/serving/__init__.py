@@ -1,0 +1,1 @@
+"""`opdflow serve`: an OpenAI-compatible server over a transformers model."""
