@@ -171,28 +171,12 @@ def teacher_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[
     """Per response: (teacher logprob of each token, top-k ids per token, top-k logprobs per
     token, tail log-mass per token), as `tasks.score.score_table` stores them, with
     k = min(top_k, vocabulary size); `vocab` is the tokenizer's size (padded rows cut off)."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if chunk_tokens < 1 or batch_size < 1:
-        raise ValueError("chunk_tokens and batch_size must be at least 1")
-    model.eval()
-    base, head = split_model(model)
     transform = logit_transform(model)
+    base, head = prepare_teacher(model, prompts, responses, batch_size, chunk_tokens, transform)
     k = min(top_k, vocab or vocab_size(model), vocab_size(model))
-    dev = next(model.parameters()).device
     out: list[Scores | None] = [None] * len(prompts)
-    if prompts:
-        j = max(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-        if len(prompts[j]) + len(responses[j]):
-            check_head_path(model, base, head, transform, list(prompts[j]) + list(responses[j]), chunk_tokens)
-    done = 0
-    for idx in length_batches(prompts, responses, batch_size):
-        ps, rs = [prompts[i] for i in idx], [responses[i] for i in idx]
-        n_tok = sum(len(r) for r in rs)
-        if n_tok:
-            ids, mask, rows, cols = pack(ps, rs, pad_id)
-            hidden = response_hidden(base, ids, mask, rows, cols, dev)
-            tokens = torch.tensor([t for r in rs for t in r], dtype=torch.long)
+    for idx, rs, hidden, tokens in teacher_batches(base, prompts, responses, pad_id, batch_size, progress):
+        if hidden is not None:
             tok_lp, top_lp, top_ids, tail = score_rows(head, transform, hidden, tokens, k, chunk_tokens, vocab)
             del hidden
         start = 0
@@ -201,10 +185,45 @@ def teacher_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[
             out[i] = ((tok_lp[start:start + n].tolist(), top_ids[start:start + n].tolist(),
                        top_lp[start:start + n].tolist(), tail[start:start + n].tolist()) if n else ([], [], [], []))
             start += n
+    return out  # type: ignore[return-value]
+
+
+def prepare_teacher(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], batch_size: int,
+                    chunk_tokens: int, transform) -> tuple:
+    """What every teacher pass does before its first batch: check the arguments, put the model
+    in eval mode, split it into (base, head), and check that the head path reproduces the
+    model's own logits on the longest sequence (`check_head_path`)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if chunk_tokens < 1 or batch_size < 1:
+        raise ValueError("chunk_tokens and batch_size must be at least 1")
+    model.eval()
+    base, head = split_model(model)
+    if prompts:
+        j = max(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        if len(prompts[j]) + len(responses[j]):
+            check_head_path(model, base, head, transform, list(prompts[j]) + list(responses[j]), chunk_tokens)
+    return base, head
+
+
+def teacher_batches(base, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                    batch_size: int, progress: Callable[[float, str], None] | None):
+    """Length-bucketed batches of a teacher pass: (indices, responses, the final hidden states
+    of their response tokens [n, H] on the model's device, those tokens), hidden and tokens None
+    for a batch of empty responses; reports progress after each batch."""
+    dev = next(base.parameters()).device
+    done = 0
+    for idx in length_batches(prompts, responses, batch_size):
+        ps, rs = [prompts[i] for i in idx], [responses[i] for i in idx]
+        hidden = tokens = None
+        if sum(len(r) for r in rs):
+            ids, mask, rows, cols = pack(ps, rs, pad_id)
+            hidden = response_hidden(base, ids, mask, rows, cols, dev)
+            tokens = torch.tensor([t for r in rs for t in r], dtype=torch.long)
+        yield idx, rs, hidden, tokens
         done += len(idx)
         if progress:
             progress(done / len(prompts), f"{done}/{len(prompts)} sequences")
-    return out  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -217,12 +236,6 @@ def teacher_hidden_states(model, prompts: Sequence[Sequence[int]], responses: Se
     receives; a model with a logit transform (`logit_transform`: scale, soft-capping) is refused,
     since `hidden @ W.T` would not be its logits, and the head path is checked against the
     model's own forward as `teacher_scores` does."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if chunk_tokens < 1 or batch_size < 1:
-        raise ValueError("chunk_tokens and batch_size must be at least 1")
-    model.eval()
-    base, head = split_model(model)
     cfg = text_config(model)
     transformed = {a: getattr(cfg, a, None) for a in ("logit_scale", "logits_scaling", "final_logit_softcapping")}
     transformed = {a: v for a, v in transformed.items() if v not in (None, 0, 1, 1.0)}
@@ -230,20 +243,13 @@ def teacher_hidden_states(model, prompts: Sequence[Sequence[int]], responses: Se
         raise ValueError(f"scoring.signal: hidden: {type(model).__name__} transforms its logits after the lm_head "
                          f"({transformed}); training rebuilds the logits as the bare lm_head of the stored hidden "
                          "states, which would be other logits: use scoring.signal: topk")
-    dev = next(model.parameters()).device
-    if prompts:
-        j = max(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-        if len(prompts[j]) + len(responses[j]):
-            check_head_path(model, base, head, lambda x: x, list(prompts[j]) + list(responses[j]), chunk_tokens)
+    base, head = prepare_teacher(model, prompts, responses, batch_size, chunk_tokens, lambda x: x)
     out: list = [None] * len(prompts)
-    done = 0
-    for idx in length_batches(prompts, responses, batch_size):
-        ps, rs = [prompts[i] for i in idx], [responses[i] for i in idx]
-        hidden, tok_lp = torch.zeros(0, 0), torch.zeros(0)  # a batch of empty responses: nothing stored
-        if sum(len(r) for r in rs):
-            ids, mask, rows, cols = pack(ps, rs, pad_id)
-            hidden = response_hidden(base, ids, mask, rows, cols, dev)
-            tokens = torch.tensor([t for r in rs for t in r], dtype=torch.long)
+    for idx, rs, hidden, tokens in teacher_batches(base, prompts, responses, pad_id, batch_size, progress):
+        tok_lp = torch.zeros(0)
+        if hidden is None:  # a batch of empty responses: nothing stored
+            hidden = torch.zeros(0, 0)
+        else:
             parts = []
             for lo in range(0, hidden.shape[0], chunk_tokens):
                 logits = real_logits(head(hidden[lo:lo + chunk_tokens]), vocab)
@@ -253,9 +259,6 @@ def teacher_hidden_states(model, prompts: Sequence[Sequence[int]], responses: Se
         for i, r in zip(idx, rs):
             out[i] = (tok_lp[start:start + len(r)].tolist(), hidden[start:start + len(r)].contiguous())
             start += len(r)
-        done += len(idx)
-        if progress:
-            progress(done / len(prompts), f"{done}/{len(prompts)} sequences")
     return out
 
 
