@@ -86,7 +86,9 @@ def stage_table(run: Run) -> list[dict]:
     for name in plan(run.config):
         e = run.entry(name)
         if e is not None:
-            rows.append({"stage": name, "status": "committed", "seconds": e["seconds"], "attempt": e["attempt"],
+            # a sharded stage's own entry is its merge: its work is in its shards (their seconds summed)
+            seconds = round(e["seconds"] + (e.get("metrics", {}).get("shard_seconds_sum") or 0), 3)
+            rows.append({"stage": name, "status": "committed", "seconds": seconds, "attempt": e["attempt"],
                          "outputs": len(e["outputs"]), "location": run.store.describe(f"{run.prefix}/stages/{name}"),
                          **failed_rerun(run, name, e)})
         else:

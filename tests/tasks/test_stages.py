@@ -44,6 +44,19 @@ def test_every_stage_committed_with_stack(tiny_run):
         assert e["stack"]["torch"] and e["stack"]["opdflow"]
 
 
+def test_stage_table_counts_a_sharded_stages_shards(tiny_run):
+    """The seconds `opdflow run` and `opdflow status` print for a sharded stage are its shards'
+    and its merge's, not the merge's alone (which is ~0 s: the work is in the shards)."""
+    from opdflow.tasks.report import stage_table
+    rows = {r["stage"]: r for r in stage_table(tiny_run)}
+    sharded = [s for s in plan(tiny_run.config) if tiny_run.require(s)["metrics"].get("shard_seconds_sum")]
+    assert "rollout.r01" in sharded and "score.r01" in sharded
+    for s in sharded:
+        e = tiny_run.require(s)
+        assert rows[s]["seconds"] == pytest.approx(e["seconds"] + e["metrics"]["shard_seconds_sum"], abs=2e-3), s
+        assert rows[s]["seconds"] > e["seconds"], s
+
+
 def test_models_and_prompts(tiny_run):
     e = tiny_run.require("models")
     assert any(n.startswith("teacher/") and n.endswith(".safetensors") for n in e["outputs"])
