@@ -194,6 +194,18 @@ def quiet_console_tracebacks() -> None:
                 h.setFormatter(_NoTraceback(h.formatter))
 
 
+def stage_seconds(entry: dict) -> float:
+    """The seconds a committed stage took: a sharded stage's own entry is its merge, its work is
+    in its shards (`shard_seconds_sum`, summed over them), so both count.
+
+    >>> stage_seconds({"seconds": 0.04, "metrics": {"shards": 2, "shard_seconds_sum": 2.5}})
+    2.54
+    >>> stage_seconds({"seconds": 7.2, "metrics": {}})
+    7.2
+    """
+    return round(entry["seconds"] + (entry.get("metrics", {}).get("shard_seconds_sum") or 0), 3)
+
+
 def entry_summary(entry: dict) -> dict:
     """What a task returns to the flow: small, serializable, keys not data."""
     return {"stage": entry["stage"], "key": entry["key"], "seconds": entry["seconds"],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 from opdflow.infra.artifacts.manifest import Run, StageContext, run_stage
-from opdflow.tasks.common import publish_markdown, publish_table
+from opdflow.tasks.common import publish_markdown, publish_table, stage_seconds
 from opdflow.tasks.plan import eval_labels, instances, patching_enabled, plan
 from opdflow.tasks.stage import Stage, single
 
@@ -86,9 +86,7 @@ def stage_table(run: Run) -> list[dict]:
     for name in plan(run.config):
         e = run.entry(name)
         if e is not None:
-            # a sharded stage's own entry is its merge: its work is in its shards (their seconds summed)
-            seconds = round(e["seconds"] + (e.get("metrics", {}).get("shard_seconds_sum") or 0), 3)
-            rows.append({"stage": name, "status": "committed", "seconds": seconds, "attempt": e["attempt"],
+            rows.append({"stage": name, "status": "committed", "seconds": stage_seconds(e), "attempt": e["attempt"],
                          "outputs": len(e["outputs"]), "location": run.store.describe(f"{run.prefix}/stages/{name}"),
                          **failed_rerun(run, name, e)})
         else:

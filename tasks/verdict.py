@@ -28,6 +28,7 @@ import numpy as np
 from opdflow.infra.models.lm import derive_seed
 from opdflow.infra.artifacts.manifest import Run
 from opdflow.tasks import stats
+from opdflow.tasks.common import stage_seconds
 from opdflow.tasks.plan import (ARMS, LABEL_OF_ARM, UNIFORM, ablation_arms, arm_label, rollout_of, round_stage)
 
 COMPARISONS = (("ablate-rock", UNIFORM), ("ablate-random", UNIFORM), ("ablate-rock", "ablate-random"))
@@ -72,7 +73,7 @@ def compute_spent(run: Run, arm: str, seed: int) -> list[dict]:
         ro, sc = rollout_of(_name(arm, r, seed))
         m = tr["metrics"]
         tokens += m.get("tokens_weighted", m.get("tokens_trained", 0))
-        secs += sum(e["seconds"] for e in (run.entry(ro), run.entry(sc), tr) if e)
+        secs += sum(stage_seconds(e) for e in (run.entry(ro), run.entry(sc), tr) if e)
         rows.append({"round": r, "tokens_weighted": tokens, "wall_seconds": round(secs, 2),
                      "bypassed_fraction": m.get("bypassed_fraction")})
     return rows

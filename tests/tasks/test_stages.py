@@ -55,6 +55,17 @@ def test_stage_table_counts_a_sharded_stages_shards(tiny_run):
         e = tiny_run.require(s)
         assert rows[s]["seconds"] == pytest.approx(e["seconds"] + e["metrics"]["shard_seconds_sum"], abs=2e-3), s
         assert rows[s]["seconds"] > e["seconds"], s
+    # the verdict's compute axis counts the same seconds (an arm's rollout, scoring, training)
+    from opdflow.tasks.common import stage_seconds
+    from opdflow.tasks.plan import rollout_of, round_stage
+    from opdflow.tasks.verdict import _name, compute_spent
+    spent = compute_spent(tiny_run, "ablate-rock", 1)
+    want = 0.0
+    for r, row in enumerate(spent, 1):
+        ro, sc = rollout_of(_name("ablate-rock", r, 1))
+        want += sum(stage_seconds(tiny_run.require(x)) for x in (ro, sc, round_stage("train", r, "ablate-rock", 1)))
+        assert row["wall_seconds"] == pytest.approx(want, abs=0.02)
+    assert len(spent) == tiny_run.config.ablation.rounds
 
 
 def test_models_and_prompts(tiny_run):
