@@ -386,7 +386,7 @@ class ScaleConfig(_Section):
 
 class Config(_Section):
     seed: int = Field(0, ge=0, description="the run's seed: prompt order, rollout sampling and every other "
-                      "draw derive from it (infra.artifacts.provenance.derive_seed)")
+                      "draw derive from it (infra.models.lm.derive_seed)")
     store: str = Field("./opdflow-store", description="where the run's artifacts go: a local dir or "
                        "s3://bucket/prefix; not part of the run's identity (a run is the same wherever it is "
                        "stored)")
