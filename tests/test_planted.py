@@ -149,3 +149,55 @@ def test_tiny_build_records_the_calibration_in_the_models_stage(tmp_path, monkey
     assert entry["metrics"]["n_eval"] == 8
     tok_dir = run.materialize("models", "teacher")
     assert json.loads((tok_dir / "calibration.json").read_text()) == cal
+
+
+def test_installed_lookup_knows_the_rule_and_holds_through_training():
+    """install_lookup writes the induction circuit into a fresh 2-layer teacher: before any training it
+    gets every planted position of random tables right, and after training steps with restore() as the
+    after-step hook every installed weight is exactly as installed and the lookup still holds."""
+    from opdflow.infra.testbeds import demo
+
+    spec = planted.PlantedSpec.tiny()
+    tok = planted.build_tokenizer()
+    examples = planted.make_examples("eval", 64, seed=3)
+    model = demo._make_model(spec.teacher, tok, spec, seed=0, attention_bias=True)
+    restore = planted.install_lookup(model, tok)
+    got = planted.planted_accuracy(model, tok, examples)
+    assert got["planted_accuracy"] == got["first_lookup_accuracy"] == 1.0
+    # The lookup reads the table, not the key: rebinding the queried key's connective moves the prediction.
+    ex = planted.format_problem([("d", "thus"), ("k", "so"), ("x", "hence")], ["k", "d"], 3, 4)
+    swapped = planted.format_problem([("d", "thus"), ("k", "next"), ("x", "hence")], ["k", "d"], 3, 4)
+    assert planted.planted_accuracy(model, tok, [ex])["planted_accuracy"] == 1.0
+    assert planted.planted_accuracy(model, tok, [swapped])["planted_accuracy"] == 1.0
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pool = demo._encode_pool(planted.make_examples("train", 64, seed=0), tok)
+    demo.train_model(model, spec.teacher.model_copy(update={"train_steps": 40}), pool, seed=0, after_step=restore)
+    after = model.state_dict()
+    attn0 = "model.layers.0.self_attn."
+    hd = spec.teacher.hidden_size // spec.teacher.num_attention_heads
+    assert torch.equal(after[attn0 + "q_proj.bias"][: 2 * hd], before[attn0 + "q_proj.bias"][: 2 * hd])
+    assert torch.equal(after["model.layers.1.self_attn.k_proj.weight"][:hd],
+                       before["model.layers.1.self_attn.k_proj.weight"][:hd])
+    fixed = tok.convert_tokens_to_ids(list(planted.KEYS) + ["="] + list(planted.CONNECTIVES))
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(after[emb][fixed], before[emb][fixed])
+    assert not torch.equal(after[emb], before[emb])  # the rest trained
+    assert planted.planted_accuracy(model, tok, examples)["planted_accuracy"] >= 0.9
+
+
+def test_install_lookup_refuses_models_it_cannot_hold_and_the_format_fits_its_reach():
+    from opdflow.infra.testbeds import demo
+
+    spec = planted.PlantedSpec.tiny()
+    tok = planted.build_tokenizer()
+    with pytest.raises(ValueError, match="attention_bias=True"):
+        planted.install_lookup(demo._make_model(spec.teacher, tok, spec, seed=0), tok)
+    with pytest.raises(ValueError, match=">= 2 layers"):
+        planted.install_lookup(demo._make_model(spec.student, tok, spec, seed=0, attention_bias=True), tok)
+    narrow = spec.teacher.model_copy(update={"hidden_size": 16, "num_attention_heads": 2})  # head_dim 8
+    with pytest.raises(ValueError, match="RoPE frequencies slow enough"):
+        planted.install_lookup(demo._make_model(narrow, tok, spec, seed=0, attention_bias=True), tok)
+    # Every lookup reads a table entry within MAX_LOOKUP_DISTANCE tokens (the slow RoPE dimensions' reach).
+    for e in planted.make_examples("train", 200, seed=0):
+        n = len(tok(e["prompt"])["input_ids"]) + len(tok(e["solution"], add_special_tokens=False)["input_ids"])
+        assert n <= planted.MAX_LOOKUP_DISTANCE

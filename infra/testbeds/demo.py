@@ -256,7 +256,9 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _make_model(ms: ModelSpec, tokenizer, spec: DemoSpec, seed: int):
+def _make_model(ms: ModelSpec, tokenizer, spec: DemoSpec, seed: int, attention_bias: bool = False):
+    """A freshly initialised small Llama (``attention_bias``: q/k/v/o biases, which the planted
+    teacher's installed lookup needs, infra/testbeds/planted.py)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -273,6 +275,7 @@ def _make_model(ms: ModelSpec, tokenizer, spec: DemoSpec, seed: int):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
         initializer_range=0.02,
+        attention_bias=attention_bias,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -319,11 +322,13 @@ def _loss_step(model, ids, mask):
 
 def train_model(model, ms: ModelSpec, pool, seed: int,
                 progress: Callable[[float, float], None] | None = None,
-                check: Callable[[], float] | None = None) -> dict:
+                check: Callable[[], float] | None = None,
+                after_step: Callable[[], None] | None = None) -> dict:
     """Plain AdamW loop over random batches of the pool; returns steps, final loss, seconds.
 
     With ``ms.stop_at_accuracy`` and a ``check`` (greedy accuracy of the model), training stops at
-    the first check that reaches it.
+    the first check that reaches it. ``after_step`` runs after every optimizer step (the planted
+    teacher rewrites its installed lookup there, so training cannot move it).
     """
     import torch
 
@@ -344,6 +349,8 @@ def train_model(model, ms: ModelSpec, pool, seed: int,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if after_step is not None:
+            after_step()
         if step % 25 == 0 or step == steps - 1:
             # .item() syncs, but this is CPU and only every 25 steps.
             value = loss.item()
@@ -394,17 +401,23 @@ def _save(model, tokenizer, path: Path, summary: dict) -> None:
 
 def _build_one(role: str, ms: ModelSpec, spec: DemoSpec, tokenizer, pool, train: list[dict],
                check: list[dict], progress: Callable[[str, float], None] | None,
-               max_new_tokens: int = MAX_RESPONSE_TOKENS + 1):
-    """Initialise and train one model; returns it with its summary."""
+               max_new_tokens: int = MAX_RESPONSE_TOKENS + 1,
+               install: Callable[[object], Callable[[], None]] | None = None):
+    """Initialise and train one model; returns it with its summary.
+
+    ``install(model)`` (the planted teacher's lookup) writes fixed weights into the fresh model
+    (built with attention biases) and returns what rewrites them after every step."""
     t0 = time.perf_counter()
     seed = spec.seed * 1000 + (0 if role == "teacher" else 1)
-    model = _make_model(ms, tokenizer, spec, seed=seed)
+    model = _make_model(ms, tokenizer, spec, seed=seed, attention_bias=install is not None)
+    after_step = install(model) if install is not None else None
     report = (lambda frac, loss: progress(role, frac)) if progress else None
     # Early-stop checks use training problems: no decision ever looks at the eval split.
     stop_check = train[: ms.n_check]
     stats = train_model(
         model, ms, pool, seed=seed, progress=report,
         check=lambda: greedy_accuracy(model, tokenizer, stop_check, max_new_tokens),
+        after_step=after_step,
     )
     summary = {
         "role": role,
