@@ -46,7 +46,7 @@ from opdflow.infra.testbeds.demo import ANSWER_PATTERN, DemoSpec, ModelSpec
 
 __all__ = ["CONNECTIVES", "WORDS", "ANSWER_PATTERN", "MAX_RESPONSE_TOKENS", "PlantedSpec", "format_problem",
            "make_examples", "extract_answer", "build_tokenizer", "connective_positions", "calibrate",
-           "truth_overlap", "install_lookup", "MAX_LOOKUP_DISTANCE", "build_planted"]
+           "truth_overlap", "with_connective_noise", "install_lookup", "MAX_LOOKUP_DISTANCE", "build_planted"]
 
 # The planted tokens. "so" and "then" are demo words already; the others are added.
 CONNECTIVES = ("so", "then", "thus", "hence", "also", "next")
@@ -66,7 +66,7 @@ class PlantedSpec(DemoSpec):
     teacher: ModelSpec = pydantic.Field(ModelSpec(
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         train_steps=1500, batch_size=64, lr=3e-3, stop_at_accuracy=None,
-    ), description="the teacher: 2 layers, so it can form an induction head")
+    ), description="the teacher: 2 layers, so it can hold an induction head")
     student: ModelSpec = pydantic.Field(ModelSpec(
         hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
         train_steps=400, batch_size=64, lr=3e-3, stop_at_accuracy=0.3, check_every=10,
@@ -75,6 +75,11 @@ class PlantedSpec(DemoSpec):
         default="installed", description="installed: the lookup circuit is written into the teacher's first two "
         "layers (install_lookup) and held fixed while everything else trains; learned: the teacher trains from "
         "its random initialisation alone (gradient descent did not form the lookup in the trials the README lists)")
+    connective_noise: float = pydantic.Field(
+        default=0.1, ge=0, lt=1, description="share of the training solutions' connectives replaced by one of "
+        "the other connectives: the teacher then prefers the bound one (about 1 - noise) instead of ruling the "
+        "others out (an exact teacher put about -30 nats on them, and OPD taught the student to write no "
+        "connective at all; README)")
     student_long_steps: int = pydantic.Field(default=1500, ge=0, description="cross-entropy steps of the "
                                              "calibration student (same architecture as the student)")
     n_calibration: int = pydantic.Field(default=256, ge=1, description="eval-split problems of the calibration "
@@ -129,6 +134,21 @@ def make_examples(split: str, n: int, seed: int) -> list[dict]:
             continue
         seen.add(ex["prompt"])
         out.append(ex)
+    return out
+
+
+def with_connective_noise(examples: list[dict], noise: float, seed: int) -> list[dict]:
+    """Copies of ``examples`` whose solutions carry, at each planted position independently with
+    probability ``noise``, one of the other connectives instead of the bound one (the models'
+    training data; prompts, answers and the truth ``connectives`` are unchanged)."""
+    rng = random.Random(f"opdflow-planted-noise:{seed}")
+    out = []
+    for e in examples:
+        written = [rng.choice([c for c in CONNECTIVES if c != want]) if rng.random() < noise else want
+                   for want in e["connectives"]]
+        keys = e["prompt"].split("\n")[1].split(" ")[:len(written)]
+        lookups = " ".join(f"{k}={c}" for k, c in zip(keys, written))
+        out.append({**e, "solution": f"{lookups} answer: {e['answer']}"})
     return out
 
 
@@ -372,7 +392,7 @@ def build_planted(spec: PlantedSpec, out_dir: Path,
     the model dirs (``demo_summary.json`` beside each) and ``calibration.json`` under ``out_dir``."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
-    train = make_examples("train", spec.n_train, spec.seed)
+    train = with_connective_noise(make_examples("train", spec.n_train, spec.seed), spec.connective_noise, spec.seed)
     check = make_examples("eval", spec.n_eval_check, spec.seed)
     paths: dict[str, Path] = {}
     built = {}
