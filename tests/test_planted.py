@@ -201,3 +201,17 @@ def test_install_lookup_refuses_models_it_cannot_hold_and_the_format_fits_its_re
     for e in planted.make_examples("train", 200, seed=0):
         n = len(tok(e["prompt"])["input_ids"]) + len(tok(e["solution"], add_special_tokens=False)["input_ids"])
         assert n <= planted.MAX_LOOKUP_DISTANCE
+
+
+def test_connective_noise_swaps_only_connectives_at_the_declared_rate():
+    examples = planted.make_examples("train", 2000, seed=0)
+    noisy = planted.with_connective_noise(examples, 0.1, seed=0)
+    assert planted.with_connective_noise(examples, 0.0, seed=0) == examples
+    swapped = 0
+    for e, n in zip(examples, noisy):
+        assert {k: v for k, v in n.items() if k != "solution"} == {k: v for k, v in e.items() if k != "solution"}
+        written = [w.split("=")[1] for w in n["solution"].split(" answer:")[0].split(" ")]
+        assert all(w in planted.CONNECTIVES for w in written)
+        assert n["solution"].split(" answer:")[1] == e["solution"].split(" answer:")[1]
+        swapped += sum(w != c for w, c in zip(written, e["connectives"]))
+    assert 0.08 < swapped / (2000 * planted.N_QUERIES) < 0.12
