@@ -114,9 +114,15 @@ def format_problem(pairs: list[tuple[str, str]], keys: list[str], a: int, b: int
             raise ValueError(f"key {key!r} is not bound in {pairs}")
     table = " ".join(f"{k}={c}" for k, c in pairs)
     answer = str(a + b)
-    lookups = " ".join(f"{k}={bound[k]}" for k in keys)
+    connectives = [bound[k] for k in keys]
     return {"prompt": f"{table}\n{' '.join(keys)} {a}+{b}=\n", "answer": answer,
-            "connectives": [bound[k] for k in keys], "solution": f"{lookups} answer: {answer}"}
+            "connectives": connectives, "solution": _solution(keys, connectives, answer)}
+
+
+def _solution(keys: list[str], connectives: list[str], answer: str) -> str:
+    """The response: each key with the connective written for it, then the answer."""
+    lookups = " ".join(f"{k}={c}" for k, c in zip(keys, connectives))
+    return f"{lookups} answer: {answer}"
 
 
 def make_examples(split: str, n: int, seed: int) -> list[dict]:
@@ -147,8 +153,7 @@ def with_connective_noise(examples: list[dict], noise: float, seed: int) -> list
         written = [rng.choice([c for c in CONNECTIVES if c != want]) if rng.random() < noise else want
                    for want in e["connectives"]]
         keys = e["prompt"].split("\n")[1].split(" ")[:len(written)]
-        lookups = " ".join(f"{k}={c}" for k, c in zip(keys, written))
-        out.append({**e, "solution": f"{lookups} answer: {e['answer']}"})
+        out.append({**e, "solution": _solution(keys, written, e["answer"])})
     return out
 
 
@@ -291,8 +296,7 @@ def install_lookup(model, tokenizer, seed: int = 0, match: float = 16.0, table_b
         raise ValueError("install_lookup needs a LlamaForCausalLM built with attention_bias=True")
     if cfg.num_hidden_layers < 2 or heads < 2:
         raise ValueError(f"install_lookup needs >= 2 layers and >= 2 heads, got {cfg.num_hidden_layers} and {heads}")
-    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    inv_freq = model.model.rotary_emb.inv_freq.float()  # the model's own RoPE frequencies
     n_keys = len(KEYS)
     slow = [int(i) for i in torch.argsort(inv_freq) if inv_freq[i] * MAX_LOOKUP_DISTANCE <= 0.5]
     half = head_dim // 2
